@@ -1,0 +1,3 @@
+"""ICM-LoRA: In-Context Meta LoRA Generation as a DVC + MLflow + Accelerate pipeline."""
+
+__version__ = "0.1.0"

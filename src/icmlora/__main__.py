@@ -1,0 +1,3 @@
+from icmlora.cli import main
+
+raise SystemExit(main())
