@@ -101,7 +101,8 @@ def parse_suffix(text: str, width: int, height: int, *, strict: bool = False) ->
         if strict and text[consumed : m.start()].strip():
             raise ValueError(f"unexpected text {text[consumed:m.start()]!r} before a box")
         consumed = m.end()
-        label = m.group(1).strip()
+        # A broken box ("<loc_3>cat") leaves "loc_3>" in the phrase; the label is what follows.
+        label = m.group(1).split(">")[-1].strip()
         bins = [int(v) for v in _LOC.findall(m.group(2))]
         if strict and len(bins) % 4:
             raise ValueError(f"{label!r} has {len(bins)} <loc_N> tokens, not a multiple of 4")

@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make repro` (run the pipeline) and `make test`.
+# Both create .venv with the pinned dependencies on first use; no activation needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stage commands in dvc.yaml call `python -m icmlora`: put the venv first on PATH for them.
+export PATH := $(BIN):$(PATH)
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup repro test test-fast mlflow push bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# MLflow UI + REST API on the repository's store, bound to this machine only.
+mlflow: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+push: $(STAMP)
+	$(BIN)/dvc push
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,143 @@
+"""Stage `prepare`: per-task detection datasets in Florence JSONL.
+
+    python -m icmlora prepare            # reads params.yaml: seed, data
+
+Writes (one folder, renamed into place when complete):
+    data/prepared/_images/{train,valid}/        every image once
+    data/prepared/_agnostic/{train,valid}/annotations.jsonl   all boxes, labelled "object"
+    data/prepared/<task>/{train,valid}/annotations.jsonl      images holding <task>, only its boxes
+    data/prepared/summary.json                  counts per task and split
+
+``image`` in each JSONL line is relative to that file's folder (``../../_images/...``), so
+an image shared by several tasks is stored, hashed and pushed once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from icmlora.config import Config, load_config
+from icmlora.data.florence_format import ANNOTATIONS_FILE, Box, Example, write_annotations
+from icmlora.errors import InputError
+from icmlora.files import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+IMAGES_DIR = "_images"
+AGNOSTIC_TASK = "_agnostic"
+AGNOSTIC_LABEL = "object"
+PREPARED_DIR = Path("data/prepared")
+
+
+def task_dir(prepared: Path, task: str, split: str) -> Path:
+    return Path(prepared) / task / split
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list[Box]]]]:
+    """Write every image under out/_images/<split>/ and return (relative name, w, h, boxes) per split."""
+    records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
+    if cfg.data.source == "synthetic":
+        from icmlora.data.synthetic import SHAPES, generate_split
+
+        absent = [t for t in cfg.data.tasks if t not in SHAPES]
+        if absent:
+            raise InputError(
+                "params.yaml: data.tasks names categories the synthetic source does not draw",
+                [f"data.tasks: {t!r} is not one of {', '.join(SHAPES)}" for t in absent],
+            )
+        syn = cfg.data.synthetic
+        for i, split in enumerate(SPLITS):
+            count = syn.train_images if split == "train" else syn.valid_images
+            folder = out / IMAGES_DIR / split
+            folder.mkdir(parents=True)
+            # Distinct seeds per split keep valid images out of the training distribution's samples.
+            items = generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i)
+            rows = []
+            for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
+                name = f"{j:06d}.png"
+                image.save(folder / name)
+                rows.append((f"{split}/{name}", image.width, image.height, boxes))
+            records[split] = rows
+        return records
+
+    from icmlora.data.importers import load_source
+
+    source = load_source(cfg.data.source, Path(cfg.data.root), cfg.data.tasks)
+    for split in SPLITS:
+        folder = out / IMAGES_DIR / split
+        folder.mkdir(parents=True)
+        rows = []
+        for j, item in enumerate(tqdm(source[split], desc=f"prepare: copy {split} images", unit="img")):
+            name = f"{j:06d}{item.path.suffix.lower()}"
+            _link_or_copy(item.path, folder / name)
+            rows.append((f"{split}/{name}", item.width, item.height, item.boxes))
+        records[split] = rows
+    return records
+
+
+def _task_examples(rows, task: str | None, limit: int) -> list[Example]:
+    examples = []
+    for rel, w, h, boxes in rows:
+        image = f"../../{IMAGES_DIR}/{rel}"
+        if task is None:
+            kept = [Box(AGNOSTIC_LABEL, b.x1, b.y1, b.x2, b.y2) for b in boxes]
+        else:
+            kept = [b for b in boxes if b.label == task]
+            if not kept:
+                continue
+        examples.append(Example(image, w, h, kept))
+        if limit and len(examples) >= limit:
+            break
+    return examples
+
+
+def prepare(cfg: Config, out_dir: Path = PREPARED_DIR) -> dict:
+    """Build the prepared data folder; returns the summary it wrote."""
+    summary: dict = {"source": cfg.data.source, "tasks": {}}
+    with atomic_dir(out_dir) as tmp:
+        records = _collect(cfg, tmp)
+        empty = []
+        for task in [None, *cfg.data.tasks]:
+            name = AGNOSTIC_TASK if task is None else task
+            summary["tasks"][name] = {}
+            for split in SPLITS:
+                limit = 0 if task is None else (cfg.data.max_train_per_task if split == "train" else cfg.data.max_valid_per_task)
+                examples = _task_examples(records[split], task, limit)
+                if not examples:
+                    empty.append(f"task {name!r} has no {split} examples in source {cfg.data.source!r}")
+                folder = task_dir(tmp, name, split)
+                folder.mkdir(parents=True)
+                write_annotations(folder / ANNOTATIONS_FILE, examples)
+                summary["tasks"][name][split] = {"images": len(examples), "boxes": sum(len(e.boxes) for e in examples)}
+        if empty:
+            raise InputError("prepare: some tasks have no examples (check data.tasks and the source)", empty)
+        write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="icmlora prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("--out", default=str(PREPARED_DIR), help="output folder (default: data/prepared)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    summary = prepare(cfg, Path(args.out))
+    tasks = [t for t in summary["tasks"] if t != AGNOSTIC_TASK]
+    train = summary["tasks"][AGNOSTIC_TASK]["train"]["images"]
+    valid = summary["tasks"][AGNOSTIC_TASK]["valid"]["images"]
+    print(f"prepare: wrote {args.out} ({len(tasks)} tasks, {train} train + {valid} valid images, source {cfg.data.source})")
+    return summary

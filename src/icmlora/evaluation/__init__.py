@@ -1,0 +1,1 @@
+"""Evaluation: detection metrics for base, trained, generated and baseline adapters."""

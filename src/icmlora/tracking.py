@@ -1,0 +1,100 @@
+"""MLflow set-up shared by every stage.
+
+The store defaults to ``sqlite:///<repo>/mlflow.db`` with an absolute path: DVC sets
+``DVC_ROOT`` to the parent repository even under ``dvc exp run --temp/--queue``, so runs of
+a temporary workspace land in the repository's store. ``MLFLOW_TRACKING_URI`` wins when set
+(a shared ``mlflow server``). Runs are tagged ``stage``, ``git_commit`` and, under
+``dvc exp run``, ``dvc_exp``; params are flattened to dotted keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from icmlora.config import flatten
+
+EXPERIMENT = "icmlora"
+MLFLOW_PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
+
+
+def repo_root() -> Path:
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def base_tags(stage: str, **extra: Any) -> dict[str, str]:
+    tags = {"stage": stage, "git_commit": git_commit()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    tags.update({k: str(v) for k, v in extra.items() if v is not None})
+    return tags
+
+
+def _mlflow():
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        # Without a server, artifacts would land under the current folder, which is a
+        # throw-away copy under `dvc exp run --temp`: pin them beside the store.
+        mlflow.create_experiment(name, artifact_location=(repo_root() / "mlflow-artifacts").as_uri())
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+@contextlib.contextmanager
+def start_run(stage: str, run_name: str, params: Any = None, nested: bool = False, **tags: Any) -> Iterator[Any]:
+    """An MLflow run with the standard tags and flattened params; yields the mlflow module."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=run_name, nested=nested, tags=base_tags(stage, **tags)):
+        if params is not None:
+            flat = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()}
+            mlflow.log_params(flat)
+        yield mlflow
+
+
+class MetricBuffer:
+    """Collects per-step metrics and sends them in batches: one SQLite transaction per
+    metric would cost more than a tiny model's training step."""
+
+    def __init__(self, flush_every: int = 200):
+        self.flush_every = flush_every
+        self.pending: list = []
+
+    def add(self, key: str, value: float, step: int) -> None:
+        from mlflow.entities import Metric
+
+        self.pending.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        import mlflow
+
+        if self.pending and mlflow.active_run() is not None:
+            mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=self.pending)
+        self.pending = []

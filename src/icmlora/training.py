@@ -1,0 +1,142 @@
+"""The one training loop: Florence-2 (full or with a PEFT adapter) on Florence JSONL examples,
+through Accelerate, so the same code runs on a CPU, one GPU (bf16) or several
+(``accelerate launch``). Only the main process writes files or logs runs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from icmlora.config import Optim, RuntimeConfig
+from icmlora.data.florence_format import Example
+from icmlora.florence import encode, load_images
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(runtime: RuntimeConfig) -> None:
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+
+
+class DetectionDataset(Dataset):
+    """Examples of one annotations file; images are resolved against ``root`` (its folder)."""
+
+    def __init__(self, examples: list[Example], root: Path):
+        self.examples = examples
+        self.root = Path(root)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> tuple[Path, str, str]:
+        ex = self.examples[i]
+        return self.root / ex.image, ex.prefix, ex.suffix
+
+
+class Collate:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, batch):
+        paths, prompts, targets = zip(*batch)
+        return encode(self.processor, load_images(list(paths)), list(prompts), list(targets))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    losses: list[float]
+
+
+def make_accelerator(runtime: RuntimeConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=runtime.mixed_precision)
+
+
+def train(
+    model,
+    processor,
+    dataset: DetectionDataset,
+    optim: Optim,
+    runtime: RuntimeConfig,
+    seed: int,
+    *,
+    accelerator=None,
+    desc: str = "train",
+    start_step: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+    checkpoint_every: int = 0,
+    resume_dir: Path | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``optim.steps`` steps (AdamW, linear warm-up
+    then cosine decay, gradient clipping). ``on_checkpoint(step)`` runs every
+    ``checkpoint_every`` steps and at the end; ``resume_dir`` holds Accelerate state to
+    continue from (its step is ``start_step``)."""
+    accelerator = accelerator or make_accelerator(runtime)
+    seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=optim.batch_size, shuffle=True, generator=generator,
+                        collate_fn=Collate(processor), drop_last=len(dataset) >= optim.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+    model.train()
+    losses: list[float] = []
+    step = start_step
+    start = time.perf_counter()
+    bar = tqdm(total=optim.steps, initial=start_step, desc=desc, unit="step", disable=not accelerator.is_main_process)
+    while step < optim.steps:
+        # A fresh pass per epoch; skip the batches a resumed run already consumed in this epoch.
+        batches = iter(loader)
+        if step == start_step and start_step:
+            batches = iter(accelerator.skip_first_batches(loader, start_step % len(loader)))
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if optim.grad_clip:
+                    accelerator.clip_grad_norm_(params, optim.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step += 1
+            value = accelerator.gather(loss.detach()).mean().item()
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}")
+            if on_step is not None and accelerator.is_main_process:
+                on_step(step, value)
+            if on_checkpoint is not None and (step == optim.steps or (checkpoint_every and step % checkpoint_every == 0)):
+                accelerator.wait_for_everyone()
+                on_checkpoint(step)
+            if step >= optim.steps:
+                break
+    bar.close()
+    return TrainResult(steps=step, seconds=time.perf_counter() - start, losses=losses)
