@@ -1,0 +1,105 @@
+import dataclasses
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from icmlora.config import EvalConfig, TinyModel, config_from_dict
+from icmlora.data.florence_format import Box, encode_suffix
+from icmlora.detection import TokenParser, predict
+from icmlora.florence import build_tiny_model, build_tiny_processor, encode, load_base, num_image_tokens
+
+TINY = TinyModel(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    processor = build_tiny_processor(["circle", "square", "object"], 64, TINY)
+    model = build_tiny_model(TINY, processor, 64, seed=0)
+    return model, processor
+
+
+def test_image_token_count_matches_the_vision_tower(tiny):
+    model, processor = tiny
+    assert processor.num_image_tokens == num_image_tokens(TINY, 64) == 65
+    inputs = encode(processor, [Image.new("RGB", (64, 64))] * 2, ["<OD>"] * 2, ["circle<loc_1><loc_2><loc_3><loc_4>"] * 2)
+    out = model(**inputs)
+    assert torch.isfinite(out.loss)
+
+
+def test_labels_are_single_tokens(tiny):
+    _, processor = tiny
+    ids = processor.tokenizer("circle<loc_1><loc_2><loc_3><loc_4>square<loc_5><loc_6><loc_7><loc_8>").input_ids
+    assert len(ids) == 2 + 2 * 5
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model2, processor2 = load_base(tmp_path)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    a = encode(processor, [image], ["<OD>"], ["square<loc_1><loc_2><loc_3><loc_4>"])
+    b = encode(processor2, [image], ["<OD>"], ["square<loc_1><loc_2><loc_3><loc_4>"])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    model.eval(), model2.eval()
+    assert torch.allclose(model(**a).logits, model2(**b).logits)
+
+
+def test_token_parser_agrees_with_the_transformers_post_processor(tiny):
+    _, processor = tiny
+    boxes = [Box("circle", 3.2, 4.9, 40.0, 50.5), Box("square", 10, 10, 63.9, 20), Box("circle", 0, 0, 8, 8)]
+    text = "</s><s>" + encode_suffix(boxes, 64, 64) + "</s><pad><pad>"
+    # predict() drops the decoder start token (</s>) before parsing, as here.
+    ids = processor.tokenizer(text, add_special_tokens=False).input_ids[1:]
+    probs = [0.5] * len(ids)
+    ours = TokenParser(processor.tokenizer).parse(ids, probs, 64, 64)
+    theirs = processor.post_process_generation(text, task="<OD>", image_size=(64, 64))["<OD>"]
+    assert [b.label for b in ours] == theirs["labels"]
+    assert [[int(v) for v in b.xyxy] for b in ours] == theirs["bboxes"]  # transformers truncates to ints
+    assert all(b.score == pytest.approx(0.5) for b in ours)
+
+
+def test_token_parser_scores_from_probabilities(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    ids = tok("circle<loc_1><loc_2><loc_3><loc_4><loc_10><loc_20><loc_30><loc_40>", add_special_tokens=False).input_ids
+    probs = [0.9, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.2]
+    first, second = TokenParser(tok).parse(ids + [tok.eos_token_id], probs + [1.0], 64, 64)
+    assert first.score == pytest.approx((0.9 + 4.0) / 5)
+    assert second.score == pytest.approx((0.9 + 0.8) / 5)
+    assert first.x1 == pytest.approx(1.5 * 64 / 1000)  # bin centre, not truncated
+
+
+def test_predict_returns_scored_boxes_per_image(tiny):
+    model, processor = tiny
+    images = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(3)]
+    out = predict(model, processor, images, EvalConfig(batch_size=2, max_new_tokens=11))
+    assert len(out) == 3
+    for boxes in out:
+        assert all(0.0 < b.score <= 1.0 for b in boxes)
+
+
+def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
+    """base.model = a local path: copied into models/base, evaluated, no training, no network."""
+    from icmlora.base_model import build_base_model
+    from icmlora.data.prepare import prepare
+
+    model, processor = tiny
+    source = tmp_path / "florence-local"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["data"]["tasks"] = ["circle", "square"]
+    data["data"]["synthetic"].update(train_images=16, valid_images=8)
+    data["base"]["model"] = str(source)
+    data["eval"].update(batch_size=8, max_new_tokens=6)
+    cfg = config_from_dict(data)
+    prepare(cfg, tmp_path / "prepared")
+    metrics = build_base_model(cfg, tmp_path / "prepared", tmp_path / "base", tmp_path / "m.json", tmp_path / "loss.csv")
+    assert metrics["train_steps"] == 0 and metrics["num_images"] == 8
+    assert {"map50", "map50_95", "train_seconds"} <= set(metrics)
+    reloaded, _ = load_base(tmp_path / "base")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,70 @@
+"""End to end: copy the repository, apply the micro profile, `dvc repro`, check the files."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from icmlora.profile import apply_profile
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def micro_repo(tmp_path_factory, repo) -> Path:
+    """A git + DVC copy of the working tree (tracked and untracked, not ignored files)."""
+    dest = tmp_path_factory.mktemp("e2e") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = repo / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    apply_profile(dest / "params.yaml", dest / "profiles" / "micro.yaml")
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "micro"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def env() -> dict:
+    out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ICMLORA_LOG="WARNING")
+    out.pop("MLFLOW_TRACKING_URI", None)  # the default: the copy's own sqlite store
+    return out
+
+
+def test_dvc_repro_base_model(micro_repo, env):
+    run([str(BIN / "dvc"), "repro", "base_model"], micro_repo, env)
+    assert (micro_repo / "models/base/config.json").is_file()
+    assert (micro_repo / "models/base/model.safetensors").is_file()
+    assert not list((micro_repo / "models/base").glob("*.bin"))  # safetensors only
+    for task in ("circle", "square", "triangle", "_agnostic"):
+        assert (micro_repo / f"data/prepared/{task}/valid/annotations.jsonl").is_file()
+    metrics = json.loads((micro_repo / "metrics/base_model.json").read_text())
+    assert {"map50", "map50_95", "train_seconds"} <= set(metrics)
+    assert metrics["train_steps"] == 6 and metrics["num_images"] == 24
+    status = run([str(BIN / "dvc"), "status", "base_model"], micro_repo, env).stdout
+    assert "up to date" in status or status.strip() == ""
+    with sqlite3.connect(micro_repo / "mlflow.db") as db:
+        tags = dict(db.execute("select key, value from tags").fetchall())
+    assert tags["stage"] == "base_model" and len(tags["git_commit"]) == 40
+
+
+def test_dvc_push_to_the_default_remote(micro_repo, env):
+    run([str(BIN / "dvc"), "push"], micro_repo, env)
+    remote = micro_repo.parent / "icmlora-dvc-remote"
+    assert remote.is_dir() and any(remote.rglob("*"))

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import yaml
+
+from icmlora.config import config_from_dict
+from icmlora.data.florence_format import read_annotations
+from icmlora.data.prepare import AGNOSTIC_TASK, prepare
+from icmlora.data.synthetic import generate_split
+from icmlora.errors import InputError
+
+
+def _micro(repo, **data_overrides):
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["data"]["synthetic"].update(train_images=40, valid_images=12)
+    data["data"].update(data_overrides)
+    return config_from_dict(data)
+
+
+def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
+    cfg = _micro(repo).data
+    a = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
+    b = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
+    assert [boxes for _, boxes in a] == [boxes for _, boxes in b]
+    assert all(x.tobytes() == y.tobytes() for (x, _), (y, _) in zip(a, b))
+    for image, boxes in a:
+        labels = [box.label for box in boxes]
+        assert len(labels) == len(set(labels)) >= 2  # distinct categories: every task image has distractors
+        for box in boxes:
+            assert 0 <= box.x1 < box.x2 <= image.width and 0 <= box.y1 < box.y2 <= image.height
+
+
+def test_grid_variant_aligns_objects(repo):
+    cfg = _micro(repo).data
+    cfg.synthetic.grid = True
+    cell = cfg.synthetic.image_size // cfg.synthetic.grid_cells
+    for _, boxes in generate_split(cfg.synthetic, cfg.tasks, 10, seed=1):
+        for box in boxes:
+            assert int(box.x1) // cell == int(box.x2 - 1) // cell
+
+
+def test_prepare_writes_per_task_splits_with_only_that_tasks_boxes(repo, tmp_path):
+    cfg = _micro(repo)
+    out = tmp_path / "prepared"
+    summary = prepare(cfg, out)
+    assert set(summary["tasks"]) == {AGNOSTIC_TASK, *cfg.data.tasks}
+    for task in cfg.data.tasks:
+        for split in ("train", "valid"):
+            examples = read_annotations(out / task / split / "annotations.jsonl")  # also opens every image
+            assert examples and all(box.label == task for ex in examples for box in ex.boxes)
+            assert summary["tasks"][task][split]["images"] == len(examples)
+    agnostic = read_annotations(out / AGNOSTIC_TASK / "train" / "annotations.jsonl")
+    assert len(agnostic) == 40 and {b.label for ex in agnostic for b in ex.boxes} == {"object"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_prepare_is_deterministic(repo, tmp_path):
+    cfg = _micro(repo)
+    prepare(cfg, tmp_path / "a")
+    prepare(cfg, tmp_path / "b")
+    for rel in ["circle/train/annotations.jsonl", "_images/valid/000003.png"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+
+def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp_path):
+    cfg = _micro(repo, tasks=["circle", "dog"])
+    with pytest.raises(InputError, match="'dog' is not one of"):
+        prepare(cfg, tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+    assert not list(tmp_path.iterdir())  # no temporary folder left behind
+
+
+def test_task_without_examples_is_an_error(repo, tmp_path):
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["data"]["synthetic"].update(train_images=1, valid_images=1, objects_per_image=[1, 1])
+    with pytest.raises(InputError, match="has no .* examples"):
+        prepare(config_from_dict(data), tmp_path / "prepared")
+
+
+def test_cli_exits_2_with_a_clear_message(repo, tmp_path, capsys):
+    from icmlora.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text().replace("seed: 2024", "seed: many"))
+    assert main(["prepare", "--params", str(params), "--out", str(tmp_path / "p")]) == 2
+    assert "seed: expected an integer" in capsys.readouterr().err
