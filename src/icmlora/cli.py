@@ -10,12 +10,16 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from icmlora.errors import InputError
 
 STAGES = {
     "prepare": ("icmlora.data.prepare", "build per-task detection datasets (Florence JSONL)"),
     "base_model": ("icmlora.base_model", "build + pre-train the tiny Florence-2, or materialize a real one"),
+    "train_lora": ("icmlora.lora.train", "train one LoRA (task, rank, seed) and keep its checkpoint trajectory"),
+    "collect_params": ("icmlora.params", "flatten + normalize every checkpoint of one rank into one tensor file"),
+    "task_vectors": ("icmlora.task_vectors", "one vector per task from the model's hidden states"),
     "profile": ("icmlora.profile", "merge a params profile (profiles/*.yaml) into params.yaml"),
 }
 
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in STAGES:
         print(f"icmlora: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    # peft calls a transformers API that transformers marks deprecated: noise for our users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=os.environ.get("ICMLORA_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(STAGES[name][0])
     try:

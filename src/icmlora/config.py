@@ -190,11 +190,103 @@ class EvalConfig:
         return out
 
 
+# LoRA on the language model's attention projections and feed-forward layers (a plain
+# "fc1"/"fc2" list would also hit the vision tower's MLPs).
+DEFAULT_LORA_TARGETS = (
+    r".*language_model\.(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)"
+    r"|.*language_model\.(encoder|decoder)\.layers\.\d+\.(fc1|fc2)"
+)
+
+
+def _lora_optim() -> Optim:
+    return Optim(steps=150, batch_size=32, lr=3e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0)
+
+
+@dataclass
+class LoraConfig:
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    alpha: float = 8.0
+    dropout: float = 0.05
+    use_rslora: bool = True
+    init: Literal["gaussian", "default"] = "gaussian"
+    # A regex (full match on module names) or a list of module-name suffixes, as PEFT takes them.
+    target_modules: str | list[str] = DEFAULT_LORA_TARGETS
+    train: Optim = field(default_factory=_lora_optim)
+    checkpoint_every: int = 10  # one trajectory checkpoint every N steps ...
+    keep_checkpoints: int = 8  # ... of which the last K are kept (the generator's data)
+    eval_max_images: int = 150  # valid images per task for LoRA metrics (0 = all)
+    cross_eval_ranks: list[int] = field(default_factory=lambda: [4])  # ranks evaluated on every task
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            out.append(("ranks", "needs at least one rank, each >= 1"))
+        if not self.seeds:
+            out.append(("seeds", "needs at least one seed"))
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(("dropout", "must be in [0, 1)"))
+        if self.alpha <= 0:
+            out.append(("alpha", "must be > 0"))
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            out.append(("checkpoint_every", "checkpoint_every and keep_checkpoints must be >= 1"))
+        elif self.checkpoint_every * self.keep_checkpoints > self.train.steps:
+            out.append(("keep_checkpoints", f"{self.keep_checkpoints} checkpoints every {self.checkpoint_every} steps "
+                        f"need more than lora.train.steps = {self.train.steps}"))
+        if isinstance(self.target_modules, str):
+            import re
+
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                out.append(("target_modules", f"is not a valid regex ({exc})"))
+        if self.eval_max_images < 0:
+            out.append(("eval_max_images", "must be >= 0"))
+        return out
+
+
+@dataclass
+class TaskVectorConfig:
+    method: Literal["icl", "reference", "text"] = "icl"  # the vectors the generator is conditioned on
+    pooling: Literal["last", "mean"] = "mean"  # icl: last target position, or mean over target positions
+    examples: int = 16  # labelled examples per task (icl)
+    reference_rank: int = 4  # reference: the trained adapter of this rank generates ...
+    reference_examples: int = 30  # ... on this many training images (the paper's 30)
+    compare: list[str] = field(default_factory=lambda: ["icl", "reference", "text"])
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.examples < 2 or self.reference_examples < 1:
+            out.append(("examples", "needs >= 2 examples (and reference_examples >= 1)"))
+        bad = [m for m in self.compare if m not in ("icl", "reference", "text")]
+        if bad:
+            out.append(("compare", f"{bad} are not methods (icl, reference, text)"))
+        return out
+
+
+@dataclass
+class GeneratorConfig:
+    # Tasks the generator never sees: no checkpoint of theirs enters its training data or
+    # the normalization statistics. Their adapters are generated from task vectors alone.
+    holdout: list[str] = field(default_factory=lambda: ["star"])
+    # train_tasks: per-tensor z-score statistics over the training tasks' checkpoints.
+    # per_checkpoint: the paper's variant, each checkpoint's tensors z-scored by their own
+    # statistics; de-normalizing a generated adapter then needs a trained checkpoint of the
+    # target task, so it leaks that task's weights into "generation".
+    normalization: Literal["train_tasks", "per_checkpoint"] = "train_tasks"
+
+    def problems(self) -> list[tuple[str, str]]:
+        return [("holdout", "has duplicates")] if len(set(self.holdout)) != len(self.holdout) else []
+
+
 @dataclass
 class Config:
     seed: int = 2024
     data: DataConfig = field(default_factory=DataConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -288,6 +380,14 @@ def config_from_dict(data: dict, source: str = PARAMS_FILE) -> Config:
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     cfg = _build(Config, data, "", problems)
+    if not problems:
+        unknown = [t for t in cfg.generator.holdout if t not in cfg.data.tasks]
+        if unknown:
+            problems.append(f"generator.holdout: {unknown} not in data.tasks ({', '.join(cfg.data.tasks)})")
+        elif len(cfg.generator.holdout) >= len(cfg.data.tasks):
+            problems.append("generator.holdout: leaves no training task for the generator")
+        if cfg.task_vectors.method == "reference" and cfg.task_vectors.reference_rank not in cfg.lora.ranks:
+            problems.append(f"task_vectors.reference_rank: {cfg.task_vectors.reference_rank} is not in lora.ranks")
     if problems:
         raise InputError(f"{source}: invalid parameters", problems)
     return cfg

@@ -67,10 +67,43 @@ def _mlflow():
 
 
 @contextlib.contextmanager
-def start_run(stage: str, run_name: str, params: Any = None, nested: bool = False, **tags: Any) -> Iterator[Any]:
+def parent_run(stage: str, params: Any = None) -> Iterator[str]:
+    """The id of the parent run of one execution of a matrix stage (one process per item).
+
+    Items find their parent by a key of (stage, commit, DVC experiment, params), and the
+    first one creates it; children point at it with the ``mlflow.parentRunId`` tag, which is
+    what the UI nests by (``start_run(parent_run_id=...)`` would need the parent active).
+    """
+    import hashlib
+    import json
+
+    mlflow = _mlflow()
+    tags = base_tags(stage, role="parent")
+    key = hashlib.sha256(json.dumps([tags, flatten(params) if params is not None else {}], sort_keys=True, default=str)
+                         .encode()).hexdigest()[:16]
+    found = mlflow.search_runs(filter_string=f"tags.parent_key = '{key}'", max_results=1, output_format="list")
+    if found:
+        yield found[0].info.run_id
+        return
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    run = client.create_run(experiment.experiment_id, run_name=stage, tags={**tags, "parent_key": key})
+    if params is not None:
+        for k, v in flatten(params).items():
+            client.log_param(run.info.run_id, k, str(v)[:MLFLOW_PARAM_LIMIT])
+    client.set_terminated(run.info.run_id)
+    yield run.info.run_id
+
+
+@contextlib.contextmanager
+def start_run(stage: str, run_name: str, params: Any = None, nested: bool = False, parent_run_id: str | None = None,
+              **tags: Any) -> Iterator[Any]:
     """An MLflow run with the standard tags and flattened params; yields the mlflow module."""
     mlflow = _mlflow()
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=base_tags(stage, **tags)):
+    all_tags = base_tags(stage, **tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=run_name, nested=nested and parent_run_id is None, tags=all_tags):
         if params is not None:
             flat = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()}
             mlflow.log_params(flat)

@@ -1,0 +1,1 @@
+"""Conditional VAE that generates flattened LoRA parameter vectors from a task vector."""

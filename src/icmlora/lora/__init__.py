@@ -1,0 +1,1 @@
+"""LoRA adapters: the train_lora stage and adapter I/O (PEFT folders <-> tensors)."""

@@ -1,0 +1,205 @@
+"""Stage `task_vectors`: one vector per task from the model's own hidden states.
+
+    python -m icmlora task_vectors
+
+Methods (``task_vectors.method`` picks the one written for the generator; all are computed
+and compared in metrics/task_vectors.json):
+- ``icl`` (default): the *base* model reads k labelled examples of the task (image + target
+  text, teacher-forced); the last decoder layer's hidden states are pooled per example
+  (``task_vectors.pooling``: the last target position, or the mean over target positions)
+  and averaged. Needs no trained LoRA, so it works for a task never trained.
+- ``reference``: the paper's code: the task's trained adapter generates on training images
+  and the last decoder layer's state at the last position is averaged.
+- ``text``: the base model's text encoder on a short task description.
+
+Writes data/task_vectors.safetensors (``vectors`` [tasks x d], ``<method>_examples`` per-example
+vectors), data/task_vectors.json (task names, method), metrics/task_vectors.json
+(silhouette of per-example vectors grouped by task, per method and pooling) and
+metrics/plots/task_vectors_<method>.png (2-D PCA projection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from icmlora.config import Config, load_config
+from icmlora.data.florence_format import ANNOTATIONS_FILE, read_annotations
+from icmlora.data.prepare import PREPARED_DIR, task_dir
+from icmlora.files import atomic_path, write_json
+from icmlora.florence import encode, load_base, load_images
+from icmlora.lora.train import BASE_DIR, LORA_DIR, adapter_name
+
+OUT_FILE = Path("data/task_vectors.safetensors")
+METRICS_FILE = Path("metrics/task_vectors.json")
+PLOTS_DIR = Path("metrics/plots")
+METHODS = ("icl", "reference", "text")
+
+
+class LastDecoderLayer:
+    """Records the output of the last decoder layer (a [B, T, d] tensor) during a forward."""
+
+    def __init__(self, model):
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.layer = core.model.language_model.decoder.layers[-1]
+        self.outputs: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_hook(
+            lambda _m, _i, out: self.outputs.append((out[0] if isinstance(out, tuple) else out).detach().float()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _examples(prepared: Path, task: str, count: int):
+    path = task_dir(prepared, task, "train") / ANNOTATIONS_FILE
+    examples = read_annotations(path, check_images=False)[:count]
+    return examples, load_images([path.parent / e.image for e in examples])
+
+
+@torch.no_grad()
+def icl_vectors(model, processor, prepared: Path, task: str, k: int) -> dict[str, torch.Tensor]:
+    """Per-example vectors [k, d] for both poolings, teacher-forced on image + target."""
+    examples, images = _examples(prepared, task, k)
+    batch = encode(processor, images, [e.prefix for e in examples], [e.suffix for e in examples])
+    labels = batch["labels"]
+    with LastDecoderLayer(model) as hook:
+        model(**batch)
+    hidden = hook.outputs[-1]  # [k, T, d], position t is the state after reading labels[:t] (shifted)
+    mask = (labels != -100).float()
+    last = mask.sum(1).long() - 1
+    return {
+        "last": hidden[torch.arange(len(examples)), last],
+        "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),
+    }
+
+
+@torch.no_grad()
+def reference_vectors(model, processor, prepared: Path, task: str, k: int, max_new_tokens: int) -> torch.Tensor:
+    """The paper's code: the tuned adapter generates; last decoder layer, last position."""
+    examples, images = _examples(prepared, task, k)
+    inputs = processor(text=[e.prefix for e in examples], images=images, return_tensors="pt")
+    with LastDecoderLayer(model) as hook:
+        model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    # One hook call per generated position; the last call holds the final position of each sequence.
+    return hook.outputs[-1][:, -1]
+
+
+TEXT_TEMPLATES = ("Locate the {} in the image.", "Find every {}.", "Detect {} objects.", "Where is the {}?")
+
+
+@torch.no_grad()
+def text_vector(model, processor, task: str) -> torch.Tensor:
+    """[templates, d]: the text encoder's mean state on a few descriptions of the task."""
+    tok = processor.tokenizer([t.format(task) for t in TEXT_TEMPLATES], return_tensors="pt", padding=True)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = core.model.language_model.encoder
+    hidden = encoder(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+    mask = tok.attention_mask[..., None].float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def silhouette(vectors: dict[str, torch.Tensor]) -> float:
+    from sklearn.metrics import silhouette_score
+
+    x = torch.cat(list(vectors.values())).numpy()
+    y = [i for i, v in enumerate(vectors.values()) for _ in range(len(v))]
+    if len(set(y)) < 2 or len(x) <= len(set(y)):
+        return 0.0
+    return float(silhouette_score(x, y, metric="cosine"))
+
+
+def plot_projection(vectors: dict[str, torch.Tensor], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.cat(list(vectors.values()))
+    x = x - x.mean(0)
+    _, _, v = torch.pca_lowrank(x, q=min(2, x.shape[1]), center=False)
+    xy = (x @ v[:, :2]).numpy()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    start = 0
+    for task, vec in vectors.items():
+        ax.scatter(xy[start : start + len(vec), 0], xy[start : start + len(vec), 1], s=12, label=task)
+        start += len(vec)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_DIR, lora_dir: Path = LORA_DIR,
+                         out_file: Path = OUT_FILE, metrics_file: Path = METRICS_FILE, plots_dir: Path = PLOTS_DIR) -> dict:
+    from peft import PeftModel
+
+    tv = cfg.task_vectors
+    start = time.perf_counter()
+    model, processor = load_base(base_dir)
+    model.eval()
+    per_example: dict[str, dict[str, torch.Tensor]] = {"icl_last": {}, "icl_mean": {}, "reference": {}, "text": {}}
+    for task in tqdm(cfg.data.tasks, desc="task_vectors", unit="task"):
+        icl = icl_vectors(model, processor, prepared, task, tv.examples)
+        per_example["icl_last"][task], per_example["icl_mean"][task] = icl["last"], icl["mean"]
+        per_example["text"][task] = text_vector(model, processor, task)
+        adapter = lora_dir / adapter_name(task, tv.reference_rank, cfg.lora.seeds[0]) / "final"
+        if "reference" in tv.compare and adapter.is_dir():
+            tuned = PeftModel.from_pretrained(model, adapter)
+            per_example["reference"][task] = reference_vectors(tuned, processor, prepared, task, tv.reference_examples,
+                                                               cfg.eval.max_new_tokens)
+            model = tuned.unload()
+    metrics: dict = {"method": tv.method, "pooling": tv.pooling, "examples": tv.examples, "silhouette": {}}
+    for name, vecs in per_example.items():
+        if len(vecs) == len(cfg.data.tasks):
+            metrics["silhouette"][name] = round(silhouette(vecs), 4)
+            plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", plots_dir / f"task_vectors_{name}.png")
+    chosen = per_example[f"icl_{tv.pooling}" if tv.method == "icl" else tv.method]
+    vectors = torch.stack([chosen[t].mean(0) for t in cfg.data.tasks])
+    metrics["default_silhouette"] = metrics["silhouette"].get(f"icl_{tv.pooling}" if tv.method == "icl" else tv.method)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    tensors = {"vectors": vectors.contiguous()}
+    tensors.update({f"{name}_examples": torch.cat([v[t] for t in cfg.data.tasks]).contiguous()
+                    for name, v in per_example.items() if len(v) == len(cfg.data.tasks)})
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"tasks": ",".join(cfg.data.tasks), "method": tv.method, "pooling": tv.pooling})
+    write_json(out_file.with_suffix(".json"), {"tasks": cfg.data.tasks, "method": tv.method, "pooling": tv.pooling,
+                                               "dim": vectors.shape[1]})
+    write_json(metrics_file, metrics)
+    return metrics
+
+
+def load_task_vectors(path: Path = OUT_FILE) -> dict[str, torch.Tensor]:
+    """{task: vector} from data/task_vectors.safetensors."""
+    from safetensors import safe_open
+
+    from icmlora.errors import InputError
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not found (run `dvc repro task_vectors`)")
+    with safe_open(str(path), framework="pt") as fh:
+        tasks = fh.metadata()["tasks"].split(",")
+        vectors = fh.get_tensor("vectors")
+    return dict(zip(tasks, vectors))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="icmlora task_vectors", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.params)
+    m = compute_task_vectors(cfg)
+    sil = ", ".join(f"{k} {v:.2f}" for k, v in m["silhouette"].items())
+    print(f"task_vectors: wrote {OUT_FILE} ({len(cfg.data.tasks)} tasks, method {m['method']}/{m['pooling']}; "
+          f"silhouette {sil}) and {METRICS_FILE}")
+    return m

@@ -1,0 +1,201 @@
+import json
+
+import pytest
+import torch
+
+from icmlora.cvae.model import CVAE, PAPER_CHANNELS, CVAEConfig, default_channels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI/dev machine is small and shared; these models are tiny anyway.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SHAPES = [
+    # (D, channels, pad_multiple, padded_dim)
+    (1, [4], 2, 2),
+    (1, [4, 8, 4], 64, 64),
+    (777, [4, 8], 4, 780),
+    (777, [8, 16, 8], 4096, 4096),
+    (5000, [4, 8, 8, 4], 16, 5008),
+    (9217, [4, 8], 4096, 12288),
+    (9217, [2, 4, 8, 4, 2], 32, 9248),
+]
+
+
+@pytest.mark.parametrize("D,channels,pad,padded", SHAPES)
+def test_shapes_and_padding(D, channels, pad, padded):
+    torch.manual_seed(0)
+    cfg = CVAEConfig(input_dim=D, condition_dim=3, channels=channels, latent_dim=16, pad_multiple=pad)
+    assert cfg.padded_dim == padded
+    assert cfg.bottleneck_length == padded // 2 ** len(channels)
+    model = CVAE(cfg)
+    x, cond = torch.randn(2, D), torch.randn(2, 3)
+    recon, mu, logvar = model(x, cond)
+    assert recon.shape == (2, D)
+    assert mu.shape == logvar.shape == (2, 16)
+    assert model.decode(torch.randn(5, 16), torch.randn(5, 3)).shape == (5, D)
+    total, mse, kl = model.loss(x, recon, mu, logvar)
+    assert total.shape == mse.shape == kl.shape == ()
+    total.backward()
+
+
+def test_batch_of_one_trains_with_batchnorm_and_groupnorm():
+    for norm in ("batch", "group", "none"):
+        cfg = CVAEConfig(input_dim=300, condition_dim=2, channels=[4, 8], latent_dim=8, pad_multiple=4, norm=norm)
+        model = CVAE(cfg).train()
+        recon, mu, logvar = model(torch.randn(1, 300), torch.randn(1, 2))
+        model.loss(torch.randn(1, 300), recon, mu, logvar)[0].backward()
+
+
+def test_bad_input_shapes_raise():
+    model = CVAE(CVAEConfig(input_dim=50, condition_dim=3, channels=[4], latent_dim=8, pad_multiple=2))
+    with pytest.raises(ValueError, match="x must have shape"):
+        model(torch.randn(2, 51), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="cond must have shape"):
+        model.decode(torch.randn(2, 8), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(torch.randn(2, 50), torch.randn(3, 3))
+
+
+def test_reconstruction_loss_is_per_sample():
+    model = CVAE(CVAEConfig(input_dim=64, condition_dim=2, channels=[4], latent_dim=4, pad_multiple=2))
+    x = torch.randn(4, 64) * torch.arange(1, 5).unsqueeze(1)  # rows clearly different
+    mu, logvar = torch.zeros(4, 4), torch.zeros(4, 4)
+    total, mse, kl = model.loss(x, x.clone(), mu, logvar)
+    # The reference's [B, D] vs [B, 1, D] comparison scores each output against every
+    # input, so even a perfect reconstruction would have a positive loss there.
+    assert mse.item() == 0.0 and kl.item() == 0.0 and total.item() == 0.0
+    assert ((x.unsqueeze(1) - x) ** 2).mean().item() > 1.0
+    swapped = x[[1, 0, 2, 3]]
+    assert model.loss(x, swapped, mu, logvar)[1].item() > 1.0
+    with pytest.raises(ValueError, match=r"recon and x must both be \[batch, D\]"):
+        model.loss(x.unsqueeze(1), x, mu, logvar)
+
+
+def test_kl_is_averaged_per_sample():
+    model = CVAE(CVAEConfig(input_dim=8, condition_dim=1, channels=[2], latent_dim=3, pad_multiple=2))
+    x = torch.zeros(1, 8)
+    one = model.loss(x, x, torch.ones(1, 3), torch.zeros(1, 3))[2]
+    many = model.loss(x.repeat(5, 1), x.repeat(5, 1), torch.ones(5, 3), torch.zeros(5, 3))[2]
+    assert one.item() == pytest.approx(1.5) and many.item() == pytest.approx(1.5)
+
+
+def test_config_json_round_trip_rebuilds_identical_model():
+    torch.manual_seed(1)
+    cfg = CVAEConfig(
+        input_dim=777, condition_dim=5, channels=[4, 8, 4], kernel_size=5, latent_dim=12,
+        pad_multiple=8, kl_weight=0.01, hidden_dim=20, norm="batch",
+    )
+    cfg2 = CVAEConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert cfg2 == cfg
+    a, b = CVAE(cfg), CVAE(cfg2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert {k: v.shape for k, v in sa.items()} == {k: v.shape for k, v in sb.items()}
+    a.train()(torch.randn(4, 777), torch.randn(4, 5))  # move BatchNorm running stats off their init
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x, cond = torch.randn(3, 777), torch.randn(3, 5)
+    with torch.no_grad():
+        for ta, tb in zip(a(x, cond), b(x, cond)):
+            assert torch.equal(ta, tb)
+        z = torch.randn(3, 12)
+        assert torch.equal(a.decode(z, cond), b.decode(z, cond))
+
+
+def test_from_json_rejects_unknown_and_missing_keys():
+    d = CVAEConfig(input_dim=10, condition_dim=2, channels=[4], pad_multiple=2).to_json()
+    with pytest.raises(ValueError, match="unknown keys.*'chanels'"):
+        CVAEConfig.from_json({**d, "chanels": [4]})
+    del d["condition_dim"]
+    with pytest.raises(ValueError, match="missing keys.*condition_dim"):
+        CVAEConfig.from_json(d)
+
+
+def test_loss_falls_on_toy_set():
+    torch.manual_seed(2024)
+    D = 300
+    protos = torch.randn(2, D)
+    x = protos.repeat_interleave(4, dim=0) + 0.1 * torch.randn(8, D)
+    cond = torch.eye(2).repeat_interleave(4, dim=0)
+    cfg = CVAEConfig(input_dim=D, condition_dim=2, channels=[8], latent_dim=16, pad_multiple=2)
+    model = CVAE(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+
+    def step():
+        recon, mu, logvar = model(x, cond)
+        total = model.loss(x, recon, mu, logvar)[0]
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        return total.item()
+
+    first = step()
+    for _ in range(149):
+        last = step()
+    assert last < first / 5, (first, last)
+
+
+BAD = [
+    (dict(channels=[]), "channels"),
+    (dict(channels=[4, 0]), "channels"),
+    (dict(channels=[4, 8], pad_multiple=6), "pad_multiple"),
+    (dict(input_dim=0), "input_dim"),
+    (dict(condition_dim=-1), "condition_dim"),
+    (dict(latent_dim=0), "latent_dim"),
+    (dict(kernel_size=4), "kernel_size"),
+    (dict(kernel_size=0), "kernel_size"),
+    (dict(pad_multiple=0), "pad_multiple"),
+    (dict(kl_weight=-0.1), "kl_weight"),
+    (dict(kl_weight=float("nan")), "kl_weight"),
+    (dict(hidden_dim=0), "hidden_dim"),
+    (dict(norm="layer"), "norm"),
+    (dict(input_dim=2.5), "input_dim"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD)
+def test_bad_config_raises_naming_the_field(override, field):
+    kwargs = dict(input_dim=100, condition_dim=4, channels=[4, 8], pad_multiple=4)
+    kwargs.update(override)
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        CVAEConfig(**kwargs)
+
+
+def test_paper_defaults_and_pad_message():
+    cfg = CVAEConfig(input_dim=1_929_928, condition_dim=768, channels=PAPER_CHANNELS)
+    assert cfg.padded_dim == 472 * 4096 and cfg.bottleneck_length == 472
+    with pytest.raises(ValueError, match=r"pad_multiple: 2048 is not a multiple of 2\*\*len\(channels\) = 4096"):
+        CVAEConfig(input_dim=10, condition_dim=1, channels=PAPER_CHANNELS, pad_multiple=2048)
+
+
+@pytest.mark.parametrize(
+    "D,expected",
+    [
+        (1, [8]),
+        (16, [8]),
+        (32, [8, 8]),
+        (300, [8, 16, 32, 16, 8]),
+        (9217, [8, 16, 32, 64, 128, 128, 64, 32, 16, 8]),
+        (1_929_928, PAPER_CHANNELS),
+    ],
+)
+def test_default_channels(D, expected):
+    ch = default_channels(D)
+    assert ch == expected
+    cfg = CVAEConfig.for_input(D, condition_dim=2)
+    assert cfg.channels == ch and cfg.pad_multiple == 2 ** len(ch)
+    if D >= 16:
+        assert cfg.bottleneck_length >= 8
+
+
+def test_default_channels_respects_max_layers_and_validates():
+    assert len(default_channels(1_929_928, max_layers=5)) == 5
+    with pytest.raises(ValueError, match="max_layers"):
+        default_channels(100, max_layers=0)
+    with pytest.raises(ValueError, match="input_dim"):
+        default_channels(0)
