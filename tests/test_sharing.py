@@ -29,6 +29,7 @@ DVC = str(BIN / "dvc")
 OUTS = ("data", "models")  # DVC-cached outputs of prepare and base_model
 MODEL = "models/base/model.safetensors"
 UP_TO_DATE = "Data and pipelines are up to date."
+TARGET = "base_model"  # the stage the shared copy reproduces (later stages are not run here)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def env() -> dict:
 def built(tmp_path_factory, repo, env) -> Path:
     """The micro-profile copy after `dvc repro base_model`, with dvc.lock and metrics committed."""
     dest = micro_copy(repo, tmp_path_factory.mktemp("share") / "repo")
-    run([DVC, "repro", "base_model"], dest, env)
+    run([DVC, "repro", TARGET], dest, env)
     commit_all(dest, "repro base_model")
     return dest
 
@@ -71,11 +72,12 @@ def clone(src: Path, dest: Path) -> Path:
 
 
 def assert_reproduced(clone_dir: Path, original: dict, env: dict) -> None:
-    """Every output byte for byte, `dvc status` clean, `dvc repro` with nothing to run."""
+    """Every output byte for byte; for what was reproduced (base_model and what it depends on)
+    `dvc status` is clean and `dvc repro` has nothing to run."""
     assert file_hashes(clone_dir, *OUTS) == original
-    status = run([DVC, "status"], clone_dir, env).stdout
+    status = run([DVC, "status", TARGET], clone_dir, env).stdout
     assert UP_TO_DATE in status, status
-    repro = run([DVC, "repro"], clone_dir, env).stdout
+    repro = run([DVC, "repro", TARGET], clone_dir, env).stdout
     assert UP_TO_DATE in repro and "Running stage" not in repro, repro
     assert file_hashes(clone_dir, *OUTS) == original
     changed = run(["git", "status", "--porcelain"], clone_dir).stdout
@@ -248,7 +250,7 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     assert md5(obj) != good and md5(dest / MODEL) != good
 
     # `dvc status` rehashes the changed workspace file: detected.
-    status = run([DVC, "status"], dest, env).stdout
+    status = run([DVC, "status", TARGET], dest, env).stdout
     assert "modified:" in status and "models/base" in status, status
     # `status -c` and `fetch` compare object *names* with the remote, not content: blind.
     assert "in sync" in run([DVC, "status", "-c"], dest, env).stdout
@@ -261,7 +263,7 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     # good: afterwards `dvc status` is clean although the bytes are wrong.
     run([DVC, "pull", "--force"], dest, env)
     assert md5(dest / MODEL) != good
-    assert UP_TO_DATE in run([DVC, "status"], dest, env).stdout
+    assert UP_TO_DATE in run([DVC, "status", TARGET], dest, env).stdout
 
     # Recovery: drop the objects whose content no longer hashes to their name, fetch them again,
     # and re-link the workspace from the cache (`pull --force` alone trusts the recorded hash).
@@ -275,7 +277,7 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     # A corrupted object left *writable* is not trusted: `dvc status` rehashes it, deletes it and
     # reports it missing; fetch and `pull --force` then restore the workspace.
     corrupt(obj, keep_mode=False)
-    status = run([DVC, "status"], dest, env).stdout
+    status = run([DVC, "status", TARGET], dest, env).stdout
     assert "not in cache:" in status and "models/base" in status, status
     assert not obj.exists()
     assert "1 file fetched" in run([DVC, "fetch"], dest, env).stdout
@@ -303,7 +305,7 @@ def test_corrupted_remote_object_fails_the_pull_and_loses_nothing(built, origina
     dest, proc = pull_into_fresh_clone("clone-remote-trusting", verify=False)
     assert proc.returncode == 0, proc.stderr
     assert md5(dest / MODEL) != good
-    assert UP_TO_DATE in run([DVC, "status"], dest, env).stdout, "DVC verifies downloads now: update README"
+    assert UP_TO_DATE in run([DVC, "status", TARGET], dest, env).stdout, "DVC verifies downloads now: update README"
 
     # With `verify = true` DVC rehashes what it downloads, drops the corrupted object and fails.
     dest, proc = pull_into_fresh_clone("clone-remote-verifying", verify=True)

@@ -58,11 +58,12 @@ def flatten(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 def unflatten(vector: torch.Tensor, names: list[str], shapes: list[list[int]]) -> dict[str, torch.Tensor]:
+    total = sum(math.prod(shape) for shape in shapes)
+    if total != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} values, the manifest describes {total}")
     out, offset = {}, 0
     for name, shape in zip(names, shapes):
         size = math.prod(shape)
         out[name] = vector[offset : offset + size].reshape(shape).clone()
         offset += size
-    if offset != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} values, the manifest describes {offset}")
     return out

@@ -1,0 +1,174 @@
+"""Adapter I/O, collect_params (flatten, normalize, round trip, bad input) and task vectors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from icmlora.config import config_from_dict
+from icmlora.data.prepare import prepare
+from icmlora.errors import InputError
+from icmlora.florence import build_tiny_model, build_tiny_processor, encode, load_images
+from icmlora.lora.adapters import flatten, read_adapter, unflatten
+from icmlora.lora.train import adapter_name, peft_config
+from icmlora.params import Manifest, collect_params, load_params
+
+TASKS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def setting(repo, tmp_path_factory):
+    """A micro config, prepared data, a tiny base in models/base and fake LoRA trajectories."""
+    root = tmp_path_factory.mktemp("lp")
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    micro = yaml.safe_load((repo / "profiles" / "micro.yaml").read_text())
+    from icmlora.profile import deep_merge
+
+    cfg = config_from_dict(deep_merge(data, micro))
+    prepare(cfg, root / "prepared")
+    processor = build_tiny_processor([*TASKS, "object"], 64, cfg.base.tiny)
+    base = build_tiny_model(cfg.base.tiny, processor, 64, seed=0)
+    base.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    torch.manual_seed(0)
+    for rank in (1, 2):
+        for ti, task in enumerate(TASKS):
+            model = get_peft_model(build_tiny_model(cfg.base.tiny, processor, 64, seed=0), peft_config(cfg.lora, rank))
+            for step in (2, 4, 6):
+                with torch.no_grad():  # a stand-in trajectory: task-specific drift
+                    for name, p in model.named_parameters():
+                        if "lora_" in name:
+                            p.add_(0.01 * (ti + 1) + 0.05 * torch.randn_like(p))
+                model.save_pretrained(root / "lora" / adapter_name(task, rank, 0) / "checkpoints" / f"step-{step}")
+    return cfg, root, processor
+
+
+def test_flatten_unflatten_round_trip():
+    tensors = {"b": torch.randn(3, 4), "a": torch.randn(2), "c": torch.randn(1, 1, 5)}
+    names = sorted(tensors)
+    vec = flatten(tensors, names)
+    assert vec.shape == (2 + 12 + 5,)
+    back = unflatten(vec, names, [list(tensors[n].shape) for n in names])
+    assert all(torch.equal(back[n], tensors[n]) for n in names)
+    with pytest.raises(ValueError, match="manifest describes"):
+        unflatten(torch.zeros(3), names, [list(tensors[n].shape) for n in names])
+
+
+def test_collect_params_manifest_and_train_task_statistics(setting, tmp_path):
+    cfg, root, _ = setting
+    manifest = collect_params(cfg, 2, root / "lora", tmp_path)
+    tensors, loaded = load_params(2, tmp_path)
+    assert manifest == loaded.data
+    assert tensors["params"].shape == (9, manifest["dim"]) and tensors["params"].dtype == torch.float32
+    assert tensors["task_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert tensors["step"].tolist() == [2, 4, 6] * 3
+    assert manifest["offsets"][0] == 0 and manifest["names"] == sorted(manifest["names"])
+    # Statistics come from the training tasks only: the held-out task's rows are not z-scored to 0/1.
+    holdout = cfg.data.tasks.index(cfg.generator.holdout[0])
+    train_rows = tensors["params"][tensors["task_index"] != holdout]
+    first = train_rows[:, : manifest["offsets"][1]]
+    assert first.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert first.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_row_to_adapter_round_trip_gives_the_same_outputs(setting, tmp_path):
+    cfg, root, processor = setting
+    collect_params(cfg, 1, root / "lora", tmp_path)
+    tensors, manifest = load_params(1, tmp_path)
+    row = 4  # square, step 4
+    original = root / "lora" / adapter_name("square", 1, 0) / "checkpoints" / "step-4"
+    manifest.write_adapter(tmp_path / "rebuilt", tensors["params"][row])
+    a, _ = read_adapter(original)
+    b, cfg_b = read_adapter(tmp_path / "rebuilt")
+    assert cfg_b["r"] == 1 and sorted(a) == sorted(b)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-5), name
+    images = load_images([root / "prepared" / "_images" / "valid" / "000000.png"])
+    inputs = encode(processor, images, ["<OD>"], ["square<loc_1><loc_2><loc_3><loc_4>"])
+    outs = []
+    for folder in (original, tmp_path / "rebuilt"):
+        base = build_tiny_model(cfg.base.tiny, processor, 64, seed=0)
+        model = PeftModel.from_pretrained(base, folder).eval()
+        outs.append(model(**inputs).logits)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_per_checkpoint_normalization_stores_row_statistics(setting, tmp_path):
+    cfg, root, _ = setting
+    cfg = config_from_dict({**_as_dict(cfg), "generator": {"holdout": ["triangle"], "normalization": "per_checkpoint"}})
+    manifest = collect_params(cfg, 1, root / "lora", tmp_path)
+    tensors, loaded = load_params(1, tmp_path)
+    assert manifest["normalization"]["mode"] == "per_checkpoint"
+    assert tensors["row_mean"].shape == (9, len(manifest["names"]))
+    stats = (tensors["row_mean"][0], tensors["row_std"][0])
+    rebuilt = loaded.to_tensors(tensors["params"][0], stats)
+    original, _ = read_adapter(root / "lora" / adapter_name("circle", 1, 0) / "checkpoints" / "step-2")
+    assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
+
+
+def _as_dict(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _copy_lora(root, tmp_path):
+    import shutil
+
+    shutil.copytree(root / "lora", tmp_path / "lora")
+    return tmp_path / "lora"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a readable safetensors file"),
+    ("nan", "non-finite weights"),
+    ("rank", "adapter rank 2 is not 1"),
+    ("targets", "tensor names or shapes differ"),
+])
+def test_bad_checkpoints_name_the_file(setting, tmp_path, damage, message):
+    cfg, root, _ = setting
+    lora = _copy_lora(root, tmp_path)
+    bad = lora / adapter_name("square", 1, 0) / "checkpoints" / "step-4"
+    weights = bad / "adapter_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "nan":
+        t = load_file(str(weights))
+        next(iter(t.values()))[0] = float("nan")
+        save_file(t, str(weights))
+    elif damage == "rank":
+        conf = json.loads((bad / "adapter_config.json").read_text())
+        conf["r"] = 2
+        (bad / "adapter_config.json").write_text(json.dumps(conf))
+    else:
+        t = load_file(str(weights))
+        t.pop(next(iter(t)))
+        save_file(t, str(weights))
+    with pytest.raises(InputError) as err:
+        collect_params(cfg, 1, lora, tmp_path / "out")
+    assert message in str(err.value) and str(bad) in str(err.value)
+    assert not (tmp_path / "out" / "r1.safetensors").exists()
+
+
+def test_manifest_validation(tmp_path):
+    (tmp_path / "r1.json").write_text(json.dumps({"rank": 1}))
+    with pytest.raises(InputError, match="not a parameter manifest"):
+        Manifest.load(tmp_path / "r1.json")
+
+
+def test_task_vectors_shapes_per_method(setting, tmp_path):
+    from icmlora.task_vectors import compute_task_vectors, load_task_vectors
+
+    cfg, root, processor = setting
+    metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
+                                   tmp_path / "tv.json", tmp_path / "plots")
+    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "text"}  # no final adapters: no reference
+    vectors = load_task_vectors(tmp_path / "tv.safetensors")
+    assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
+    ex = load_file(str(tmp_path / "tv.safetensors"))
+    assert ex["icl_mean_examples"].shape == (len(TASKS) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
+    assert ex["text_examples"].shape[0] == len(TASKS) * 4
+    assert (tmp_path / "plots" / "task_vectors_icl_mean.png").stat().st_size > 1000
