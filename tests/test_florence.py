@@ -92,6 +92,7 @@ def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
     processor.save_pretrained(source)
     data = yaml.safe_load((repo / "params.yaml").read_text())
     data["data"]["tasks"] = ["circle", "square"]
+    data["generator"]["holdout"] = ["square"]
     data["data"]["synthetic"].update(train_images=16, valid_images=8)
     data["base"]["model"] = str(source)
     data["eval"].update(batch_size=8, max_new_tokens=6)

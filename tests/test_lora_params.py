@@ -171,4 +171,4 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     ex = load_file(str(tmp_path / "tv.safetensors"))
     assert ex["icl_mean_examples"].shape == (len(TASKS) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
     assert ex["text_examples"].shape[0] == len(TASKS) * 4
-    assert (tmp_path / "plots" / "task_vectors_icl_mean.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000

@@ -64,6 +64,39 @@ def test_dvc_repro_base_model(micro_repo, env):
     assert tags["stage"] == "base_model" and len(tags["git_commit"]) == 40
 
 
+def test_dvc_repro_whole_pipeline(micro_repo, env):
+    """Every stage on the micro profile; MLflow then holds trained and generated runs side by side."""
+    run([str(BIN / "dvc"), "repro"], micro_repo, env)
+    for rank in (1, 2):
+        for task in ("circle", "square", "triangle"):
+            lora = micro_repo / f"models/lora/{task}-r{rank}-s0"
+            assert sorted(p.name for p in (lora / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+            assert (lora / "final" / "adapter_model.safetensors").is_file()
+            samples = sorted(p.name for p in (micro_repo / f"models/generated/{task}-r{rank}").iterdir())
+            assert samples == ["sample-0", "sample-1", "sample-z0"]
+        manifest = json.loads((micro_repo / f"data/params/r{rank}.json").read_text())
+        assert manifest["rows"] == 9 and manifest["rank"] == rank
+        assert (micro_repo / f"models/cvae/r{rank}/model.safetensors").is_file()
+        assert (micro_repo / f"metrics/cvae/r{rank}.csv").read_text().startswith("epoch,loss,recon,kl")
+    summary = json.loads((micro_repo / "metrics/summary.json").read_text())
+    assert set(summary["ranks"]) == {"1", "2"}
+    for key in ("generated_over_trained_median", "wrong_task_over_right_task_median", "novelty_ratio_median",
+                "heldout_generated_map50_median", "avg_checkpoint_map50_median", "noise_map50_median"):
+        assert summary["ranks"]["2"][key] is not None, key
+    assert {"generator_bytes", "checkpoint_bytes", "ratio"} <= set(summary["storage"])
+    assert {"generate_adapter_seconds", "train_lora_seconds_median"} <= set(summary["timing"])
+    for png in ("generated_vs_trained", "task_heatmap_r2", "cvae_loss", "map_vs_novelty"):
+        assert (micro_repo / f"metrics/plots/report/{png}.png").stat().st_size > 1000
+    with sqlite3.connect(micro_repo / "mlflow.db") as db:
+        pairs = db.execute(
+            "select t.value, r.value, s.value from tags t join tags r on r.run_uuid = t.run_uuid and r.key = 'rank' "
+            "join tags s on s.run_uuid = t.run_uuid and s.key = 'source' where t.key = 'task'").fetchall()
+    sources = {(task, rank, source) for task, rank, source in pairs}
+    assert ("circle", "2", "trained") in sources and ("circle", "2", "generated") in sources
+    status = run([str(BIN / "dvc"), "status"], micro_repo, env).stdout
+    assert "up to date" in status
+
+
 def test_dvc_push_to_the_default_remote(micro_repo, env):
     run([str(BIN / "dvc"), "push"], micro_repo, env)
     remote = micro_repo.parent / "icmlora-dvc-remote"

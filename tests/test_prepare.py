@@ -14,11 +14,13 @@ def _micro(repo, **data_overrides):
     data = yaml.safe_load((repo / "params.yaml").read_text())
     data["data"]["synthetic"].update(train_images=40, valid_images=12)
     data["data"].update(data_overrides)
+    data["generator"]["holdout"] = [data["data"]["tasks"][-1]]
     return config_from_dict(data)
 
 
 def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
     cfg = _micro(repo).data
+    cfg.synthetic.objects_per_image = [2, 3]
     a = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
     b = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
     assert [boxes for _, boxes in a] == [boxes for _, boxes in b]
@@ -63,7 +65,10 @@ def test_prepare_is_deterministic(repo, tmp_path):
 
 
 def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp_path):
-    cfg = _micro(repo, tasks=["circle", "dog"])
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    data["data"]["tasks"] = ["circle", "dog"]
+    data["generator"]["holdout"] = ["dog"]
+    cfg = config_from_dict(data)
     with pytest.raises(InputError, match="'dog' is not one of"):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()

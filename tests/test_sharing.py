@@ -30,6 +30,7 @@ OUTS = ("data", "models")  # DVC-cached outputs of prepare and base_model
 MODEL = "models/base/model.safetensors"
 UP_TO_DATE = "Data and pipelines are up to date."
 TARGET = "base_model"  # the stage the shared copy reproduces (later stages are not run here)
+SCOPE = ("--with-deps", TARGET)  # push/pull/fetch/checkout its outputs and its dependencies
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def original(built) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def pushed(built, env) -> Path:
     """`dvc push` to the default remote `shared`: ../icmlora-dvc-remote beside the copy."""
-    out = run([DVC, "push"], built, env).stdout
+    out = run([DVC, "push", *SCOPE], built, env).stdout
     assert "pushed" in out, out
     remote = built.parent / "icmlora-dvc-remote"
     assert any(p.is_file() for p in remote.rglob("*")), f"nothing in {remote}"
@@ -119,18 +120,18 @@ def corrupted_objects(root: Path) -> list[Path]:
                   if p.is_file() and md5(p) != p.parent.name + p.name.removesuffix(".dir"))
 
 
-# --- 2. the default local remote --------------------------------------------------------------
+# --- the default local remote --------------------------------------------------------------
 
 def test_round_trip_through_the_default_local_remote(built, original, pushed, env):
     # A sibling of the copy: `../../icmlora-dvc-remote` (relative to .dvc/config) is the same folder.
     dest = clone(built, built.parent / "clone-local")
     assert not (dest / "models/base").exists()
-    out = run([DVC, "pull"], dest, env).stdout
+    out = run([DVC, "pull", *SCOPE], dest, env).stdout
     assert "fetched" in out, out
     assert_reproduced(dest, original, env)
 
 
-# --- 1. a real SSH server ---------------------------------------------------------------------
+# --- a real SSH server ---------------------------------------------------------------------
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -222,7 +223,7 @@ def test_round_trip_through_an_ssh_remote(built, original, sshd, env):
     run([DVC, "remote", "modify", "--local", "ssh-test", "keyfile", sshd["key"]], pub, env)
     commit_all(pub, "share over ssh")
     assert "keyfile" not in run(["git", "show", "HEAD:.dvc/config"], pub).stdout
-    out = run([DVC, "push"], pub, env).stdout
+    out = run([DVC, "push", *SCOPE], pub, env).stdout
     assert "pushed" in out, out
     pushed_objects = [p for p in remote_dir.rglob("*") if p.is_file()]
     assert pushed_objects and not corrupted_objects(remote_dir)
@@ -231,18 +232,18 @@ def test_round_trip_through_an_ssh_remote(built, original, sshd, env):
     dest = clone(pub, built.parent / "clone-ssh")
     assert run([DVC, "remote", "default"], dest, env).stdout.strip() == "ssh-test"
     run([DVC, "remote", "modify", "--local", "ssh-test", "keyfile", sshd["key"]], dest, env)
-    out = run([DVC, "pull"], dest, env).stdout
+    out = run([DVC, "pull", *SCOPE], dest, env).stdout
     assert "fetched" in out, out
     assert_reproduced(dest, original, env)
 
 
-# --- 3. corruption ----------------------------------------------------------------------------
+# --- corruption ----------------------------------------------------------------------------
 
 def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, original, pushed, env):
     dest = clone(built, built.parent / "clone-corrupt-cache")
     # Hard links, as DVC picks on ext4 (no reflinks): the workspace file *is* the cache object.
     run([DVC, "config", "--local", "cache.type", "hardlink"], dest, env)
-    run([DVC, "pull"], dest, env)
+    run([DVC, "pull", *SCOPE], dest, env)
     good = md5(built / MODEL)
     obj = cache_object(dest / ".dvc" / "cache", good)
     assert (dest / MODEL).stat().st_ino == obj.stat().st_ino
@@ -253,15 +254,15 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     status = run([DVC, "status", TARGET], dest, env).stdout
     assert "modified:" in status and "models/base" in status, status
     # `status -c` and `fetch` compare object *names* with the remote, not content: blind.
-    assert "in sync" in run([DVC, "status", "-c"], dest, env).stdout
-    assert "Everything is up to date" in run([DVC, "fetch"], dest, env).stdout
+    assert "in sync" in run([DVC, "status", "-c", *SCOPE], dest, env).stdout
+    assert "Everything is up to date" in run([DVC, "fetch", *SCOPE], dest, env).stdout
     assert md5(obj) != good
     # `dvc pull` refuses to overwrite what looks like a user's edit...
-    refused = run([DVC, "pull"], dest, env, ok=False)
+    refused = run([DVC, "pull", *SCOPE], dest, env, ok=False)
     assert refused.returncode != 0 and "unsaved files" in refused.stderr and MODEL in refused.stderr, refused.stderr
     # ...and `dvc pull --force` re-links the workspace to the corrupted object and records it as
     # good: afterwards `dvc status` is clean although the bytes are wrong.
-    run([DVC, "pull", "--force"], dest, env)
+    run([DVC, "pull", "--force", *SCOPE], dest, env)
     assert md5(dest / MODEL) != good
     assert UP_TO_DATE in run([DVC, "status", TARGET], dest, env).stdout
 
@@ -269,8 +270,8 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     # and re-link the workspace from the cache (`pull --force` alone trusts the recorded hash).
     assert corrupted_objects(dest / ".dvc" / "cache") == [obj]
     obj.unlink()
-    assert "1 file fetched" in run([DVC, "fetch"], dest, env).stdout
-    run([DVC, "checkout", "--relink"], dest, env)
+    assert "1 file fetched" in run([DVC, "fetch", *SCOPE], dest, env).stdout
+    run([DVC, "checkout", "--relink", *SCOPE], dest, env)
     assert md5(obj) == good and corrupted_objects(dest / ".dvc" / "cache") == []
     assert_reproduced(dest, original, env)
 
@@ -280,8 +281,8 @@ def test_corrupted_cache_is_detected_and_recovered_from_the_remote(built, origin
     status = run([DVC, "status", TARGET], dest, env).stdout
     assert "not in cache:" in status and "models/base" in status, status
     assert not obj.exists()
-    assert "1 file fetched" in run([DVC, "fetch"], dest, env).stdout
-    run([DVC, "pull", "--force"], dest, env)
+    assert "1 file fetched" in run([DVC, "fetch", *SCOPE], dest, env).stdout
+    run([DVC, "pull", "--force", *SCOPE], dest, env)
     assert_reproduced(dest, original, env)
     assert corrupted_objects(pushed) == []  # the remote was never touched
 
@@ -298,7 +299,7 @@ def test_corrupted_remote_object_fails_the_pull_and_loses_nothing(built, origina
         run([DVC, "remote", "modify", "--local", "shared", "url", remote], dest, env)
         if verify:
             run([DVC, "remote", "modify", "--local", "shared", "verify", "true"], dest, env)
-        return dest, run([DVC, "pull"], dest, env, ok=False)
+        return dest, run([DVC, "pull", *SCOPE], dest, env, ok=False)
 
     # By default (verify = false) DVC trusts the remote: the bad bytes land in the workspace and
     # `dvc status` calls them up to date.
@@ -320,20 +321,20 @@ def test_corrupted_remote_object_fails_the_pull_and_loses_nothing(built, origina
     # the remote, so delete the bad object *and* that manifest, then push again.
     assert corrupted_objects(remote) == [bad_obj]
     run([DVC, "remote", "add", "--local", "corrupt", remote], built, env)
-    assert "Everything is up to date" in run([DVC, "push", "-r", "corrupt"], built, env).stdout
+    assert "Everything is up to date" in run([DVC, "push", "-r", "corrupt", *SCOPE], built, env).stdout
     bad_obj.unlink()
-    assert "Everything is up to date" in run([DVC, "push", "-r", "corrupt"], built, env).stdout
+    assert "Everything is up to date" in run([DVC, "push", "-r", "corrupt", *SCOPE], built, env).stdout
     manifest = cache_object(remote, dir_hash(built, "base_model", "models/base"))
     assert manifest.name.endswith(".dir")
     manifest.unlink()
-    assert "2 files pushed" in run([DVC, "push", "-r", "corrupt"], built, env).stdout
+    assert "2 files pushed" in run([DVC, "push", "-r", "corrupt", *SCOPE], built, env).stdout
     assert corrupted_objects(remote) == []
     dest, proc = pull_into_fresh_clone("clone-remote-repaired", verify=True)
     assert proc.returncode == 0, proc.stderr
     assert_reproduced(dest, original, env)
 
 
-# --- 4. MLflow server -------------------------------------------------------------------------
+# --- MLflow server -------------------------------------------------------------------------
 
 def http_json(url: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()

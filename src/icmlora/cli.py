@@ -20,6 +20,10 @@ STAGES = {
     "train_lora": ("icmlora.lora.train", "train one LoRA (task, rank, seed) and keep its checkpoint trajectory"),
     "collect_params": ("icmlora.params", "flatten + normalize every checkpoint of one rank into one tensor file"),
     "task_vectors": ("icmlora.task_vectors", "one vector per task from the model's hidden states"),
+    "train_cvae": ("icmlora.cvae.train", "train one generator (CVAE) per rank over the training tasks' adapters"),
+    "generate": ("icmlora.cvae.generate", "sample PEFT adapters for every task, or for a new task vector/examples"),
+    "evaluate": ("icmlora.evaluation.evaluate", "detection metrics of base, trained, generated and baseline adapters"),
+    "report": ("icmlora.evaluation.report", "summary metrics, plots and the MLflow summary run"),
     "profile": ("icmlora.profile", "merge a params profile (profiles/*.yaml) into params.yaml"),
 }
 

@@ -27,7 +27,7 @@ class SyntheticData:
     image_size: int = 64
     train_images: int = 12000
     valid_images: int = 600
-    objects_per_image: list[int] = field(default_factory=lambda: [2, 4])  # [min, max]
+    objects_per_image: list[int] = field(default_factory=lambda: [1, 3])  # [min, max]
     object_size: list[int] = field(default_factory=lambda: [14, 30])  # [min, max] pixels
     noise_sigma: float = 12.0  # Gaussian pixel noise, on a noise_fraction of the images
     noise_fraction: float = 0.5
@@ -123,7 +123,7 @@ class TinyModel:
 
 @dataclass
 class Optim:
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -199,7 +199,7 @@ DEFAULT_LORA_TARGETS = (
 
 
 def _lora_optim() -> Optim:
-    return Optim(steps=150, batch_size=32, lr=3e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0)
+    return Optim(steps=150, batch_size=32, lr=5e-3, weight_decay=0.0, warmup_steps=10, grad_clip=1.0)
 
 
 @dataclass
@@ -215,7 +215,7 @@ class LoraConfig:
     train: Optim = field(default_factory=_lora_optim)
     checkpoint_every: int = 10  # one trajectory checkpoint every N steps ...
     keep_checkpoints: int = 8  # ... of which the last K are kept (the generator's data)
-    eval_max_images: int = 150  # valid images per task for LoRA metrics (0 = all)
+    eval_max_images: int = 100  # valid images per task for LoRA metrics (0 = all)
     cross_eval_ranks: list[int] = field(default_factory=lambda: [4])  # ranks evaluated on every task
 
     def problems(self) -> list[tuple[str, str]]:
@@ -280,6 +280,47 @@ class GeneratorConfig:
 
 
 @dataclass
+class CVAEParams:
+    """The generator (the paper's 1-D conv CVAE); sizes default from D, the flattened adapter."""
+
+    channels: list[int] = field(default_factory=list)  # [] = picked from D (the paper's 12 layers at real scale)
+    max_layers: int = 12
+    kernel_size: int = 7
+    latent_dim: int = 256
+    hidden_dim: int = 0  # feature before the mu/logvar heads; 0 = latent_dim
+    pad_multiple: int = 0  # 0 = 2 ** len(channels); the paper pads to a multiple of 4096
+    kl_weight: float = 0.005
+    norm: Literal["group", "batch", "none"] = "group"
+    epochs: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    checkpoint_every: int = 50  # epochs between resumable states
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        for key in ("max_layers", "kernel_size", "latent_dim", "epochs", "batch_size", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                out.append((key, "must be >= 1"))
+        if self.kernel_size % 2 == 0:
+            out.append(("kernel_size", "must be odd"))
+        if self.lr <= 0 or self.kl_weight < 0:
+            out.append(("lr", "lr must be > 0 and kl_weight >= 0"))
+        return out
+
+
+@dataclass
+class GenerateConfig:
+    samples: int = 3  # latents z ~ N(0, I) per task and rank, plus z = 0
+
+
+@dataclass
+class EvaluateConfig:
+    max_images: int = 100  # valid images per task (0 = all)
+    cross_task_ranks: list[int] = field(default_factory=lambda: [4])  # generated adapter of task i on task j
+    noise_seed: int = 0
+
+
+@dataclass
 class Config:
     seed: int = 2024
     data: DataConfig = field(default_factory=DataConfig)
@@ -287,6 +328,9 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     task_vectors: TaskVectorConfig = field(default_factory=TaskVectorConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    cvae: CVAEParams = field(default_factory=CVAEParams)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

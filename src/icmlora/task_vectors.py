@@ -15,7 +15,7 @@ and compared in metrics/task_vectors.json):
 Writes data/task_vectors.safetensors (``vectors`` [tasks x d], ``<method>_examples`` per-example
 vectors), data/task_vectors.json (task names, method), metrics/task_vectors.json
 (silhouette of per-example vectors grouped by task, per method and pooling) and
-metrics/plots/task_vectors_<method>.png (2-D PCA projection).
+metrics/plots/task_vectors/<method>.png (2-D PCA projection).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from icmlora.lora.train import BASE_DIR, LORA_DIR, adapter_name
 
 OUT_FILE = Path("data/task_vectors.safetensors")
 METRICS_FILE = Path("metrics/task_vectors.json")
-PLOTS_DIR = Path("metrics/plots")
+PLOTS_DIR = Path("metrics/plots/task_vectors")
 METHODS = ("icl", "reference", "text")
 
 
@@ -64,10 +64,13 @@ def _examples(prepared: Path, task: str, count: int):
     return examples, load_images([path.parent / e.image for e in examples])
 
 
-@torch.no_grad()
 def icl_vectors(model, processor, prepared: Path, task: str, k: int) -> dict[str, torch.Tensor]:
     """Per-example vectors [k, d] for both poolings, teacher-forced on image + target."""
-    examples, images = _examples(prepared, task, k)
+    return icl_vectors_of(model, processor, *_examples(prepared, task, k))
+
+
+@torch.no_grad()
+def icl_vectors_of(model, processor, examples, images) -> dict[str, torch.Tensor]:
     batch = encode(processor, images, [e.prefix for e in examples], [e.suffix for e in examples])
     labels = batch["labels"]
     with LastDecoderLayer(model) as hook:
@@ -163,7 +166,7 @@ def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: P
     for name, vecs in per_example.items():
         if len(vecs) == len(cfg.data.tasks):
             metrics["silhouette"][name] = round(silhouette(vecs), 4)
-            plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", plots_dir / f"task_vectors_{name}.png")
+            plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", plots_dir / f"{name}.png")
     chosen = per_example[f"icl_{tv.pooling}" if tv.method == "icl" else tv.method]
     vectors = torch.stack([chosen[t].mean(0) for t in cfg.data.tasks])
     metrics["default_silhouette"] = metrics["silhouette"].get(f"icl_{tv.pooling}" if tv.method == "icl" else tv.method)

@@ -66,6 +66,12 @@ def _mlflow():
     return mlflow
 
 
+def experiment_id() -> str:
+    """The id of the experiment runs go to (created on first use)."""
+    mlflow = _mlflow()
+    return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)).experiment_id
+
+
 @contextlib.contextmanager
 def parent_run(stage: str, params: Any = None) -> Iterator[str]:
     """The id of the parent run of one execution of a matrix stage (one process per item).
