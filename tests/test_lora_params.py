@@ -4,46 +4,17 @@ import json
 
 import pytest
 import torch
-import yaml
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from icmlora.config import config_from_dict
-from icmlora.data.prepare import prepare
 from icmlora.errors import InputError
-from icmlora.florence import build_tiny_model, build_tiny_processor, encode, load_images
+from icmlora.florence import build_tiny_model, encode, load_images
 from icmlora.lora.adapters import flatten, read_adapter, unflatten
-from icmlora.lora.train import adapter_name, peft_config
+from icmlora.lora.train import adapter_name
 from icmlora.params import Manifest, collect_params, load_params
 
-TASKS = ["circle", "square", "triangle"]
 
-
-@pytest.fixture(scope="module")
-def setting(repo, tmp_path_factory):
-    """A micro config, prepared data, a tiny base in models/base and fake LoRA trajectories."""
-    root = tmp_path_factory.mktemp("lp")
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    micro = yaml.safe_load((repo / "profiles" / "micro.yaml").read_text())
-    from icmlora.profile import deep_merge
-
-    cfg = config_from_dict(deep_merge(data, micro))
-    prepare(cfg, root / "prepared")
-    processor = build_tiny_processor([*TASKS, "object"], 64, cfg.base.tiny)
-    base = build_tiny_model(cfg.base.tiny, processor, 64, seed=0)
-    base.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
-    torch.manual_seed(0)
-    for rank in (1, 2):
-        for ti, task in enumerate(TASKS):
-            model = get_peft_model(build_tiny_model(cfg.base.tiny, processor, 64, seed=0), peft_config(cfg.lora, rank))
-            for step in (2, 4, 6):
-                with torch.no_grad():  # a stand-in trajectory: task-specific drift
-                    for name, p in model.named_parameters():
-                        if "lora_" in name:
-                            p.add_(0.01 * (ti + 1) + 0.05 * torch.randn_like(p))
-                model.save_pretrained(root / "lora" / adapter_name(task, rank, 0) / "checkpoints" / f"step-{step}")
-    return cfg, root, processor
 
 
 def test_flatten_unflatten_round_trip():
@@ -169,6 +140,6 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     vectors = load_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))
-    assert ex["icl_mean_examples"].shape == (len(TASKS) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
-    assert ex["text_examples"].shape[0] == len(TASKS) * 4
+    assert ex["icl_mean_examples"].shape == (len(cfg.data.tasks) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
+    assert ex["text_examples"].shape[0] == len(cfg.data.tasks) * 4
     assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000
