@@ -1,0 +1,100 @@
+"""Benchmarks (not tests): time to generate one adapter vs to train one, and the generator at paper scale.
+
+    make bench            # or: .venv/bin/python bench/run.py [--skip-paper-scale]
+
+Needs a finished `dvc repro` (models/cvae, data/params, data/task_vectors.safetensors,
+metrics/lora). Writes metrics/bench.json:
+- generate_adapter_seconds: median wall time of decode + de-normalize + write one PEFT folder,
+  per rank and overall (the target: <= 1 s on a CPU);
+- train_lora_seconds_median: from metrics/lora/*.json (measured by the train_lora stage), and
+  the speed-up generate vs train (target: >= 100x);
+- paper_scale: the paper's CVAE (12 conv layers, latent 256) at D = 1,929,928 with a 768-d
+  condition: parameters, bytes, seconds per decode on this machine (random weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from icmlora.config import load_config  # noqa: E402
+from icmlora.cvae.generate import latents  # noqa: E402
+from icmlora.cvae.model import CVAE, CVAEConfig  # noqa: E402
+from icmlora.cvae.train import Generator  # noqa: E402
+from icmlora.files import write_json  # noqa: E402
+from icmlora.params import Manifest  # noqa: E402
+from icmlora.task_vectors import load_task_vectors  # noqa: E402
+
+
+def time_generation(cfg, repeats: int) -> dict:
+    vectors = load_task_vectors(ROOT / "data/task_vectors.safetensors")
+    per_rank = {}
+    for rank in cfg.lora.ranks:
+        gen = Generator.load(ROOT / f"models/cvae/r{rank}")
+        manifest = Manifest.load(ROOT / f"data/params/r{rank}.json")
+        task = cfg.data.tasks[0]
+        z = latents(cfg.seed, task, rank, repeats, gen.model.config.latent_dim)
+        times = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, zk in z.items():
+                start = time.perf_counter()
+                manifest.write_adapter(Path(tmp) / name, gen.sample(vectors[task], zk[None])[0])
+                times.append(time.perf_counter() - start)
+        per_rank[str(rank)] = {"median_seconds": statistics.median(times), "max_seconds": max(times),
+                               "dim": manifest.dim, "generator_parameters": gen.model.num_parameters()}
+    return per_rank
+
+
+def paper_scale(repeats: int) -> dict:
+    config = CVAEConfig(input_dim=1_929_928, condition_dim=768, channels=[8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8],
+                        latent_dim=256, pad_multiple=4096)
+    model = CVAE(config).eval()
+    z, cond = torch.randn(1, 256), torch.randn(1, 768)
+    times = []
+    with torch.inference_mode():
+        model.decode(z, cond)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.decode(z, cond)
+            times.append(time.perf_counter() - start)
+    params = model.num_parameters()
+    return {"input_dim": config.input_dim, "parameters": params, "bytes_fp32": params * 4,
+            "decode_seconds_median": statistics.median(times)}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--skip-paper-scale", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(ROOT / "params.yaml")
+    per_rank = time_generation(cfg, args.repeats)
+    lora = [json.loads(p.read_text())["train_seconds"] for p in sorted((ROOT / "metrics/lora").glob("*.json"))]
+    gen_median = statistics.median(r["median_seconds"] for r in per_rank.values())
+    result = {
+        "threads": torch.get_num_threads(),
+        "generate_adapter_seconds": round(gen_median, 5),
+        "generate_adapter_seconds_by_rank": per_rank,
+        "train_lora_seconds_median": statistics.median(lora) if lora else None,
+        "speedup_generate_vs_train": round(statistics.median(lora) / gen_median, 1) if lora else None,
+    }
+    if not args.skip_paper_scale:
+        result["paper_scale"] = paper_scale(3)
+    write_json(ROOT / "metrics/bench.json", result)
+    print(f"bench: wrote metrics/bench.json (generate one adapter {gen_median * 1000:.1f} ms; "
+          f"train one LoRA {result['train_lora_seconds_median']} s; speed-up {result['speedup_generate_vs_train']}x)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
