@@ -2,42 +2,17 @@
 
 import json
 import os
-import shutil
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-from icmlora.profile import apply_profile
+from e2e_helpers import BIN, micro_copy, run
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
-def micro_repo(tmp_path_factory, repo) -> Path:
-    """A git + DVC copy of the working tree (tracked and untracked, not ignored files)."""
-    dest = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = repo / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    apply_profile(dest / "params.yaml", dest / "profiles" / "micro.yaml")
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "micro"], dest)
-    return dest
+def micro_repo(tmp_path_factory, repo):
+    return micro_copy(repo, tmp_path_factory.mktemp("e2e") / "repo")
 
 
 @pytest.fixture(scope="module")

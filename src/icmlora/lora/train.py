@@ -71,6 +71,9 @@ def train_lora(cfg: Config, task: str, rank: int, seed: int, prepared: Path = PR
 
     set_threads(cfg.runtime)
     name = adapter_name(task, rank, seed)
+    # The seed does not depend on the task or rank's data: every task starts from the same
+    # Gaussian A (B = 0), so adapters of different tasks live in one aligned parameter space
+    # that a generator can interpolate; independent inits differ by arbitrary rotations.
     run_seed = cfg.seed + 7919 * seed
     seed_everything(run_seed)
     state = state_root / name
