@@ -83,6 +83,9 @@ def parent_run(stage: str, params: Any = None) -> Iterator[str]:
     import hashlib
     import json
 
+    if not is_main_process():
+        yield None
+        return
     mlflow = _mlflow()
     tags = base_tags(stage, role="parent")
     key = hashlib.sha256(json.dumps([tags, flatten(params) if params is not None else {}], sort_keys=True, default=str)
@@ -101,10 +104,26 @@ def parent_run(stage: str, params: Any = None) -> Iterator[str]:
     yield run.info.run_id
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of an `accelerate launch` run: only rank 0 logs."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+class _Silent:
+    """Stands in for the mlflow module on non-main processes: every call does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
 def start_run(stage: str, run_name: str, params: Any = None, nested: bool = False, parent_run_id: str | None = None,
               **tags: Any) -> Iterator[Any]:
-    """An MLflow run with the standard tags and flattened params; yields the mlflow module."""
+    """An MLflow run with the standard tags and flattened params; yields the mlflow module
+    (a do-nothing stand-in on non-main processes)."""
+    if not is_main_process():
+        yield _Silent()
+        return
     mlflow = _mlflow()
     all_tags = base_tags(stage, **tags)
     if parent_run_id:

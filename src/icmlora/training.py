@@ -79,16 +79,19 @@ def train(
     *,
     accelerator=None,
     desc: str = "train",
-    start_step: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     checkpoint_every: int = 0,
-    resume_dir: Path | None = None,
+    state_dir: Path | None = None,
+    state_extra: dict | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``optim.steps`` steps (AdamW, linear warm-up
-    then cosine decay, gradient clipping). ``on_checkpoint(step)`` runs every
-    ``checkpoint_every`` steps and at the end; ``resume_dir`` holds Accelerate state to
-    continue from (its step is ``start_step``)."""
+    then cosine decay, gradient clipping). Every ``checkpoint_every`` steps and at the end,
+    ``on_checkpoint(step)`` runs and then, with a ``state_dir``, the training state is saved
+    there (``state_extra`` recorded with it); ``resume`` continues from that state."""
+    from icmlora import resume as saved_state
+
     accelerator = accelerator or make_accelerator(runtime)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -105,19 +108,18 @@ def train(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
+    start_step = 0
+    if resume and state_dir is not None:
+        start_step = saved_state.load_training_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, generator)["step"]
     model.train()
     losses: list[float] = []
     step = start_step
     start = time.perf_counter()
     bar = tqdm(total=optim.steps, initial=start_step, desc=desc, unit="step", disable=not accelerator.is_main_process)
     while step < optim.steps:
-        # A fresh pass per epoch; skip the batches a resumed run already consumed in this epoch.
-        batches = iter(loader)
-        if step == start_step and start_step:
-            batches = iter(accelerator.skip_first_batches(loader, start_step % len(loader)))
-        for batch in batches:
+        # A resumed run draws a fresh order from the restored loader RNG rather than replaying
+        # the rest of the interrupted epoch: deterministic given the saved state.
+        for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -133,9 +135,13 @@ def train(
             bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None and accelerator.is_main_process:
                 on_step(step, value)
-            if on_checkpoint is not None and (step == optim.steps or (checkpoint_every and step % checkpoint_every == 0)):
+            if step == optim.steps or (checkpoint_every and step % checkpoint_every == 0):
                 accelerator.wait_for_everyone()
-                on_checkpoint(step)
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
+                if state_dir is not None and accelerator.is_main_process:
+                    saved_state.save_training_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, generator,
+                                        {**(state_extra or {}), "step": step})
             if step >= optim.steps:
                 break
     bar.close()

@@ -9,8 +9,8 @@ vectors (stored with the model, applied again at generation): raw hidden-state s
 of different tasks differ by little compared with their shared component.
 
 Writes models/cvae/r<rank>/{model.safetensors, config.json} (the JSON rebuilds the model)
-and metrics/cvae/r<rank>.csv (epoch, loss, recon, kl). Resumable: Accelerate state in
-state/cvae/r<rank>/ every ``cvae.checkpoint_every`` epochs.
+and metrics/cvae/r<rank>.csv (epoch, loss, recon, kl). Resumable: the training state is saved
+(safetensors + JSON) in state/cvae/r<rank>/ every ``cvae.checkpoint_every`` epochs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from icmlora.cvae.model import CVAE, CVAEConfig, default_channels
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir, read_json, write_json, write_text
 from icmlora.params import PARAMS_DIR, load_params
+import icmlora.resume as resume
 from icmlora.task_vectors import OUT_FILE as TASK_VECTORS_FILE
 from icmlora.task_vectors import load_task_vectors
 from icmlora.tracking import start_run
@@ -118,16 +119,17 @@ def train_cvae(cfg: Config, rank: int, params_dir: Path = PARAMS_DIR, vectors_fi
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     state = state_root / f"r{rank}"
-    progress = state / "progress.json"
     fingerprint = _fingerprint(cfg, rank, len(x))
-    start_epoch = 0
-    if progress.is_file() and json.loads(progress.read_text()).get("fingerprint") == fingerprint:
-        accelerator.load_state(str(state / "accelerate"))
-        start_epoch = json.loads(progress.read_text())["epoch"]
-        history = json.loads(progress.read_text())["history"]
+    start_epoch, history = 0, []
+    try:
+        saved = json.loads((state / "state.json").read_text())["extra"]
+    except (OSError, ValueError, KeyError):
+        saved = {}
+    if saved.get("fingerprint") == fingerprint:
+        extra = resume.load_training_state(state, accelerator.unwrap_model(model), optimizer, scheduler, generator)
+        start_epoch, history = extra["epoch"], extra["history"]
     else:
         shutil.rmtree(state, ignore_errors=True)
-        history = []
     name = f"cvae-r{rank}"
     with start_run("train_cvae", name, params={"cvae": cfg.cvae, "model": mconf.to_json(), "rank": rank,
                                                "rows": len(x), "holdout": cfg.generator.holdout},
@@ -147,10 +149,9 @@ def train_cvae(cfg: Config, rank: int, params_dir: Path = PARAMS_DIR, vectors_fi
                 sums += torch.tensor([total.item(), rec.item(), kl.item()]) * len(xb)
             loss, rec, kl = (sums / len(x)).tolist()
             history.append({"epoch": epoch + 1, "loss": loss, "recon": rec, "kl": kl})
-            if (epoch + 1) % cfg.cvae.checkpoint_every == 0 and epoch + 1 < cfg.cvae.epochs:
-                accelerator.save_state(str(state / "accelerate"))
-                if accelerator.is_main_process:
-                    write_json(progress, {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history})
+            if (epoch + 1) % cfg.cvae.checkpoint_every == 0 and epoch + 1 < cfg.cvae.epochs and accelerator.is_main_process:
+                resume.save_training_state(state, accelerator.unwrap_model(model), optimizer, scheduler, generator,
+                                    {"fingerprint": fingerprint, "epoch": epoch + 1, "history": history})
         seconds = time.perf_counter() - start
         if not accelerator.is_main_process:
             return {}

@@ -7,7 +7,8 @@ Writes models/lora/<task>-r<rank>-s<seed>/{checkpoints/step-<n>/, final/} (PEFT 
 last ``lora.keep_checkpoints`` checkpoints, one every ``lora.checkpoint_every`` steps, are the
 generator's training data) and metrics/lora/<task>-r<rank>-s<seed>.json. Work in progress
 lives in state/lora/<name>/ (outside DVC outputs, which DVC deletes before a stage runs): a
-killed run restarted with `dvc repro` continues from its last Accelerate state.
+killed run restarted with `dvc repro` continues from its last saved training state
+(safetensors + JSON, see icmlora/resume.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def _fingerprint(cfg: Config, task: str, rank: int, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _saved_fingerprint(state_dir: Path) -> str | None:
+    try:
+        return json.loads((state_dir / "state.json").read_text())["extra"]["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def train_lora(cfg: Config, task: str, rank: int, seed: int, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_DIR,
                out_root: Path = LORA_DIR, state_root: Path = STATE_DIR, metrics_dir: Path = METRICS_DIR) -> dict:
     from peft import get_peft_model
@@ -78,13 +86,9 @@ def train_lora(cfg: Config, task: str, rank: int, seed: int, prepared: Path = PR
     seed_everything(run_seed)
     state = state_root / name
     fingerprint = _fingerprint(cfg, task, rank, seed)
-    progress_file = state / "progress.json"
-    start_step, resume_dir = 0, None
-    if progress_file.is_file() and json.loads(progress_file.read_text()).get("fingerprint") == fingerprint:
-        start_step = json.loads(progress_file.read_text())["step"]
-        resume_dir = state / "accelerate"
-    elif state.exists():
-        shutil.rmtree(state)
+    resume = _saved_fingerprint(state / "train") == fingerprint
+    if not resume and state.exists():
+        shutil.rmtree(state)  # a state from other params or a different run: start over
     (state / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     accelerator = make_accelerator(cfg.runtime)
@@ -96,15 +100,11 @@ def train_lora(cfg: Config, task: str, rank: int, seed: int, prepared: Path = PR
     keep = cfg.lora.keep_checkpoints
 
     def on_checkpoint(step: int) -> None:
-        if step % cfg.lora.checkpoint_every == 0 or step == cfg.lora.train.steps:
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(state / "checkpoints" / f"step-{step}")
-                kept = sorted((state / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-                for old in kept[:-keep]:
-                    shutil.rmtree(old)
-            accelerator.save_state(str(state / "accelerate"))
-            if accelerator.is_main_process:
-                write_json(progress_file, {"fingerprint": fingerprint, "step": step})
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(state / "checkpoints" / f"step-{step}")
+            kept = sorted((state / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in kept[:-keep]:
+                shutil.rmtree(old)
 
     with parent_run("train_lora", params=cfg.lora) as parent_id, start_run(
         "train_lora", name, params=cfg, parent_run_id=parent_id,
@@ -112,9 +112,9 @@ def train_lora(cfg: Config, task: str, rank: int, seed: int, prepared: Path = PR
     ) as mlflow:
         buffer = MetricBuffer()
         result = train(model, processor, dataset, cfg.lora.train, cfg.runtime, run_seed, accelerator=accelerator,
-                       desc=f"train_lora {name}", start_step=start_step, resume_dir=resume_dir,
-                       on_step=lambda step, loss: buffer.add("train_loss", loss, step),
-                       on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every)
+                       desc=f"train_lora {name}", on_step=lambda step, loss: buffer.add("train_loss", loss, step),
+                       on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every,
+                       state_dir=state / "train", state_extra={"fingerprint": fingerprint}, resume=resume)
         buffer.flush()
         model = accelerator.unwrap_model(model)
         if not accelerator.is_main_process:
