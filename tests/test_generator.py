@@ -1,6 +1,7 @@
 """The generator stages on a micro setting: CVAE training, generated PEFT folders, novelty, summary."""
 
 import dataclasses
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -85,6 +86,11 @@ def test_generate_cli_from_a_vector_file(trained, tmp_path, monkeypatch):
     result = generate.main(["--task-vector", str(tmp_path / "vec.safetensors"), "--rank", "2", "--out",
                             str(tmp_path / "adapters"), "--samples", "1"])
     assert len(result["adapters"]) == 2 and (tmp_path / "adapters" / "sample-z0" / "adapter_config.json").is_file()
+    # A task given only as labelled examples: the base model computes its vector (icl).
+    examples = trained[1] / "prepared" / "square" / "valid" / "annotations.jsonl"
+    result = generate.main(["--examples", str(examples), "--base", str(trained[1] / "base"), "--rank", "1",
+                            "--out", str(tmp_path / "from-examples"), "--samples", "0"])
+    assert [Path(p).name for p in result["adapters"]] == ["sample-z0"]
 
 
 def test_novelty_on_constructed_cases():

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, help="adapter rank (a generator of that rank must exist)")
     parser.add_argument("--out", type=Path, help="output folder: one PEFT adapter per sample under it")
     parser.add_argument("--samples", type=int, default=None, help="z ~ N(0, I) draws besides z = 0 (default generate.samples)")
+    parser.add_argument("--base", type=Path, default=Path("models/base"), help="base model folder (for --examples)")
     args = parser.parse_args(argv)
     cfg = load_config(args.params)
     if args.task_vector is None and args.examples is None:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.task_vector is not None:
         vector = _vector_from_file(args.task_vector)
     else:
-        pooled = _vector_from_examples(args.examples, Path("models/base"), cfg.task_vectors.examples)
+        pooled = _vector_from_examples(args.examples, args.base, cfg.task_vectors.examples)
         vector = pooled[cfg.task_vectors.pooling].mean(0)
     written = generate_one(cfg, args.rank, args.out, vector, cfg.generate.samples if args.samples is None else args.samples)
     print(f"generate: wrote {len(written)} adapters under {args.out} (load one with PeftModel.from_pretrained(base, folder))")
