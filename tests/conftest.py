@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from icmlora.config import config_from_dict
 from icmlora.data.prepare import prepare
 from icmlora.florence import build_tiny_model, build_tiny_processor
 from icmlora.lora.train import adapter_name, peft_config
+
+from e2e_helpers import DVC, commit_all, e2e_env as _e2e_env, micro_copy, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,27 @@ def _isolated_mlflow(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def e2e_env() -> dict:
+    """Environment for the commands of end-to-end tests (see e2e_helpers.e2e_env)."""
+    return _e2e_env()
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory, repo, e2e_env) -> Path:
+    """The micro-profile copy after ONE full `dvc repro`, with dvc.lock and metrics committed on
+    top of its first commit (the unreproduced copy). Shared by every end-to-end test of the
+    session (test_pipeline.py, test_reproducibility.py): a test may read it, run commands that
+    change nothing (`dvc status`, `dvc push`), or clone it; to change it, work in a clone
+    (e2e_helpers.clone_sharing_cache)."""
+    dest = micro_copy(repo, tmp_path_factory.mktemp("micro") / "repo")
+    start = time.monotonic()
+    run([DVC, "repro"], dest, e2e_env)
+    print(f"micro_pipeline: `dvc repro` took {time.monotonic() - start:.0f} s")
+    commit_all(dest, "dvc repro")
+    return dest
 
 
 TASKS = ["circle", "square", "triangle"]

@@ -6,14 +6,29 @@ Imported as ``from e2e_helpers import ...`` (pytest puts tests/ on sys.path: no 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
 GIT_ID = ["-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def e2e_env() -> dict:
+    """The environment of the commands an end-to-end test runs: this interpreter's bin/ first on
+    PATH, quiet stages, and the default MLflow store (the copy's own sqlite file) rather than the
+    per-test store conftest sets for in-process tests."""
+    out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ICMLORA_LOG="WARNING")
+    out.pop("MLFLOW_TRACKING_URI", None)
+    out.pop("DVC_EXP_NAME", None)
+    return out
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
@@ -48,6 +63,15 @@ def micro_copy(repo: Path, dest: Path) -> Path:
     return dest
 
 
+def clone_sharing_cache(src: Path, dest: Path, env: dict) -> Path:
+    """A git clone of a reproduced copy that reads the copy's DVC cache, with every output checked
+    out (links into that cache: nothing is re-run, nothing is copied twice)."""
+    run(["git", "clone", "-q", str(src), str(dest)], src.parent)
+    run([DVC, "cache", "dir", "--local", src / ".dvc" / "cache"], dest, env)
+    run([DVC, "checkout"], dest, env)
+    return dest
+
+
 def commit_all(repo: Path, message: str) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", *GIT_ID, "commit", "-qm", message, "--allow-empty"], repo)
@@ -67,3 +91,19 @@ def file_hashes(root: Path, *subdirs: str) -> dict[str, str]:
             if path.is_file() and path.name != ".gitignore":
                 out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+def lock_outs(repo: Path) -> dict[str, dict[str, str]]:
+    """{stage: {output path: md5}} from dvc.lock (directories: '<md5>.dir'; `metrics` and `plots`
+    entries with cache: false are outputs too)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {stage: {o["path"]: o["md5"] for o in info.get("outs", [])} for stage, info in lock["stages"].items()}
+
+
+def mlflow_runs(db: Path) -> list[dict[str, str]]:
+    """Every run of an MLflow sqlite store as its tags, plus 'run_id' and 'artifact_uri'."""
+    with sqlite3.connect(db) as conn:
+        runs = {rid: {"run_id": rid, "artifact_uri": uri} for rid, uri in conn.execute("select run_uuid, artifact_uri from runs")}
+        for rid, key, value in conn.execute("select run_uuid, key, value from tags"):
+            runs[rid][key] = value
+    return list(runs.values())

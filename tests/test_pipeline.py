@@ -1,29 +1,32 @@
-"""End to end: copy the repository, apply the micro profile, `dvc repro`, check the files."""
+"""End to end: copy the repository, apply the micro profile, `dvc repro`, check the files.
+
+The copy and its one full `dvc repro` are conftest's session fixture `micro_pipeline`, shared
+with test_reproducibility.py (the pipeline runs once per session, not once per module).
+"""
 
 import json
-import os
 import sqlite3
 
 import pytest
-from e2e_helpers import BIN, micro_copy, run
+from e2e_helpers import BIN, run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def micro_repo(tmp_path_factory, repo):
-    return micro_copy(repo, tmp_path_factory.mktemp("e2e") / "repo")
+def micro_repo(micro_pipeline):
+    return micro_pipeline
 
 
 @pytest.fixture(scope="module")
-def env() -> dict:
-    out = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", ICMLORA_LOG="WARNING")
-    out.pop("MLFLOW_TRACKING_URI", None)  # the default: the copy's own sqlite store
-    return out
+def env(e2e_env) -> dict:
+    return e2e_env  # MLFLOW_TRACKING_URI unset: the copy's own sqlite store
 
 
 def test_dvc_repro_base_model(micro_repo, env):
-    run([str(BIN / "dvc"), "repro", "base_model"], micro_repo, env)
+    """base_model and what it depends on, as the full repro left them: nothing left to run."""
+    out = run([str(BIN / "dvc"), "repro", "base_model"], micro_repo, env).stdout
+    assert "Running stage" not in out, out
     assert (micro_repo / "models/base/config.json").is_file()
     assert (micro_repo / "models/base/model.safetensors").is_file()
     assert not list((micro_repo / "models/base").glob("*.bin"))  # safetensors only
@@ -35,13 +38,15 @@ def test_dvc_repro_base_model(micro_repo, env):
     status = run([str(BIN / "dvc"), "status", "base_model"], micro_repo, env).stdout
     assert "up to date" in status or status.strip() == ""
     with sqlite3.connect(micro_repo / "mlflow.db") as db:
-        tags = dict(db.execute("select key, value from tags").fetchall())
+        runs = [r for (r,) in db.execute("select run_uuid from tags where key = 'stage' and value = 'base_model'")]
+        assert len(runs) == 1, runs
+        tags = dict(db.execute("select key, value from tags where run_uuid = ?", runs).fetchall())
     assert tags["stage"] == "base_model" and len(tags["git_commit"]) == 40
 
 
 def test_dvc_repro_whole_pipeline(micro_repo, env):
-    """Every stage on the micro profile; MLflow then holds trained and generated runs side by side."""
-    run([str(BIN / "dvc"), "repro"], micro_repo, env)
+    """Every stage on the micro profile (`dvc repro`, run by the micro_pipeline fixture); MLflow
+    then holds trained and generated runs side by side."""
     for rank in (1, 2):
         for task in ("circle", "square", "triangle"):
             lora = micro_repo / f"models/lora/{task}-r{rank}-s0"

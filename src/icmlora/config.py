@@ -8,6 +8,7 @@ keys that are allowed), a wrong type, or an impossible value.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -437,10 +438,27 @@ def config_from_dict(data: dict, source: str = PARAMS_FILE) -> Config:
     return cfg
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans (only true/false). DVC rewrites params.yaml under `dvc exp run -S`
+    with a YAML 1.2 writer, which leaves `no` unquoted; YAML 1.1 would read it as False."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def load_config(path: str | Path = PARAMS_FILE) -> Config:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise InputError(f"{path}: parameters file not found (run from the repository root)") from None
     except yaml.YAMLError as exc:

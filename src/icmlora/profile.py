@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from icmlora.config import config_from_dict
+from icmlora.config import config_from_dict, read_yaml
 from icmlora.errors import InputError
 from icmlora.files import write_text
 
@@ -33,7 +33,7 @@ def apply_profile(params: Path, profile: Path) -> dict:
     if not profile.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))) or "none"
         raise InputError(f"{profile}: profile not found (profiles in {PROFILES_DIR}/: {known})")
-    merged = deep_merge(yaml.safe_load(params.read_text()) or {}, yaml.safe_load(profile.read_text()) or {})
+    merged = deep_merge(read_yaml(params.read_text()) or {}, read_yaml(profile.read_text()) or {})
     config_from_dict(merged, f"{params} + {profile}")
     write_text(params, yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
     return merged

@@ -125,10 +125,11 @@ def plot_projection(vectors: dict[str, torch.Tensor], title: str, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = torch.cat(list(vectors.values()))
+    x = torch.cat(list(vectors.values())).double()
     x = x - x.mean(0)
-    _, _, v = torch.pca_lowrank(x, q=min(2, x.shape[1]), center=False)
-    xy = (x @ v[:, :2]).numpy()
+    # An exact SVD: torch.pca_lowrank is randomized, and the plot is a DVC output.
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    xy = (x @ vh[:2].T).float().numpy()
     fig, ax = plt.subplots(figsize=(5, 4))
     start = 0
     for task, vec in vectors.items():
@@ -175,7 +176,8 @@ def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: P
     tensors.update({f"{name}_examples": torch.cat([v[t] for t in cfg.data.tasks]).contiguous()
                     for name, v in per_example.items() if len(v) == len(cfg.data.tasks)})
     with atomic_path(out_file) as tmp:
-        save_file(tensors, str(tmp), metadata={"tasks": ",".join(cfg.data.tasks), "method": tv.method, "pooling": tv.pooling})
+        # One metadata key: safetensors writes a metadata dict in an order that varies between runs.
+        save_file(tensors, str(tmp), metadata={"tasks": ",".join(cfg.data.tasks)})
     write_json(out_file.with_suffix(".json"), {"tasks": cfg.data.tasks, "method": tv.method, "pooling": tv.pooling,
                                                "dim": vectors.shape[1]})
     write_json(metrics_file, metrics)

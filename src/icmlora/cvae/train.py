@@ -158,7 +158,7 @@ def train_cvae(cfg: Config, rank: int, params_dir: Path = PARAMS_DIR, vectors_fi
         model = accelerator.unwrap_model(model).eval()
         meta = {"rank": rank, "model": mconf.to_json(), "tasks": tasks, "train_tasks": [tasks[i] for i in train_tasks],
                 "holdout": list(cfg.generator.holdout), "rows": len(x), "parameters": model.num_parameters(),
-                "task_vector_method": cfg.task_vectors.method, "mlflow_run_id": mlflow.active_run().info.run_id}
+                "task_vector_method": cfg.task_vectors.method}
         with atomic_dir(out_root / f"r{rank}") as tmp:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             weights.update({"condition.mean": cond_mean.contiguous(), "condition.scale": cond_scale.contiguous()})
@@ -174,6 +174,8 @@ def train_cvae(cfg: Config, rank: int, params_dir: Path = PARAMS_DIR, vectors_fi
             for key, col in client_metrics:
                 buffer.add(key, h[col], h["epoch"])
         buffer.flush()
+        # The run id stays out of config.json: a DVC output must not change from run to run.
+        mlflow.set_tag("generator_dir", str(out_root / f"r{rank}"))
         mlflow.log_metrics({"train_seconds": seconds, "parameters": model.num_parameters(), "final_recon": history[-1]["recon"]})
         mlflow.log_artifacts(str(out_root / f"r{rank}"), artifact_path="generator")
     shutil.rmtree(state, ignore_errors=True)

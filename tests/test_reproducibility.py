@@ -1,0 +1,307 @@
+"""Reproducing: the same pipeline run again from scratch, and `dvc exp run` in the workspace and
+through the queue.
+
+The micro pipeline runs once per session (conftest's `micro_pipeline`, shared with
+test_pipeline.py). `rerun` runs it a second time from scratch (a git clone of the copy's first
+commit: no DVC cache, no run cache, no dvc.lock) and the two dvc.lock files are compared. The
+experiment tests work in a git clone of the reproduced copy that reads its DVC cache, so they
+change a clone, never `micro_pipeline`; they re-run only `evaluate` and `report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import DVC, clone_sharing_cache, lock_outs, mlflow_runs, run
+
+pytestmark = pytest.mark.slow
+
+# --- a second run from scratch -------------------------------------------------------------------
+
+TOLERANCE = 1e-6  # metric values (mAPs, losses, ratios) of the two runs: equal within this
+# Wall-clock fields, ignored: *_seconds, seconds, and timing.speedup_median (a ratio of two of them).
+TIMING_KEY = re.compile(r"seconds|speedup")
+
+# Outputs whose bytes differ between two runs with the same seed on the same machine, how each is
+# compared instead, and why its bytes differ. Every other output (and every other file of a
+# directory output) must have the same md5 in both dvc.lock files / the same bytes.
+NOT_BIT_IDENTICAL: list[tuple[str, str, str]] = [
+    # Legitimate: wall-clock timings sit beside the metrics.
+    ("metrics/base_model.json", "metrics", "train_seconds, eval_seconds"),
+    ("metrics/lora/*.json", "metrics", "train_seconds, eval_seconds"),
+    ("metrics/task_vectors.json", "metrics", "seconds"),
+    ("metrics/generate.json", "metrics", "generate_adapter_seconds(_max)"),
+    ("metrics/evaluate.json", "metrics", "seconds"),
+    ("metrics/summary.json", "metrics", "timing.*: seconds, and speedup_median computed from them"),
+]
+
+
+@pytest.fixture(scope="module")
+def rerun(micro_pipeline, tmp_path_factory, e2e_env) -> Path:
+    """The micro pipeline reproduced a second time from scratch, with the same params and code:
+    a git clone of micro_pipeline's first commit (before its `dvc repro`), in another folder."""
+    first = run(["git", "rev-list", "--max-parents=0", "HEAD"], micro_pipeline).stdout.strip()
+    dest = tmp_path_factory.mktemp("rerun") / "repo"
+    run(["git", "clone", "-q", str(micro_pipeline), str(dest)], micro_pipeline.parent)
+    run(["git", "checkout", "-q", "--detach", first], dest)
+    assert not (dest / "dvc.lock").exists() and not (dest / ".dvc" / "cache").exists()
+    start = time.monotonic()
+    run([DVC, "repro"], dest, e2e_env)
+    print(f"rerun: `dvc repro` from scratch took {time.monotonic() - start:.0f} s")
+    return dest
+
+
+def _rule(path: str) -> tuple[str, str] | None:
+    return next(((kind, why) for pattern, kind, why in NOT_BIT_IDENTICAL if fnmatch.fnmatch(path, pattern)), None)
+
+
+def _same_metrics(a, b, where: str) -> list[str]:
+    """Differences between two metrics documents other than wall-clock fields."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys differ: {sorted(set(a) ^ set(b))}"]
+        return [p for k in a if not TIMING_KEY.search(k) for p in _same_metrics(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: lengths differ"]
+        return [p for i, (x, y) in enumerate(zip(a, b)) for p in _same_metrics(x, y, f"{where}[{i}]")]
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        same = (math.isnan(a) and math.isnan(b)) or abs(a - b) <= TOLERANCE
+        return [] if same else [f"{where}: {a} != {b}"]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def _same_content(kind: str, a: Path, b: Path, rel: str) -> list[str]:
+    if kind == "metrics":
+        return _same_metrics(json.loads(a.read_text()), json.loads(b.read_text()), rel)
+    raise AssertionError(kind)
+
+
+def _files(root: Path, path: str) -> dict[str, Path]:
+    """{repo-relative path: file} of one output (a file, or every file under a directory)."""
+    top = root / path
+    if top.is_file():
+        return {path: top}
+    return {p.relative_to(root).as_posix(): p for p in sorted(top.rglob("*")) if p.is_file()}
+
+
+def test_rerun_from_scratch_reproduces_every_output(micro_pipeline, rerun):
+    """Same seed, same code, same machine, from scratch: every output in dvc.lock has the same md5,
+    except the metrics files listed in NOT_BIT_IDENTICAL, whose values must still match within
+    TOLERANCE (wall-clock timings ignored)."""
+    first, second = lock_outs(micro_pipeline), lock_outs(rerun)
+    assert sorted(first) == sorted(second)
+    problems, differing = [], []
+    for stage in first:
+        assert sorted(first[stage]) == sorted(second[stage]), stage
+        for out, md5 in first[stage].items():
+            if second[stage][out] == md5:
+                continue
+            files_a, files_b = _files(micro_pipeline, out), _files(rerun, out)
+            if sorted(files_a) != sorted(files_b):
+                problems.append(f"{stage}: {out}: not the same files")
+                continue
+            for rel, a in files_a.items():
+                if a.read_bytes() == files_b[rel].read_bytes():
+                    continue
+                differing.append(rel)
+                rule = _rule(rel)
+                if rule is None:
+                    problems.append(f"{stage}: {rel} is not bit-identical (and not listed in NOT_BIT_IDENTICAL)")
+                    continue
+                problems += [f"{stage}: {p}" for p in _same_content(rule[0], a, files_b[rel], rel)]
+    assert not problems, "\n".join(problems)
+    # What must be bit-identical is: prepared data, the base model, every LoRA checkpoint, the
+    # normalized params, the generators' and the generated adapters' weights, the evaluation tables.
+    assert not [p for p in differing if not p.endswith(".json")]
+
+
+# --- dvc exp run ---------------------------------------------------------------------------------
+
+def params_survive_set_param(params: Path, tmp_path: Path) -> str | None:
+    """None if params.yaml still loads after DVC rewrites it exactly as `dvc exp run -S` does
+    (dvc.utils.hydra.apply_overrides); otherwise the error."""
+    from dvc.utils.hydra import apply_overrides
+
+    from icmlora.config import load_config
+    from icmlora.errors import InputError
+
+    copy = tmp_path / "params.yaml"
+    shutil.copyfile(params, copy)
+    apply_overrides(copy, ["evaluate.noise_seed=1"])
+    try:
+        load_config(copy)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def test_params_yaml_still_loads_after_dvc_set_param(repo, tmp_path):
+    """Cheap: no pipeline. Both params files (the repository's and the micro profile's merge)."""
+    from icmlora.profile import apply_profile
+
+    micro = tmp_path / "micro"
+    micro.mkdir()
+    shutil.copyfile(repo / "params.yaml", micro / "params.yaml")
+    apply_profile(micro / "params.yaml", repo / "profiles" / "micro.yaml")
+    for params in (repo / "params.yaml", micro / "params.yaml"):
+        sub = tmp_path / f"check-{params.parent.name}"
+        sub.mkdir()
+        assert params_survive_set_param(params, sub) is None
+
+
+def test_metrics_and_experiments_read_as_json(micro_pipeline, e2e_env):
+    shown = run([DVC, "metrics", "show", "--json"], micro_pipeline, e2e_env)
+    assert "failed to load" not in shown.stderr, shown.stderr
+    assert "metrics/summary.json" in json.loads(shown.stdout)[""]["data"]
+    exps = run([DVC, "exp", "show", "--json"], micro_pipeline, e2e_env, ok=False)
+    assert exps.returncode == 0, exps.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def exp_repo(micro_pipeline, tmp_path_factory, e2e_env) -> Path:
+    """A git clone of the reproduced copy, reading its DVC cache: nothing to run, its own (empty)
+    MLflow store. The experiments below change this clone, not micro_pipeline."""
+    dest = clone_sharing_cache(micro_pipeline, tmp_path_factory.mktemp("exp") / "repo", e2e_env)
+    assert "up to date" in run([DVC, "status"], dest, e2e_env).stdout
+    assert not (dest / "mlflow.db").exists()
+    return dest
+
+
+def ran_stages(log: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", log)
+
+
+def summary_keys(repo: Path) -> set[str]:
+    """The dotted keys of metrics/summary.json's numeric values."""
+    def walk(obj, prefix=""):
+        for k, v in obj.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                yield f"{prefix}{k}"
+    return set(walk(json.loads((repo / "metrics/summary.json").read_text())))
+
+
+def exp_show_row(repo: Path, env: dict, name: str) -> dict[str, str]:
+    """The experiment's row of `dvc exp show --csv` (a metric's column is its dotted key, prefixed
+    with '<file>:' only where two files share the key)."""
+    rows = list(csv.DictReader(io.StringIO(run([DVC, "exp", "show", "--csv"], repo, env).stdout)))
+    found = [r for r in rows if r["Experiment"] == name]
+    assert len(found) == 1, [r["Experiment"] for r in rows]
+    return {k.removeprefix("metrics/summary.json:"): v for k, v in found[0].items()}
+
+
+def assert_runs_logged(repo: Path, name: str, rows: int) -> list[dict]:
+    """The experiment's MLflow runs are in the repository's own store, tagged dvc_exp = its name:
+    one per evaluated adapter (`evaluate`) and the summary run (`report`), nothing else."""
+    runs = [r for r in mlflow_runs(repo / "mlflow.db") if r.get("dvc_exp") == name]
+    stages = [r.get("stage") for r in runs]
+    assert stages.count("evaluate") == rows and stages.count("report") == 1, sorted(set(stages))
+    assert set(stages) == {"evaluate", "report"}
+    assert all(len(r.get("git_commit", "")) == 40 for r in runs)
+    return runs
+
+
+def test_dvc_exp_run_in_the_workspace(exp_repo, e2e_env):
+    """`dvc exp run -S evaluate.noise_seed=1`: only evaluate and report run; the experiment is
+    listed with its params and summary metrics; its MLflow runs are tagged with its name."""
+    out = run([DVC, "exp", "run", "-S", "evaluate.noise_seed=1"], exp_repo, e2e_env).stdout
+    assert ran_stages(out) == ["evaluate", "report"], out
+    name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
+    assert name in run([DVC, "exp", "list", "--name-only"], exp_repo, e2e_env).stdout.split()
+
+    row = exp_show_row(exp_repo, e2e_env, name)
+    assert row["evaluate.noise_seed"] == "1"
+    keys = summary_keys(exp_repo)
+    assert keys and keys <= set(row), sorted(keys - set(row))
+    assert row["ranks.2.generated_over_trained_median"] not in ("", "-")
+
+    # The workspace holds the experiment's results: against HEAD, the params and metrics diffs.
+    params = json.loads(run([DVC, "params", "diff", "--json"], exp_repo, e2e_env).stdout)
+    noise_seed = params["params.yaml"]["evaluate.noise_seed"]
+    assert (noise_seed["old"], noise_seed["new"]) == (0, 1), noise_seed
+    diff = json.loads(run([DVC, "metrics", "diff", "--all", "--json"], exp_repo, e2e_env).stdout)
+    assert keys <= set(diff["metrics/summary.json"]), sorted(keys - set(diff["metrics/summary.json"]))
+
+    rows = len(list(csv.DictReader((exp_repo / "metrics/comparison.csv").open())))
+    assert_runs_logged(exp_repo, name, rows)
+
+
+def _worker_pids(repo: Path) -> list[int]:
+    """PIDs of this repository's DVC queue workers that are still alive (from DVC's own records)."""
+    pids = []
+    for info in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.json"):
+        pid = json.loads(info.read_text()).get("pid")
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid and cmdline.exists() and b"queue-worker" in cmdline.read_bytes():
+            pids.append(pid)
+    return pids
+
+
+def stop_queue(repo: Path, env: dict) -> None:
+    """`dvc queue stop`, then wait for the workers `dvc queue start` spawned to exit; kill what is
+    left (`dvc queue stop --kill`, then SIGTERM to each worker's PID)."""
+    run([DVC, "queue", "stop"], repo, env, ok=False)
+    deadline = time.monotonic() + 60
+    while _worker_pids(repo) and time.monotonic() < deadline:
+        time.sleep(1)
+    if _worker_pids(repo):
+        run([DVC, "queue", "stop", "--kill"], repo, env, ok=False)
+        time.sleep(5)
+        for pid in _worker_pids(repo):
+            os.kill(pid, signal.SIGTERM)
+
+
+def queue_state(repo: Path, env: dict, name: str) -> str:
+    out = run([DVC, "queue", "status"], repo, env).stdout
+    line = next((ln for ln in out.splitlines() if f" {name} " in f" {ln} "), "")
+    return line.split()[-1] if line else "?"
+
+
+def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
+    """`dvc exp run --queue` + `dvc queue start`: the experiment runs in a temporary copy under
+    .dvc/tmp/exps, yet its MLflow runs (and artifacts) land in the repository's own store, through
+    the absolute tracking URI built from DVC_ROOT, tagged dvc_exp = its name."""
+    run(["git", "checkout", "-q", "--", "."], exp_repo)  # back to HEAD if the workspace test ran
+    assert "up to date" in run([DVC, "status"], exp_repo, e2e_env).stdout
+    out = run([DVC, "exp", "run", "--queue", "-S", "evaluate.noise_seed=2"], exp_repo, e2e_env).stdout
+    name = re.search(r"Queued experiment '([^']+)'", out).group(1)
+    state = "?"
+    try:
+        run([DVC, "queue", "start"], exp_repo, e2e_env)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            state = queue_state(exp_repo, e2e_env, name)
+            if state not in ("Queued", "Running"):
+                break
+            time.sleep(5)
+    finally:
+        stop_queue(exp_repo, e2e_env)
+    log = run([DVC, "queue", "logs", name], exp_repo, e2e_env, ok=False).stdout
+    assert state == "Success", f"{name}: {state}\n{log[-3000:]}"
+    assert not _worker_pids(exp_repo)
+    assert ran_stages(log) == ["evaluate", "report"], log[-3000:]
+    assert name in run([DVC, "exp", "list", "--name-only"], exp_repo, e2e_env).stdout.split()
+    row = exp_show_row(exp_repo, e2e_env, name)
+    assert row["evaluate.noise_seed"] == "2" and summary_keys(exp_repo) <= set(row)
+
+    rows = len(list(csv.DictReader((exp_repo / "metrics/comparison.csv").open())))
+    runs = assert_runs_logged(exp_repo, name, rows)
+    store_artifacts = (exp_repo / "mlflow-artifacts").resolve().as_uri()
+    (summary,) = [r for r in runs if r["stage"] == "report"]
+    assert summary["artifact_uri"].startswith(store_artifacts + "/"), summary["artifact_uri"]
+    assert any(Path(summary["artifact_uri"].removeprefix("file://")).rglob("*.png"))
