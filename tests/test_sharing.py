@@ -297,11 +297,11 @@ def test_corrupted_remote_object_fails_the_pull_and_loses_nothing(built, origina
     def pull_into_fresh_clone(name: str, verify: bool) -> tuple[Path, subprocess.CompletedProcess]:
         dest = clone(built, root / name)
         run([DVC, "remote", "modify", "--local", "shared", "url", remote], dest, env)
-        if verify:
-            run([DVC, "remote", "modify", "--local", "shared", "verify", "true"], dest, env)
+        # This repository's .dvc/config sets verify = true; DVC's own default is false.
+        run([DVC, "remote", "modify", "--local", "shared", "verify", "true" if verify else "false"], dest, env)
         return dest, run([DVC, "pull", *SCOPE], dest, env, ok=False)
 
-    # By default (verify = false) DVC trusts the remote: the bad bytes land in the workspace and
+    # With DVC's default (verify = false) DVC trusts the remote: the bad bytes land in the workspace and
     # `dvc status` calls them up to date.
     dest, proc = pull_into_fresh_clone("clone-remote-trusting", verify=False)
     assert proc.returncode == 0, proc.stderr
