@@ -136,7 +136,7 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     cfg, root, processor = setting
     metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
                                    tmp_path / "tv.json", tmp_path / "plots")
-    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "text"}  # no final adapters: no reference
+    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "text"}  # no final adapters: no reference
     vectors = load_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))

@@ -249,7 +249,7 @@ class LoraConfig:
 @dataclass
 class TaskVectorConfig:
     method: Literal["icl", "reference", "text"] = "icl"  # the vectors the generator is conditioned on
-    pooling: Literal["last", "mean"] = "mean"  # icl: last target position, or mean over target positions
+    pooling: Literal["last", "mean", "label"] = "mean"  # icl: last target position, mean over positions, or after the label tokens
     examples: int = 16  # labelled examples per task (icl)
     reference_rank: int = 4  # reference: the trained adapter of this rank generates ...
     reference_examples: int = 30  # ... on this many training images (the paper's 30)

@@ -6,8 +6,9 @@ Methods (``task_vectors.method`` picks the one written for the generator; all ar
 and compared in metrics/task_vectors.json):
 - ``icl`` (default): the *base* model reads k labelled examples of the task (image + target
   text, teacher-forced); the last decoder layer's hidden states are pooled per example
-  (``task_vectors.pooling``: the last target position, or the mean over target positions)
-  and averaged. Needs no trained LoRA, so it works for a task never trained.
+  (``task_vectors.pooling``: ``last`` target position, ``mean`` over target positions, or
+  ``label``: the states right after the target's category-name tokens) and averaged.
+  Needs no trained LoRA, so it works for a task never trained.
 - ``reference``: the paper's code: the task's trained adapter generates on training images
   and the last decoder layer's state at the last position is averaged.
 - ``text``: the base model's text encoder on a short task description.
@@ -78,9 +79,18 @@ def icl_vectors_of(model, processor, examples, images) -> dict[str, torch.Tensor
     hidden = hook.outputs[-1]  # [k, T, d], position t is the state after reading labels[:t] (shifted)
     mask = (labels != -100).float()
     last = mask.sum(1).long() - 1
+    # Category-name tokens (not <loc_N>, not special): the state one position later has read them.
+    tok = processor.tokenizer
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, -100}
+    loc_ids = set(tok.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)]))
+    is_name = torch.tensor([[int(t) not in special and int(t) not in loc_ids for t in row] for row in labels.tolist()])
+    name_mask = torch.zeros_like(mask)
+    name_mask[:, 1:] = is_name[:, :-1].float()
+    name_mask = torch.where(name_mask.sum(1, keepdim=True) > 0, name_mask, mask)  # no box: fall back to all positions
     return {
         "last": hidden[torch.arange(len(examples)), last],
         "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),
+        "label": (hidden * name_mask[..., None]).sum(1) / name_mask.sum(1, keepdim=True),
     }
 
 
@@ -152,10 +162,12 @@ def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: P
     start = time.perf_counter()
     model, processor = load_base(base_dir)
     model.eval()
-    per_example: dict[str, dict[str, torch.Tensor]] = {"icl_last": {}, "icl_mean": {}, "reference": {}, "text": {}}
+    per_example: dict[str, dict[str, torch.Tensor]] = {"icl_last": {}, "icl_mean": {}, "icl_label": {}, "reference": {},
+                                                       "text": {}}
     for task in tqdm(cfg.data.tasks, desc="task_vectors", unit="task"):
         icl = icl_vectors(model, processor, prepared, task, tv.examples)
-        per_example["icl_last"][task], per_example["icl_mean"][task] = icl["last"], icl["mean"]
+        for pooling in ("last", "mean", "label"):
+            per_example[f"icl_{pooling}"][task] = icl[pooling]
         per_example["text"][task] = text_vector(model, processor, task)
         adapter = lora_dir / adapter_name(task, tv.reference_rank, cfg.lora.seeds[0]) / "final"
         if "reference" in tv.compare and adapter.is_dir():
