@@ -40,7 +40,7 @@ from icmlora.evaluation.metrics import detection_metrics
 from icmlora.files import atomic_path, write_json
 from icmlora.florence import load_base, load_images
 from icmlora.lora.adapters import WEIGHTS_FILE as ADAPTER_WEIGHTS
-from icmlora.lora.adapters import read_adapter
+from icmlora.lora.adapters import flatten, read_adapter, unflatten
 from icmlora.lora.train import BASE_DIR, LORA_DIR, adapter_name, peft_config
 from icmlora.params import PARAMS_DIR, load_params
 from icmlora.task_vectors import OUT_FILE as TASK_VECTORS_FILE
@@ -131,8 +131,6 @@ def evaluate(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_D
         train_index = train_mask.nonzero()[:, 0]
 
         def as_weights(vec: torch.Tensor) -> dict[str, torch.Tensor]:
-            from icmlora.lora.adapters import unflatten
-
             return unflatten(vec, manifest.names, manifest.shapes)
 
         def add(task: str, source: str, sample: str, scores: dict, **extra) -> None:
@@ -148,8 +146,6 @@ def evaluate(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_D
             gen_folder = generated_dir / f"{task}-r{rank}"
             for folder in sorted(gen_folder.glob("sample-*")):
                 weights, _ = read_adapter(folder)
-                from icmlora.lora.adapters import flatten
-
                 vec = flatten(weights, manifest.names)
                 nov = _novelty(vec, train_rows, own)
                 add(task, "generated", folder.name.removeprefix("sample-"), ev.score(task, weights),
