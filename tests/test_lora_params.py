@@ -80,6 +80,38 @@ def test_per_checkpoint_normalization_stores_row_statistics(setting, tmp_path):
     assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
 
 
+@pytest.mark.parametrize("mode", ["centered", "train_tasks"])
+def test_centered_normalization_removes_the_shared_checkpoint(setting, tmp_path, mode):
+    cfg, root, _ = setting
+    cfg = config_from_dict({**_as_dict(cfg), "generator": {"holdout": ["triangle"], "normalization": mode}})
+    collect_params(cfg, 1, root / "lora", tmp_path)
+    tensors, manifest = load_params(1, tmp_path)
+    train_rows = tensors["task_index"] != cfg.data.tasks.index("triangle")
+    raw = torch.stack([manifest.denormalize(r) for r in tensors["params"]])
+    per_element_mean = tensors["params"][train_rows].mean(0).abs().max().item()
+    if mode == "centered":
+        # The center is the training rows' element-wise mean (the held-out task's rows excluded),
+        # so every element of the normalized training rows averages to zero.
+        assert torch.allclose(manifest.center, raw[train_rows].mean(0), atol=1e-6)
+        assert not torch.allclose(manifest.center, raw.mean(0), atol=1e-6)
+        assert per_element_mean < 1e-4
+    else:
+        assert manifest.center is None and "center" not in tensors and per_element_mean > 0.1
+    original, _ = read_adapter(root / "lora" / adapter_name("triangle", 1, 0) / "checkpoints" / "step-6")
+    rebuilt = manifest.to_tensors(tensors["params"][-1])
+    assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
+
+
+def test_centered_manifest_without_its_center_is_refused(setting, tmp_path):
+    cfg, root, _ = setting
+    collect_params(cfg, 1, root / "lora", tmp_path)
+    tensors = load_file(str(tmp_path / "r1.safetensors"))
+    tensors.pop("center")
+    save_file(tensors, str(tmp_path / "r1.safetensors"))
+    with pytest.raises(InputError, match="cannot read the 'center' tensor"):
+        Manifest.load(tmp_path / "r1.json")
+
+
 def _as_dict(cfg):
     import dataclasses
 

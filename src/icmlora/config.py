@@ -270,11 +270,13 @@ class GeneratorConfig:
     # Tasks the generator never sees: no checkpoint of theirs enters its training data or
     # the normalization statistics. Their adapters are generated from task vectors alone.
     holdout: list[str] = field(default_factory=lambda: ["star"])
-    # train_tasks: per-tensor z-score statistics over the training tasks' checkpoints.
+    # centered: subtract the training tasks' element-wise mean checkpoint, then z-score per
+    # tensor (statistics over the training tasks' checkpoints).
+    # train_tasks: per-tensor z-score only, statistics over the training tasks' checkpoints.
     # per_checkpoint: the paper's variant, each checkpoint's tensors z-scored by their own
     # statistics; de-normalizing a generated adapter then needs a trained checkpoint of the
     # target task, so it leaks that task's weights into "generation".
-    normalization: Literal["train_tasks", "per_checkpoint"] = "train_tasks"
+    normalization: Literal["centered", "train_tasks", "per_checkpoint"] = "centered"
 
     def problems(self) -> list[tuple[str, str]]:
         return [("holdout", "has duplicates")] if len(set(self.holdout)) != len(self.holdout) else []

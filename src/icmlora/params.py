@@ -5,12 +5,20 @@
 Writes data/params/r<rank>.safetensors (``params`` [checkpoints x D], normalized, plus
 ``task_index``, ``seed`` and ``step`` per row) and data/params/r<rank>.json, the manifest:
 tensor names in a fixed order, shapes, offsets, the adapter config, and the normalization
-statistics. Statistics are per tensor (z-score, as the paper) over the checkpoints of the
-*training* tasks only (not ``generator.holdout``), so de-normalizing a generated adapter never
-uses a trained checkpoint of the task being generated. ``generator.normalization:
-per_checkpoint`` is the paper's variant (each checkpoint z-scored by its own statistics),
-which does leak them. Checkpoints are streamed into a preallocated matrix: peak memory
-stays near the size of the output.
+statistics. Statistics come from the checkpoints of the *training* tasks only (not
+``generator.holdout``), so de-normalizing a generated adapter never uses a trained checkpoint
+of the task being generated. ``generator.normalization``:
+
+- ``centered`` (default): subtract the training checkpoints' element-wise mean (stored as the
+  ``center`` row of the tensor file), then z-score per tensor. Every task's LoRA starts from
+  the same Gaussian A, so ~80% of the per-tensor variance is that shared pattern, which a
+  1-D conv decoder reproduces poorly; centered, the generator models what differs by task.
+- ``train_tasks``: per-tensor z-score only (as the paper, with statistics over training tasks).
+- ``per_checkpoint``: the paper's variant (each checkpoint z-scored by its own statistics),
+  which leaks the target's statistics into generation.
+
+Checkpoints are streamed into a preallocated matrix: peak memory stays near the size of the
+output.
 """
 
 from __future__ import annotations
@@ -38,15 +46,30 @@ class Manifest:
     """The manifest of one rank's parameter matrix; enough to turn a row back into an adapter."""
 
     data: dict
+    center: torch.Tensor | None = None  # [D], the "centered" mode's element-wise mean
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
+        path = Path(path)
         data = read_json(path)
         missing = [k for k in ("rank", "names", "shapes", "offsets", "dim", "normalization", "adapter_config", "tasks")
                    if k not in data]
         if missing:
             raise InputError(f"{path}: not a parameter manifest (missing {', '.join(missing)}); re-run collect_params")
-        return cls(data)
+        center = None
+        if data["normalization"]["mode"] == "centered":
+            from safetensors import safe_open
+
+            tensor_file = path.with_suffix(".safetensors")
+            try:
+                with safe_open(str(tensor_file), framework="pt") as fh:
+                    center = fh.get_tensor("center")
+            except Exception as exc:  # missing file, not safetensors, no "center" tensor
+                raise InputError(f"{tensor_file}: cannot read the 'center' tensor the manifest {path} needs ({exc}); "
+                                 "re-run collect_params") from exc
+            if center.shape != (data["dim"],):
+                raise InputError(f"{tensor_file}: 'center' has shape {list(center.shape)}, the manifest says [{data['dim']}]")
+        return cls(data, center)
 
     @property
     def names(self) -> list[str]:
@@ -64,7 +87,7 @@ class Manifest:
         if row_stats is not None:
             return row_stats
         norm = self.data["normalization"]
-        if norm["mode"] != "train_tasks":
+        if norm["mode"] == "per_checkpoint":
             raise ValueError("per_checkpoint normalization needs the statistics of a checkpoint (row_stats)")
         return torch.tensor(norm["mean"]), torch.tensor(norm["std"])
 
@@ -72,13 +95,20 @@ class Manifest:
         sizes = [int(torch.tensor(s).prod()) for s in self.shapes]
         return torch.repeat_interleave(per_tensor, torch.tensor(sizes), dim=-1)
 
+    def _center(self) -> torch.Tensor | float:
+        if self.data["normalization"]["mode"] != "centered":
+            return 0.0
+        if self.center is None:
+            raise ValueError("centered normalization needs the manifest's center row (use Manifest.load)")
+        return self.center
+
     def normalize(self, vector: torch.Tensor, row_stats=None) -> torch.Tensor:
         mean, std = self._stats(row_stats)
-        return (vector - self._expand(mean)) / self._expand(std)
+        return (vector - self._center() - self._expand(mean)) / self._expand(std)
 
     def denormalize(self, vector: torch.Tensor, row_stats=None) -> torch.Tensor:
         mean, std = self._stats(row_stats)
-        return vector * self._expand(std) + self._expand(mean)
+        return vector * self._expand(std) + self._expand(mean) + self._center()
 
     def to_tensors(self, normalized_row: torch.Tensor, row_stats=None) -> dict[str, torch.Tensor]:
         return unflatten(self.denormalize(normalized_row.float(), row_stats), self.names, self.shapes)
@@ -128,13 +158,30 @@ def collect_params(cfg: Config, rank: int, lora_dir: Path = LORA_DIR, out_dir: P
     holdout = {cfg.data.tasks.index(t) for t in cfg.generator.holdout}
     train_rows = torch.tensor([r[0] not in holdout for r in rows])
     tensors_out: dict[str, torch.Tensor] = {}
-    if cfg.generator.normalization == "train_tasks":
+    mode = cfg.generator.normalization
+    if mode in ("train_tasks", "centered"):
+        center = None
+        if mode == "centered":
+            # Streamed sum over the training rows: no copy of the matrix.
+            center = torch.zeros(dim, dtype=torch.float64)
+            for i in torch.nonzero(train_rows).flatten().tolist():
+                center += matrix[i]
+            center = (center / int(train_rows.sum())).float()
+            tensors_out["center"] = center
         # Per-tensor statistics over every value of that tensor in the training tasks' rows.
-        columns = torch.split(matrix[train_rows], sizes, dim=1)
-        mean = torch.stack([c.mean() for c in columns])
-        std = torch.stack([c.std(unbiased=False).clamp_min(EPS) for c in columns])
-        norm = {"mode": "train_tasks", "mean": mean.tolist(), "std": std.tolist()}
-        manifest = Manifest({"normalization": norm, "shapes": shapes})
+        count = torch.zeros(len(sizes), dtype=torch.float64)
+        total = torch.zeros(len(sizes), dtype=torch.float64)
+        squares = torch.zeros(len(sizes), dtype=torch.float64)
+        for i in torch.nonzero(train_rows).flatten().tolist():
+            row = matrix[i] - center if center is not None else matrix[i]
+            for j, part in enumerate(torch.split(row.double(), sizes)):
+                count[j] += part.numel()
+                total[j] += part.sum()
+                squares[j] += (part * part).sum()
+        mean = total / count
+        std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(EPS)
+        norm = {"mode": mode, "mean": mean.float().tolist(), "std": std.float().tolist()}
+        manifest = Manifest({"normalization": norm, "shapes": shapes}, center)
         for i in range(len(rows)):  # in place, row by row: no second matrix in memory
             matrix[i] = manifest.normalize(matrix[i])
     else:

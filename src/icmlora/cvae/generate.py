@@ -117,8 +117,8 @@ def generate_one(cfg: Config, rank: int, out: Path, vector: torch.Tensor, sample
                  params_dir: Path = PARAMS_DIR) -> list[Path]:
     gen = Generator.load(cvae_dir / f"r{rank}")
     manifest = Manifest.load(params_dir / f"r{rank}.json")
-    if manifest.data["normalization"]["mode"] != "train_tasks":
-        raise InputError("generating for a new task needs generator.normalization: train_tasks (per_checkpoint "
+    if manifest.data["normalization"]["mode"] == "per_checkpoint":
+        raise InputError("generating for a new task needs generator.normalization: centered or train_tasks (per_checkpoint "
                          "normalization de-normalizes with a trained checkpoint of the task)")
     if vector.numel() != gen.cond_mean.numel():
         raise InputError(f"task vector has {vector.numel()} values; the generator was trained on {gen.cond_mean.numel()}")
