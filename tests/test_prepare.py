@@ -32,6 +32,26 @@ def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
             assert 0 <= box.x1 < box.x2 <= image.width and 0 <= box.y1 < box.y2 <= image.height
 
 
+@pytest.mark.parametrize("category_colours", [True, False])
+def test_category_colours_give_each_category_its_hue(repo, category_colours):
+    import colorsys
+
+    from icmlora.data.synthetic import SHAPES
+
+    cfg = _micro(repo).data
+    cfg.synthetic.category_colours = category_colours
+    cfg.synthetic.noise_sigma = 0.0
+    hues: dict[str, list[float]] = {}
+    for image, boxes in generate_split(cfg.synthetic, ["circle", "square"], 30, seed=3):
+        for box in boxes:  # the centre pixel of a filled circle or square is the object's colour
+            r, g, b = image.getpixel((int((box.x1 + box.x2) / 2), int((box.y1 + box.y2) / 2)))
+            hues.setdefault(box.label, []).append(colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)[0])
+    for label, values in hues.items():
+        expected = SHAPES.index(label) / len(SHAPES)
+        near = [min(abs(h - expected), 1 - abs(h - expected)) < 0.04 for h in values]
+        assert all(near) if category_colours else not all(near), (label, values)
+
+
 def test_grid_variant_aligns_objects(repo):
     cfg = _micro(repo).data
     cfg.synthetic.grid = True

@@ -34,6 +34,7 @@ class SyntheticData:
     noise_fraction: float = 0.5
     grid: bool = False  # objects aligned to a grid of grid_cells x grid_cells
     grid_cells: int = 4
+    category_colours: bool = True  # each category its own hue (off: random colours, outline only)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -294,10 +295,10 @@ class CVAEParams:
     pad_multiple: int = 0  # 0 = 2 ** len(channels); the paper pads to a multiple of 4096
     kl_weight: float = 0.005
     norm: Literal["group", "batch", "none"] = "group"
-    epochs: int = 300
+    epochs: int = 100
     batch_size: int = 8
     lr: float = 1e-3
-    checkpoint_every: int = 50  # epochs between resumable states
+    checkpoint_every: int = 25  # epochs between resumable states
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
