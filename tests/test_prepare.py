@@ -36,18 +36,19 @@ def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
 def test_category_colours_give_each_category_its_hue(repo, category_colours):
     import colorsys
 
-    from icmlora.data.synthetic import SHAPES
-
     cfg = _micro(repo).data
     cfg.synthetic.category_colours = category_colours
     cfg.synthetic.noise_sigma = 0.0
     hues: dict[str, list[float]] = {}
-    for image, boxes in generate_split(cfg.synthetic, ["circle", "square"], 30, seed=3):
-        for box in boxes:  # the centre pixel of a filled circle or square is the object's colour
+    categories = ["circle", "square", "ring"]
+    for image, boxes in generate_split(cfg.synthetic, categories, 30, seed=3):
+        for box in boxes:  # the centre pixel of a filled circle or square (a ring's is background) is the object's colour
+            if box.label == "ring":
+                continue
             r, g, b = image.getpixel((int((box.x1 + box.x2) / 2), int((box.y1 + box.y2) / 2)))
             hues.setdefault(box.label, []).append(colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)[0])
     for label, values in hues.items():
-        expected = SHAPES.index(label) / len(SHAPES)
+        expected = categories.index(label) / len(categories)
         near = [min(abs(h - expected), 1 - abs(h - expected)) < 0.04 for h in values]
         assert all(near) if category_colours else not all(near), (label, values)
 

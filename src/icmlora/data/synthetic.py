@@ -6,12 +6,12 @@ mAP50 0.02-0.47. Each image holds several objects of *different* categories, so 
 task's images also hold distractors: a task adapter that boxes the wrong shape pays in
 precision instead of being rewarded for relabelling whatever it sees.
 
-With ``category_colours`` (the default) each category also has its own hue (SHAPES order,
-45 degrees apart, jittered), as real categories differ in appearance beyond outline: the tiny
-vision tower does not learn to tell outlines apart within the CPU budget (a base trained to
-name the shapes in an image reached 19% exact match after 1,200 steps), so with random colours
-no adapter can select its category among distractors. Off, colours are random and only the
-outline tells categories apart.
+With ``category_colours`` (the default) each category also has its own hue (hues evenly
+spaced around the colour wheel, jittered), as real categories differ in appearance beyond
+outline: the tiny vision tower does not learn to tell outlines apart within the CPU budget (a
+base trained to name the shapes in an image reached 19% exact match after 1,200 steps), so
+with random colours no adapter can select its category among distractors. Off, colours are
+random and only the outline tells categories apart.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def _place(rng: np.random.Generator, cfg: SyntheticData, count: int) -> list[tup
     return placed
 
 
-def _colour(rng: np.random.Generator, cfg: SyntheticData, shape: str) -> tuple[int, int, int]:
+def _colour(rng: np.random.Generator, cfg: SyntheticData, index: int, count: int) -> tuple[int, int, int]:
+    """The colour of an object of category ``index`` out of ``count``: hues evenly spaced."""
     if not cfg.category_colours:
         return tuple(int(v) for v in rng.integers(150, 256, size=3))
-    hue = (SHAPES.index(shape) / len(SHAPES) + rng.uniform(-1 / 40, 1 / 40)) % 1.0
+    hue = (index / count + rng.uniform(-1 / 40, 1 / 40)) % 1.0
     # Every channel stays in 150..255 as with random colours (the contrast the tiny model needs
     # to learn localization in minutes; darker saturated hues dropped base mAP50 from 0.92 to
     # 0.12): the hue's pure colour mapped onto that range.
@@ -117,7 +118,7 @@ def generate_split(cfg: SyntheticData, categories: list[str], count: int, seed: 
         boxes = []
         labels = rng.choice(len(categories), size=want, replace=False)
         for (x, y, s), label in zip(_place(rng, cfg, want), labels):
-            colour = _colour(rng, cfg, categories[label])
+            colour = _colour(rng, cfg, int(label), len(categories))
             _draw(draw, categories[label], x, y, s, colour)
             boxes.append(Box(categories[label], float(x), float(y), float(x + s), float(y + s)))
         if cfg.noise_sigma > 0 and rng.random() < cfg.noise_fraction:
