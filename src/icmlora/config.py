@@ -125,7 +125,7 @@ class TinyModel:
 
 @dataclass
 class Optim:
-    steps: int = 1200
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -297,7 +297,7 @@ class CVAEParams:
     norm: Literal["group", "batch", "none"] = "group"
     epochs: int = 100
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     checkpoint_every: int = 25  # epochs between resumable states
 
     def problems(self) -> list[tuple[str, str]]:
