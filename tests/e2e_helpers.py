@@ -53,10 +53,14 @@ def copy_worktree(repo: Path, dest: Path) -> Path:
 
 
 def micro_copy(repo: Path, dest: Path) -> Path:
-    """A git + DVC copy of the working tree with profiles/micro.yaml merged into params.yaml, committed."""
+    """A git + DVC copy of the working tree with profiles/micro.yaml merged into params.yaml,
+    committed, not yet reproduced: the repository's committed default run (dvc.lock, metrics/)
+    belongs to other params and is left out."""
     from icmlora.profile import apply_profile
 
     copy_worktree(repo, dest)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(dest / "metrics", ignore_errors=True)
     apply_profile(dest / "params.yaml", dest / "profiles" / "micro.yaml")
     run(["git", "init", "-q"], dest)
     commit_all(dest, "micro")
