@@ -33,7 +33,7 @@ from icmlora.config import Config, load_config
 from icmlora.data.florence_format import ANNOTATIONS_FILE, read_annotations
 from icmlora.data.prepare import PREPARED_DIR, task_dir
 from icmlora.files import atomic_path, write_json
-from icmlora.florence import encode, load_base, load_images
+from icmlora.florence import LOC_TOKENS, encode, load_base, load_images
 from icmlora.lora.train import BASE_DIR, LORA_DIR, adapter_name
 
 OUT_FILE = Path("data/task_vectors.safetensors")
@@ -82,7 +82,7 @@ def icl_vectors_of(model, processor, examples, images) -> dict[str, torch.Tensor
     # Category-name tokens (not <loc_N>, not special): the state one position later has read them.
     tok = processor.tokenizer
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, -100}
-    loc_ids = set(tok.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)]))
+    loc_ids = set(tok.convert_tokens_to_ids(LOC_TOKENS))
     is_name = torch.tensor([[int(t) not in special and int(t) not in loc_ids for t in row] for row in labels.tolist()])
     name_mask = torch.zeros_like(mask)
     name_mask[:, 1:] = is_name[:, :-1].float()
