@@ -33,6 +33,8 @@ def test_profiles_merge_into_valid_params(repo, tmp_path, profile):
         (lambda d: d["base"]["tiny"].update(patch_strides=[4, 2]), "base.tiny.patch_strides: must have 3 entries"),
         (lambda d: d.update(sede=1), "sede: unknown key; allowed keys under the top level"),
         (lambda d: d["data"]["synthetic"].update(grid="yes"), "data.synthetic.grid: expected true or false"),
+        (lambda d: d["data"]["synthetic"].update(category_colours=False), "data.synthetic.base_labels: 'hue' needs category_colours"),
+        (lambda d: d["data"].update(tasks=[f"t{i}" for i in range(13)]), "data.synthetic.base_labels: 'hue' names at most 12"),
     ],
 )
 def test_bad_params_name_the_dotted_key(repo, change, expected):

@@ -72,9 +72,32 @@ def test_prepare_writes_per_task_splits_with_only_that_tasks_boxes(repo, tmp_pat
             examples = read_annotations(out / task / split / "annotations.jsonl")  # also opens every image
             assert examples and all(box.label == task for ex in examples for box in ex.boxes)
             assert summary["tasks"][task][split]["images"] == len(examples)
+    # The base's split: every object of every image, named by its category's hue, never by the task.
+    hues = {"circle": "red", "square": "yellow", "triangle": "green", "cross": "cyan", "ring": "blue", "star": "magenta"}
+    assert summary["base_labels"] == {t: hues[t] for t in cfg.data.tasks}
     agnostic = read_annotations(out / AGNOSTIC_TASK / "train" / "annotations.jsonl")
-    assert len(agnostic) == 40 and {b.label for ex in agnostic for b in ex.boxes} == {"object"}
+    assert len(agnostic) == 40
+    per_task = {t: {ex.image: sorted(b.xyxy for b in ex.boxes)
+                    for ex in read_annotations(out / t / "train" / "annotations.jsonl", check_images=False)}
+                for t in cfg.data.tasks}
+    order = list(summary["base_labels"].values())
+    for ex in agnostic:
+        for box in ex.boxes:
+            task = next(t for t, h in summary["base_labels"].items() if h == box.label)
+            assert box.xyxy in per_task[task][ex.image]
+        # A fixed order: by category (hue), so the target text is a function of the image.
+        assert [order.index(b.label) for b in ex.boxes] == sorted(order.index(b.label) for b in ex.boxes)
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_base_labels_object_is_class_agnostic(repo, tmp_path):
+    cfg = _micro(repo)
+    cfg.data.synthetic.base_labels = "object"
+    summary = prepare(cfg, tmp_path / "prepared")
+    agnostic = read_annotations(tmp_path / "prepared" / AGNOSTIC_TASK / "train" / "annotations.jsonl")
+    assert {b.label for ex in agnostic for b in ex.boxes} == {"object"}
+    assert all([(b.y1, b.x1) for b in ex.boxes] == sorted((b.y1, b.x1) for b in ex.boxes) for ex in agnostic)  # reading order
+    assert set(summary["base_labels"].values()) == {"object"}
 
 
 def test_prepare_is_deterministic(repo, tmp_path):

@@ -3,7 +3,8 @@
     python -m icmlora base_model          # reads params.yaml: seed, data.tasks, base, runtime, eval
 
 - ``base.model: tiny`` builds a small Florence-2 and its processor offline and pre-trains it
-  on the class-agnostic split (every box labelled "object") with Accelerate.
+  with Accelerate on the split that holds every object, none named by its task: each box is
+  named by its hue (synthetic ``base_labels: hue``, the default) or "object".
 - ``base.model: <hub id or folder>`` (e.g. florence-community/Florence-2-base-ft) loads it once
   (the only network access of the pipeline, for a hub id), optionally fine-tunes it
   class-agnostically for ``base.finetune_steps``, and saves it.
@@ -46,7 +47,9 @@ def _load_or_build(cfg: Config, train_examples):
         from icmlora.florence import build_tiny_model, build_tiny_processor
 
         size = _image_size(train_examples)
-        processor = build_tiny_processor([*cfg.data.tasks, AGNOSTIC_LABEL], size, cfg.base.tiny)
+        names = sorted({box.label for example in train_examples for box in example.boxes})
+        labels = list(dict.fromkeys([*cfg.data.tasks, AGNOSTIC_LABEL, *names]))
+        processor = build_tiny_processor(labels, size, cfg.base.tiny)
         model = build_tiny_model(cfg.base.tiny, processor, size, cfg.seed)
         return model, processor, cfg.base.train
     from transformers import AutoProcessor, Florence2ForConditionalGeneration

@@ -35,6 +35,9 @@ class SyntheticData:
     grid: bool = False  # objects aligned to a grid of grid_cells x grid_cells
     grid_cells: int = 4
     category_colours: bool = True  # each category its own hue (off: random colours, outline only)
+    # How the base model's pre-training split names every object: "hue", the name of its colour
+    # (red, yellow, ...; a vocabulary disjoint from the task names), or "object" (class-agnostic).
+    base_labels: Literal["hue", "object"] = "hue"
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -55,6 +58,8 @@ class SyntheticData:
             out.append(("noise_sigma", "must be >= 0"))
         if self.grid_cells < 1:
             out.append(("grid_cells", "must be >= 1"))
+        if self.base_labels == "hue" and not self.category_colours:
+            out.append(("base_labels", "'hue' needs category_colours: true (with random colours a hue names nothing)"))
         return out
 
 
@@ -81,6 +86,9 @@ class DataConfig:
         for key in ("max_train_per_task", "max_valid_per_task"):
             if getattr(self, key) < 0:
                 out.append((key, "must be >= 0 (0 keeps every image)"))
+        if self.source == "synthetic" and self.synthetic.base_labels == "hue" and len(self.tasks) > 12:
+            out.append(("synthetic.base_labels", f"'hue' names at most 12 hues apart, data.tasks has {len(self.tasks)}: "
+                                                 "use 'object'"))
         return out
 
 

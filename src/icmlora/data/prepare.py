@@ -4,9 +4,11 @@
 
 Writes (one folder, renamed into place when complete):
     data/prepared/_images/{train,valid}/        every image once
-    data/prepared/_agnostic/{train,valid}/annotations.jsonl   all boxes, labelled "object"
+    data/prepared/_agnostic/{train,valid}/annotations.jsonl   all boxes, none named by its task: the
+                                                base model's pre-training split ("object", or the
+                                                synthetic objects' hue names: data.synthetic.base_labels)
     data/prepared/<task>/{train,valid}/annotations.jsonl      images holding <task>, only its boxes
-    data/prepared/summary.json                  counts per task and split
+    data/prepared/summary.json                  base labels, counts per task and split
 
 ``image`` in each JSONL line is relative to that file's folder (``../../_images/...``), so
 an image shared by several tasks is stored, hashed and pushed once.
@@ -89,14 +91,36 @@ def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list
     return records
 
 
-def _task_examples(rows, task: str | None, limit: int) -> list[Example]:
+def base_labels(cfg: Config) -> dict[str, str]:
+    """{category: the name the base model's pre-training split gives it}: ``object`` for every
+    category, or with synthetic ``base_labels: hue`` the name of the category's hue."""
+    if cfg.data.source == "synthetic" and cfg.data.synthetic.base_labels == "hue":
+        from icmlora.data.synthetic import hue_name
+
+        return {t: hue_name(i, len(cfg.data.tasks)) for i, t in enumerate(cfg.data.tasks)}
+    return {t: AGNOSTIC_LABEL for t in cfg.data.tasks}
+
+
+def _ordered(boxes: list[Box], names: dict[str, str]) -> list[Box]:
+    """A fixed order, so that a target text is a function of its image: by the base label's
+    category (when categories have names of their own, e.g. hues), then top to bottom, left to
+    right. In the order the source lists them, a target says the objects in arbitrary order and
+    the base must guess which comes first: with hue names, a base trained on that order reached
+    class-agnostic mAP50 0.60 in 1,600 steps; top to bottom 0.99, but its task adapters learnt
+    to skip the objects above their own slowly (mAP50 0.43-0.80 in 150 steps); hue, then
+    position 0.96, and the adapters 0.93-0.99."""
+    order = {category: i for i, category in enumerate(dict.fromkeys(names))} if len(set(names.values())) > 1 else {}
+    return sorted(boxes, key=lambda b: (order.get(b.label, 0), b.y1, b.x1))
+
+
+def _task_examples(rows, task: str | None, limit: int, names: dict[str, str]) -> list[Example]:
     examples = []
     for rel, w, h, boxes in rows:
         image = f"../../{IMAGES_DIR}/{rel}"
         if task is None:
-            kept = [Box(AGNOSTIC_LABEL, b.x1, b.y1, b.x2, b.y2) for b in boxes]
+            kept = [Box(names.get(b.label, AGNOSTIC_LABEL), b.x1, b.y1, b.x2, b.y2) for b in _ordered(boxes, names)]
         else:
-            kept = [b for b in boxes if b.label == task]
+            kept = [b for b in _ordered(boxes, names) if b.label == task]
             if not kept:
                 continue
         examples.append(Example(image, w, h, kept))
@@ -107,16 +131,17 @@ def _task_examples(rows, task: str | None, limit: int) -> list[Example]:
 
 def prepare(cfg: Config, out_dir: Path = PREPARED_DIR) -> dict:
     """Build the prepared data folder; returns the summary it wrote."""
-    summary: dict = {"source": cfg.data.source, "tasks": {}}
+    summary: dict = {"source": cfg.data.source, "base_labels": base_labels(cfg), "tasks": {}}
     with atomic_dir(out_dir) as tmp:
         records = _collect(cfg, tmp)
+        names = base_labels(cfg)
         empty = []
         for task in [None, *cfg.data.tasks]:
             name = AGNOSTIC_TASK if task is None else task
             summary["tasks"][name] = {}
             for split in SPLITS:
                 limit = 0 if task is None else (cfg.data.max_train_per_task if split == "train" else cfg.data.max_valid_per_task)
-                examples = _task_examples(records[split], task, limit)
+                examples = _task_examples(records[split], task, limit, names)
                 if not examples:
                     empty.append(f"task {name!r} has no {split} examples in source {cfg.data.source!r}")
                 folder = task_dir(tmp, name, split)
