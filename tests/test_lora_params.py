@@ -168,10 +168,26 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     cfg, root, processor = setting
     metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
                                    tmp_path / "tv.json", tmp_path / "plots")
-    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "text"}  # no final adapters: no reference
+    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "text"}  # no adapters: no reference
+    assert set(metrics["match_fraction"]) == set(cfg.data.tasks) and all(0 <= f <= 1 for f in metrics["match_fraction"].values())
     vectors = load_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))
-    assert ex["icl_mean_examples"].shape == (len(cfg.data.tasks) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
+    for pooling in ("mean", "match"):
+        assert ex[f"icl_{pooling}_examples"].shape == (len(cfg.data.tasks) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
     assert ex["text_examples"].shape[0] == len(cfg.data.tasks) * 4
     assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000
+
+
+def test_match_pooling_finds_where_the_base_names_each_object():
+    from icmlora.task_vectors import _iou, _named_objects
+
+    loc = {100 + i: i for i in range(1000)}  # token id 100 + i is <loc_i>
+    special = {0, 1, 2}
+    # </s> <s> red x1 y1 x2 y2  blue x1 y1 x2 y2 </s>: the states at 1 and 6 predict the two names.
+    seq = [2, 0, 7, 100 + 0, 100 + 0, 100 + 499, 100 + 499, 8, 100 + 500, 100 + 500, 100 + 999, 100 + 999, 2]
+    named = _named_objects(seq, loc, special, 64, 64)
+    assert [j for j, _ in named] == [1, 6]
+    assert named[0][1] == pytest.approx((0.032, 0.032, 31.968, 31.968))
+    assert _iou(named[1][1], (32.0, 32.0, 64.0, 64.0)) > 0.99 and _iou(named[0][1], (32.0, 32.0, 64.0, 64.0)) == 0.0
+    assert _named_objects([2, 0, 7, 100, 100, 2], loc, special, 64, 64) == []  # a cut-off box names nothing

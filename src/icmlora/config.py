@@ -258,7 +258,9 @@ class LoraConfig:
 @dataclass
 class TaskVectorConfig:
     method: Literal["icl", "reference", "text"] = "icl"  # the vectors the generator is conditioned on
-    pooling: Literal["last", "mean", "label"] = "mean"  # icl: last target position, mean over positions, or after the label tokens
+    # icl: last target position | mean over target positions | label: after the category-name tokens |
+    # match: where the base, describing the image itself, names the labelled object
+    pooling: Literal["last", "mean", "label", "match"] = "match"
     examples: int = 16  # labelled examples per task (icl)
     reference_rank: int = 4  # reference: the trained adapter of this rank generates ...
     reference_examples: int = 30  # ... on this many training images (the paper's 30)

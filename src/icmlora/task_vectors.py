@@ -4,10 +4,14 @@
 
 Methods (``task_vectors.method`` picks the one written for the generator; all are computed
 and compared in metrics/task_vectors.json):
-- ``icl`` (default): the *base* model reads k labelled examples of the task (image + target
-  text, teacher-forced); the last decoder layer's hidden states are pooled per example
-  (``task_vectors.pooling``: ``last`` target position, ``mean`` over target positions, or
-  ``label``: the states right after the target's category-name tokens) and averaged.
+- ``icl`` (default): the *base* model reads k labelled examples of the task; the last decoder
+  layer's hidden states are pooled per example and averaged (``task_vectors.pooling``).
+  ``match`` (default): the base describes the example image itself (``<OD>``), and the state at
+  the position where it names the object that overlaps the labelled box is taken: how the base
+  sees the task's objects. ``last`` / ``mean`` / ``label``: the image and the target text are
+  teacher-forced, and the state at the last target position, the mean over target positions, or
+  the states right after the target's category-name tokens are taken. The base has never read a
+  task name, so those states say little about the task (silhouettes near 0, see README).
   Needs no trained LoRA, so it works for a task never trained.
 - ``reference``: the paper's code: the task's trained adapter generates on training images
   and the last decoder layer's state at the last position is averaged.
@@ -40,6 +44,7 @@ OUT_FILE = Path("data/task_vectors.safetensors")
 METRICS_FILE = Path("metrics/task_vectors.json")
 PLOTS_DIR = Path("metrics/plots/task_vectors")
 METHODS = ("icl", "reference", "text")
+POOLINGS = ("last", "mean", "label", "match")
 
 
 class LastDecoderLayer:
@@ -65,13 +70,64 @@ def _examples(prepared: Path, task: str, count: int):
     return examples, load_images([path.parent / e.image for e in examples])
 
 
-def icl_vectors(model, processor, prepared: Path, task: str, k: int) -> dict[str, torch.Tensor]:
-    """Per-example vectors [k, d] for both poolings, teacher-forced on image + target."""
-    return icl_vectors_of(model, processor, *_examples(prepared, task, k))
+def icl_vectors(model, processor, prepared: Path, task: str, k: int, max_new_tokens: int = 48) -> dict[str, torch.Tensor]:
+    """Per-example vectors [k, d] for every pooling."""
+    return icl_vectors_of(model, processor, *_examples(prepared, task, k), max_new_tokens=max_new_tokens)
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+def _named_objects(seq: list[int], loc_index: dict[int, int], special: set[int], width: int, height: int):
+    """(position whose state predicts the name, box) for each ``name <loc>x4`` in a generated sequence."""
+    from icmlora.data.florence_format import dequantize
+
+    out = []
+    for j in range(len(seq) - 5):
+        name, locs = seq[j + 1], seq[j + 2 : j + 6]
+        if name in special or name in loc_index or not all(t in loc_index for t in locs):
+            continue
+        q = [loc_index[t] for t in locs]
+        out.append((j, (dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width), dequantize(q[3], height))))
+    return out
 
 
 @torch.no_grad()
-def icl_vectors_of(model, processor, examples, images) -> dict[str, torch.Tensor]:
+def match_vectors_of(model, processor, examples, images, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+    """``match`` pooling: the base describes each example image itself (greedy ``<OD>``); for
+    each labelled box, the last decoder layer's state at the position where the base names the
+    object it boxes best (IoU) is taken, and an example's states are averaged. Returns the
+    per-example vectors [k, d] and the fraction of labelled boxes matched at IoU >= 0.5. An
+    example whose description boxes nothing uses the state that starts the description."""
+    inputs = processor(text=[e.prefix for e in examples], images=images, return_tensors="pt")
+    sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+    with LastDecoderLayer(model) as hook:
+        model(**inputs, decoder_input_ids=sequences)  # position j's state predicts sequences[:, j + 1]
+    hidden = hook.outputs[-1]
+    tok = processor.tokenizer
+    loc_index = {t: i for i, t in enumerate(tok.convert_tokens_to_ids(LOC_TOKENS))}
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    vectors, matched, total = [], 0, 0
+    for row, (example, seq) in enumerate(zip(examples, sequences.tolist())):
+        named = _named_objects(seq, loc_index, special, example.width, example.height)
+        picks = []
+        for box in example.boxes:
+            total += 1
+            if not named:
+                continue
+            overlap, position = max((_iou(b, box.xyxy), j) for j, b in named)
+            matched += overlap >= 0.5
+            picks.append(position)
+        vectors.append(hidden[row, picks].mean(0) if picks else hidden[row, 0])
+    return torch.stack(vectors), matched / max(total, 1)
+
+
+@torch.no_grad()
+def icl_vectors_of(model, processor, examples, images, max_new_tokens: int = 48) -> dict[str, torch.Tensor]:
     batch = encode(processor, images, [e.prefix for e in examples], [e.suffix for e in examples])
     labels = batch["labels"]
     with LastDecoderLayer(model) as hook:
@@ -87,10 +143,13 @@ def icl_vectors_of(model, processor, examples, images) -> dict[str, torch.Tensor
     name_mask = torch.zeros_like(mask)
     name_mask[:, 1:] = is_name[:, :-1].float()
     name_mask = torch.where(name_mask.sum(1, keepdim=True) > 0, name_mask, mask)  # no box: fall back to all positions
+    match, matched = match_vectors_of(model, processor, examples, images, max_new_tokens)
     return {
         "last": hidden[torch.arange(len(examples)), last],
         "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),
         "label": (hidden * name_mask[..., None]).sum(1) / name_mask.sum(1, keepdim=True),
+        "match": match,
+        "matched": torch.tensor(matched),
     }
 
 
@@ -162,12 +221,14 @@ def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: P
     start = time.perf_counter()
     model, processor = load_base(base_dir)
     model.eval()
-    per_example: dict[str, dict[str, torch.Tensor]] = {"icl_last": {}, "icl_mean": {}, "icl_label": {}, "reference": {},
-                                                       "text": {}}
+    per_example: dict[str, dict[str, torch.Tensor]] = {f"icl_{p}": {} for p in POOLINGS}
+    per_example.update(reference={}, text={})
+    matched: dict[str, float] = {}
     for task in tqdm(cfg.data.tasks, desc="task_vectors", unit="task"):
-        icl = icl_vectors(model, processor, prepared, task, tv.examples)
-        for pooling in ("last", "mean", "label"):
+        icl = icl_vectors(model, processor, prepared, task, tv.examples, cfg.eval.max_new_tokens)
+        for pooling in POOLINGS:
             per_example[f"icl_{pooling}"][task] = icl[pooling]
+        matched[task] = round(float(icl["matched"]), 4)
         per_example["text"][task] = text_vector(model, processor, task)
         adapter = lora_dir / adapter_name(task, tv.reference_rank, cfg.lora.seeds[0]) / "final"
         if "reference" in tv.compare and adapter.is_dir():
@@ -175,7 +236,8 @@ def compute_task_vectors(cfg: Config, prepared: Path = PREPARED_DIR, base_dir: P
             per_example["reference"][task] = reference_vectors(tuned, processor, prepared, task, tv.reference_examples,
                                                                cfg.eval.max_new_tokens)
             model = tuned.unload()
-    metrics: dict = {"method": tv.method, "pooling": tv.pooling, "examples": tv.examples, "silhouette": {}}
+    metrics: dict = {"method": tv.method, "pooling": tv.pooling, "examples": tv.examples, "silhouette": {},
+                     "match_fraction": matched}
     for name, vecs in per_example.items():
         if len(vecs) == len(cfg.data.tasks):
             metrics["silhouette"][name] = round(silhouette(vecs), 4)

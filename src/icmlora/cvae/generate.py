@@ -99,7 +99,7 @@ def _vector_from_file(path: Path) -> torch.Tensor:
     return vec.reshape(-1)
 
 
-def _vector_from_examples(path: Path, base_dir: Path, k: int) -> torch.Tensor:
+def _vector_from_examples(path: Path, base_dir: Path, k: int, max_new_tokens: int) -> dict[str, torch.Tensor]:
     from icmlora.data.florence_format import read_annotations
     from icmlora.florence import load_base, load_images
     from icmlora.task_vectors import icl_vectors_of
@@ -108,8 +108,8 @@ def _vector_from_examples(path: Path, base_dir: Path, k: int) -> torch.Tensor:
     if len(examples) < 2:
         raise InputError(f"{path}: needs at least 2 labelled examples to compute a task vector")
     model, processor = load_base(base_dir)
-    pooled = icl_vectors_of(model.eval(), processor, examples, load_images([path.parent / e.image for e in examples]))
-    return pooled  # both poolings; the caller picks
+    images = load_images([path.parent / e.image for e in examples])
+    return icl_vectors_of(model.eval(), processor, examples, images, max_new_tokens)  # every pooling; the caller picks
 
 
 def generate_one(cfg: Config, rank: int, out: Path, vector: torch.Tensor, samples: int, cvae_dir: Path = CVAE_DIR,
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.task_vector is not None:
         vector = _vector_from_file(args.task_vector)
     else:
-        pooled = _vector_from_examples(args.examples, args.base, cfg.task_vectors.examples)
+        pooled = _vector_from_examples(args.examples, args.base, cfg.task_vectors.examples, cfg.eval.max_new_tokens)
         vector = pooled[cfg.task_vectors.pooling].mean(0)
     written = generate_one(cfg, args.rank, args.out, vector, cfg.generate.samples if args.samples is None else args.samples)
     print(f"generate: wrote {len(written)} adapters under {args.out} (load one with PeftModel.from_pretrained(base, folder))")
