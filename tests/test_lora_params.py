@@ -180,7 +180,9 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
 
 
 def test_match_pooling_finds_where_the_base_names_each_object():
-    from icmlora.task_vectors import _iou, _named_objects
+    from icmlora.data.florence_format import Box
+    from icmlora.evaluation.metrics import box_iou
+    from icmlora.task_vectors import _named_objects
 
     loc = {100 + i: i for i in range(1000)}  # token id 100 + i is <loc_i>
     special = {0, 1, 2}
@@ -188,6 +190,7 @@ def test_match_pooling_finds_where_the_base_names_each_object():
     seq = [2, 0, 7, 100 + 0, 100 + 0, 100 + 499, 100 + 499, 8, 100 + 500, 100 + 500, 100 + 999, 100 + 999, 2]
     named = _named_objects(seq, loc, special, 64, 64)
     assert [j for j, _ in named] == [1, 6]
-    assert named[0][1] == pytest.approx((0.032, 0.032, 31.968, 31.968))
-    assert _iou(named[1][1], (32.0, 32.0, 64.0, 64.0)) > 0.99 and _iou(named[0][1], (32.0, 32.0, 64.0, 64.0)) == 0.0
+    assert named[0][1].xyxy == pytest.approx((0.032, 0.032, 31.968, 31.968))
+    corner = Box("", 32.0, 32.0, 64.0, 64.0)
+    assert box_iou(named[1][1], corner) > 0.99 and box_iou(named[0][1], corner) == 0.0
     assert _named_objects([2, 0, 7, 100, 100, 2], loc, special, 64, 64) == []  # a cut-off box names nothing

@@ -75,16 +75,9 @@ def icl_vectors(model, processor, prepared: Path, task: str, k: int, max_new_tok
     return icl_vectors_of(model, processor, *_examples(prepared, task, k), max_new_tokens=max_new_tokens)
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
-    return iw * ih / union if union > 0 else 0.0
-
-
 def _named_objects(seq: list[int], loc_index: dict[int, int], special: set[int], width: int, height: int):
     """(position whose state predicts the name, box) for each ``name <loc>x4`` in a generated sequence."""
-    from icmlora.data.florence_format import dequantize
+    from icmlora.data.florence_format import Box, dequantize
 
     out = []
     for j in range(len(seq) - 5):
@@ -92,25 +85,23 @@ def _named_objects(seq: list[int], loc_index: dict[int, int], special: set[int],
         if name in special or name in loc_index or not all(t in loc_index for t in locs):
             continue
         q = [loc_index[t] for t in locs]
-        out.append((j, (dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width), dequantize(q[3], height))))
+        out.append((j, Box("", dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width), dequantize(q[3], height))))
     return out
 
 
-@torch.no_grad()
-def match_vectors_of(model, processor, examples, images, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+def _match_vectors(model, inputs: dict, examples, loc_index: dict[int, int], special: set[int],
+                   max_new_tokens: int) -> tuple[torch.Tensor, float]:
     """``match`` pooling: the base describes each example image itself (greedy ``<OD>``); for
     each labelled box, the last decoder layer's state at the position where the base names the
     object it boxes best (IoU) is taken, and an example's states are averaged. Returns the
     per-example vectors [k, d] and the fraction of labelled boxes matched at IoU >= 0.5. An
     example whose description boxes nothing uses the state that starts the description."""
-    inputs = processor(text=[e.prefix for e in examples], images=images, return_tensors="pt")
+    from icmlora.evaluation.metrics import MATCH_IOU, box_iou
+
     sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
     with LastDecoderLayer(model) as hook:
         model(**inputs, decoder_input_ids=sequences)  # position j's state predicts sequences[:, j + 1]
     hidden = hook.outputs[-1]
-    tok = processor.tokenizer
-    loc_index = {t: i for i, t in enumerate(tok.convert_tokens_to_ids(LOC_TOKENS))}
-    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     vectors, matched, total = [], 0, 0
     for row, (example, seq) in enumerate(zip(examples, sequences.tolist())):
         named = _named_objects(seq, loc_index, special, example.width, example.height)
@@ -119,8 +110,8 @@ def match_vectors_of(model, processor, examples, images, max_new_tokens: int) ->
             total += 1
             if not named:
                 continue
-            overlap, position = max((_iou(b, box.xyxy), j) for j, b in named)
-            matched += overlap >= 0.5
+            overlap, position = max((box_iou(b, box), j) for j, b in named)
+            matched += overlap >= MATCH_IOU
             picks.append(position)
         vectors.append(hidden[row, picks].mean(0) if picks else hidden[row, 0])
     return torch.stack(vectors), matched / max(total, 1)
@@ -130,6 +121,7 @@ def match_vectors_of(model, processor, examples, images, max_new_tokens: int) ->
 def icl_vectors_of(model, processor, examples, images, max_new_tokens: int = 48) -> dict[str, torch.Tensor]:
     batch = encode(processor, images, [e.prefix for e in examples], [e.suffix for e in examples])
     labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     with LastDecoderLayer(model) as hook:
         model(**batch)
     hidden = hook.outputs[-1]  # [k, T, d], position t is the state after reading labels[:t] (shifted)
@@ -137,13 +129,13 @@ def icl_vectors_of(model, processor, examples, images, max_new_tokens: int = 48)
     last = mask.sum(1).long() - 1
     # Category-name tokens (not <loc_N>, not special): the state one position later has read them.
     tok = processor.tokenizer
-    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, -100}
-    loc_ids = set(tok.convert_tokens_to_ids(LOC_TOKENS))
-    is_name = torch.tensor([[int(t) not in special and int(t) not in loc_ids for t in row] for row in labels.tolist()])
+    special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    loc_index = {t: i for i, t in enumerate(tok.convert_tokens_to_ids(LOC_TOKENS))}
+    is_name = torch.tensor([[t not in special and t != -100 and t not in loc_index for t in row] for row in labels.tolist()])
     name_mask = torch.zeros_like(mask)
     name_mask[:, 1:] = is_name[:, :-1].float()
     name_mask = torch.where(name_mask.sum(1, keepdim=True) > 0, name_mask, mask)  # no box: fall back to all positions
-    match, matched = match_vectors_of(model, processor, examples, images, max_new_tokens)
+    match, matched = _match_vectors(model, inputs, examples, loc_index, special, max_new_tokens)
     return {
         "last": hidden[torch.arange(len(examples)), last],
         "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),

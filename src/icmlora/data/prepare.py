@@ -129,10 +129,10 @@ def _task_examples(rows, task: str | None, limit: int, names: dict[str, str]) ->
 
 def prepare(cfg: Config, out_dir: Path = PREPARED_DIR) -> dict:
     """Build the prepared data folder; returns the summary it wrote."""
-    summary: dict = {"source": cfg.data.source, "base_labels": base_labels(cfg), "tasks": {}}
+    names = base_labels(cfg)
+    summary: dict = {"source": cfg.data.source, "base_labels": names, "tasks": {}}
     with atomic_dir(out_dir) as tmp:
         records = _collect(cfg, tmp)
-        names = base_labels(cfg)
         empty = []
         for task in [None, *cfg.data.tasks]:
             name = AGNOSTIC_TASK if task is None else task

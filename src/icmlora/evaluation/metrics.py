@@ -75,7 +75,7 @@ def detection_metrics(
     }
 
 
-def _iou(a: Box, b: Box) -> float:
+def box_iou(a: Box, b: Box) -> float:
     """Continuous IoU, no "+1" pixel convention (as pycocotools' bbox IoU)."""
     iw = min(a.x2, b.x2) - max(a.x1, b.x1)
     ih = min(a.y2, b.y2) - max(a.y1, b.y1)
@@ -102,7 +102,7 @@ def _greedy_true_positives(gt: Sequence[Box], pred: Sequence[Box], label) -> int
             continue
         best, best_iou = -1, MATCH_IOU
         for j, g in enumerate(candidates):
-            iou = _iou(box, g)
+            iou = box_iou(box, g)
             if iou >= best_iou and (best < 0 or iou > best_iou):
                 best, best_iou = j, iou
         if best >= 0:
