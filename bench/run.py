@@ -2,7 +2,7 @@
 
     make bench            # or: .venv/bin/python bench/run.py [--skip-paper-scale]
 
-Needs a finished `dvc repro` (models/cvae, data/params, data/task_vectors.safetensors,
+Needs a finished `dvc repro` (models/cvae, data/lora_matrix, data/task_vectors.safetensors,
 metrics/lora). Writes metrics/bench.json:
 - generate_adapter_seconds: median wall time of decode + de-normalize + write one PEFT folder,
   per rank and overall (the target: <= 1 s on a CPU);
@@ -27,21 +27,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from icmlora.config import load_config  # noqa: E402
-from icmlora.cvae.generate import latents  # noqa: E402
-from icmlora.cvae.model import CVAE, CVAEConfig  # noqa: E402
-from icmlora.cvae.train import Generator  # noqa: E402
+from icmlora import artifacts  # noqa: E402
+from icmlora.artifacts.generators import read_generator  # noqa: E402
+from icmlora.artifacts.lora_matrix import read_manifest  # noqa: E402
+from icmlora.artifacts.task_vectors import read_task_vectors  # noqa: E402
+from icmlora.config import load_params  # noqa: E402
+from icmlora.cvae import CVAE, PAPER_CHANNELS, CVAEArchitecture  # noqa: E402
 from icmlora.files import write_json  # noqa: E402
-from icmlora.params import Manifest  # noqa: E402
-from icmlora.task_vectors import load_task_vectors  # noqa: E402
+from icmlora.stages.generate import latents  # noqa: E402
 
 
 def time_generation(cfg, repeats: int) -> dict:
-    vectors = load_task_vectors(ROOT / "data/task_vectors.safetensors")
+    vectors = read_task_vectors(ROOT / artifacts.TASK_VECTORS_FILE)
     per_rank = {}
     for rank in cfg.lora.ranks:
-        gen = Generator.load(ROOT / f"models/cvae/r{rank}")
-        manifest = Manifest.load(ROOT / f"data/params/r{rank}.json")
+        gen = read_generator(rank, ROOT / artifacts.CVAE_DIR)
+        manifest = read_manifest(rank, ROOT / artifacts.LORA_MATRIX_DIR)
         task = cfg.data.tasks[0]
         z = latents(cfg.seed, task, rank, repeats, gen.model.config.latent_dim)
         times = []
@@ -56,8 +57,8 @@ def time_generation(cfg, repeats: int) -> dict:
 
 
 def paper_scale(repeats: int) -> dict:
-    config = CVAEConfig(input_dim=1_929_928, condition_dim=768, channels=[8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8],
-                        latent_dim=256, pad_multiple=4096)
+    config = CVAEArchitecture(input_dim=1_929_928, condition_dim=768, channels=PAPER_CHANNELS, kernel_size=7,
+                              latent_dim=256, pad_multiple=4096, kl_weight=0.005, hidden_dim=None, norm="group")
     model = CVAE(config).eval()
     z, cond = torch.randn(1, 256), torch.randn(1, 768)
     times = []
@@ -77,9 +78,9 @@ def main() -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-paper-scale", action="store_true")
     args = parser.parse_args()
-    cfg = load_config(ROOT / "params.yaml")
+    cfg = load_params(ROOT / "params.yaml")
     per_rank = time_generation(cfg, args.repeats)
-    lora = [json.loads(p.read_text())["train_seconds"] for p in sorted((ROOT / "metrics/lora").glob("*.json"))]
+    lora = [json.loads(p.read_text())["train_seconds"] for p in sorted((ROOT / artifacts.LORA_METRICS_DIR).glob("*.json"))]
     gen_median = statistics.median(r["median_seconds"] for r in per_rank.values())
     result = {
         "threads": torch.get_num_threads(),
@@ -90,7 +91,7 @@ def main() -> dict:
     }
     if not args.skip_paper_scale:
         result["paper_scale"] = paper_scale(3)
-    write_json(ROOT / "metrics/bench.json", result)
+    write_json(ROOT / artifacts.METRICS_DIR / "bench.json", result)
     print(f"bench: wrote metrics/bench.json (generate one adapter {gen_median * 1000:.1f} ms; "
           f"train one LoRA {result['train_lora_seconds_median']} s; speed-up {result['speedup_generate_vs_train']}x)")
     return result

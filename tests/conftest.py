@@ -4,15 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import get_peft_model
 
-from icmlora.config import config_from_dict
-from icmlora.data.prepare import prepare
-from icmlora.florence import build_tiny_model, build_tiny_processor
-from icmlora.lora.train import adapter_name, peft_config
+from icmlora.artifacts import checkpoint_name, checkpoints_dir
+from icmlora.florence.model import build_tiny_model, build_tiny_processor
+from icmlora.lora import peft_config
 
 from e2e_helpers import DVC, commit_all, e2e_env as _e2e_env, micro_copy, run
+from params_helpers import micro_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,12 +58,10 @@ TASKS = ["circle", "square", "triangle"]
 @pytest.fixture(scope="session")
 def setting(repo, tmp_path_factory):
     """A micro config, prepared data, a tiny base and stand-in LoRA trajectories (3 per task and rank)."""
-    root = tmp_path_factory.mktemp("lp")
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    micro = yaml.safe_load((repo / "profiles" / "micro.yaml").read_text())
-    from icmlora.profile import deep_merge
+    from icmlora.stages.prepare import prepare
 
-    cfg = config_from_dict(deep_merge(data, micro))
+    root = tmp_path_factory.mktemp("lp")
+    cfg = micro_params()
     prepare(cfg, root / "prepared")
     processor = build_tiny_processor([*TASKS, "object"], 64, cfg.base.tiny)
     base = build_tiny_model(cfg.base.tiny, processor, 64, seed=0)
@@ -79,5 +76,5 @@ def setting(repo, tmp_path_factory):
                     for name, p in model.named_parameters():
                         if "lora_" in name:
                             p.add_(0.01 * (ti + 1) + 0.05 * torch.randn_like(p))
-                model.save_pretrained(root / "lora" / adapter_name(task, rank, 0) / "checkpoints" / f"step-{step}")
+                model.save_pretrained(checkpoints_dir(task, rank, 0, root / "lora") / checkpoint_name(step))
     return cfg, root, processor

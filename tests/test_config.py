@@ -1,15 +1,38 @@
 import pytest
-import yaml
+from pydantic import BaseModel
+from params_helpers import params_dict
 
-from icmlora.config import Config, config_from_dict, flatten, load_config
+from icmlora.config import Params, load_params, params_from_dict
 from icmlora.errors import InputError
 from icmlora.profile import apply_profile
+from icmlora.tracking import flatten
 
 
 def test_committed_params_are_valid(repo):
-    cfg = load_config(repo / "params.yaml")
-    assert isinstance(cfg, Config)
+    cfg = load_params(repo / "params.yaml")
+    assert isinstance(cfg, Params)
     assert cfg.data.source == "synthetic"
+    assert cfg.runtime.mixed_precision == "no"  # YAML 1.2: `no` is a string, as DVC writes it
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    for name, info in model.model_fields.items():
+        yield f"{prefix}{name}", info
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _fields(info.annotation, f"{prefix}{name}.")
+
+
+def test_params_yaml_is_the_one_source_of_values(repo):
+    """The models declare no defaults, so nothing in code can drift from params.yaml; and
+    params.yaml sets every knob the models declare."""
+    defaulted = [key for key, info in _fields(Params) if not info.is_required()]
+    assert not defaulted, f"config models must not carry defaults: {defaulted}"
+    data = params_dict(profile=None)
+    for key, _ in _fields(Params):
+        node = data
+        for part in key.split("."):
+            assert part in node, f"params.yaml does not set {key}"
+            node = node[part]
 
 
 @pytest.mark.parametrize("profile", ["micro", "real"])
@@ -17,41 +40,75 @@ def test_profiles_merge_into_valid_params(repo, tmp_path, profile):
     params = tmp_path / "params.yaml"
     params.write_text((repo / "params.yaml").read_text())
     merged = apply_profile(params, repo / "profiles" / f"{profile}.yaml")
-    assert load_config(params) == config_from_dict(merged)
+    assert load_params(params) == params_from_dict(merged)
+
+
+def test_profile_keeps_comments_and_untouched_lines(repo, tmp_path):
+    params = tmp_path / "params.yaml"
+    original = (repo / "params.yaml").read_text()
+    params.write_text(original)
+    apply_profile(params, repo / "profiles" / "micro.yaml")
+    merged = params.read_text()
+    comments = [line.strip() for line in original.splitlines() if line.strip().startswith("#")]
+    assert comments and all(c in merged for c in comments)
+    assert "  source: synthetic          # synthetic | florence_jsonl | voc | coco" in merged.splitlines()
+    assert "  root: null                 # folder of a real source (VOC2012 root, COCO root, JSONL folder)" in merged
+    assert "    steps: 6                   # valid mAP50 0.99" in merged  # a changed value keeps its comment
+    assert len(merged.splitlines()) == len(original.splitlines())
+
+
+def _set(data, key, value):
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
 
 
 @pytest.mark.parametrize(
-    "change, expected",
+    "key, value, expected",
     [
-        (lambda d: d["data"]["synthetic"].update(image_sizee=3), "data.synthetic.image_sizee: unknown key; allowed keys"),
-        (lambda d: d["base"]["train"].update(lr="fast"), "base.train.lr: expected a number, got 'fast'"),
-        (lambda d: d["base"]["train"].update(steps=1.5), "base.train.steps: expected an integer"),
-        (lambda d: d["runtime"].update(mixed_precision="fp8"), "runtime.mixed_precision: 'fp8' is not allowed"),
-        (lambda d: d["data"]["synthetic"].update(object_size=[40, 10]), "data.synthetic.object_size: must be [min, max]"),
-        (lambda d: d["data"].update(tasks=[]), "data.tasks: needs at least one task"),
-        (lambda d: d["data"].update(source="voc"), "data.root: source 'voc' needs data.root"),
-        (lambda d: d["base"]["tiny"].update(patch_strides=[4, 2]), "base.tiny.patch_strides: must have 3 entries"),
-        (lambda d: d.update(sede=1), "sede: unknown key; allowed keys under the top level"),
-        (lambda d: d["data"]["synthetic"].update(grid="yes"), "data.synthetic.grid: expected true or false"),
-        (lambda d: d["data"]["synthetic"].update(category_colours=False), "data.synthetic.base_labels: 'hue' needs category_colours"),
-        (lambda d: d["data"].update(tasks=[f"t{i}" for i in range(13)]), "data.synthetic.base_labels: 'hue' names at most 12"),
+        ("data.synthetic.image_sizee", 3, "data.synthetic.image_sizee: unknown key; allowed keys under data.synthetic"),
+        ("base.train.lr", "fast", "base.train.lr: input should be a valid number, got 'fast'"),
+        ("base.train.steps", 1.5, "base.train.steps: input should be a valid integer, got 1.5"),
+        ("base.train.steps", 0, "base.train.steps: input should be greater than or equal to 1, got 0"),
+        ("runtime.mixed_precision", "fp8", "runtime.mixed_precision: input should be 'no', 'bf16' or 'fp16', got 'fp8'"),
+        ("data.synthetic.object_size", [40, 10], "data.synthetic.object_size: must be [min, max]"),
+        ("data.tasks", [], "data.tasks: needs at least one task"),
+        ("data.source", "voc", "data.root: source 'voc' needs data.root"),
+        ("base.tiny.patch_strides", [4, 2], "base.tiny.patch_strides: must have 3 entries"),
+        ("sede", 1, "sede: unknown key; allowed keys under the top level"),
+        ("data.synthetic.grid", "yes", "data.synthetic.grid: input should be a valid boolean, got 'yes'"),
+        ("data.synthetic.category_colours", False, "data.synthetic.base_labels: 'hue' needs category_colours"),
+        ("data.tasks", [f"t{i}" for i in range(13)], "data.synthetic: base_labels 'hue' names at most 12"),
+        ("heldout_tasks", ["dog"], "heldout_tasks: ['dog'] not in data.tasks"),
+        ("lora.target_modules", 3, "lora.target_modules: input should be a valid string, got 3; or input should be a valid list"),
+        ("lora.cross_task_ranks", [3], "lora.cross_task_ranks: [3] not in lora.ranks"),
+        ("cvae.kernel_size", 4, "cvae.kernel_size: must be odd"),
+        ("predict.num_beams", None, "predict.num_beams: input should be a valid integer, got None"),
     ],
 )
-def test_bad_params_name_the_dotted_key(repo, change, expected):
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    change(data)
+def test_bad_params_name_the_dotted_key(key, value, expected):
+    data = params_dict(profile=None)
+    _set(data, key, value)
     with pytest.raises(InputError) as err:
-        config_from_dict(data)
+        params_from_dict(data)
     assert expected in str(err.value)
 
 
-def test_every_problem_is_reported_at_once(repo):
-    data = yaml.safe_load((repo / "params.yaml").read_text())
+def test_a_missing_knob_is_an_error_not_a_default():
+    data = params_dict(profile=None)
+    del data["cvae"]["latent_dim"]
+    with pytest.raises(InputError, match="cvae.latent_dim: missing"):
+        params_from_dict(data)
+
+
+def test_every_problem_is_reported_at_once():
+    data = params_dict(profile=None)
     data["base"]["train"]["lr"] = "x"
-    data["eval"]["batch_size"] = 0
+    data["predict"]["batch_size"] = 0
     data["runtime"]["threads"] = -1
     with pytest.raises(InputError) as err:
-        config_from_dict(data)
+        params_from_dict(data)
     assert len(err.value.problems) == 3
 
 
@@ -59,10 +116,11 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: 1\ndata:\n  tasks: [a, b\n")
     with pytest.raises(InputError, match=r"params.yaml:\d+: invalid YAML"):
-        load_config(bad)
+        load_params(bad)
 
 
-def test_flatten_gives_dotted_keys():
-    flat = flatten(Config())
+def test_flatten_gives_dotted_keys(repo):
+    flat = flatten(load_params(repo / "params.yaml"))
     assert flat["base.train.lr"] == 2e-3
     assert flat["data.synthetic.image_size"] == 64
+    assert flat["cvae.train.epochs"] == 100

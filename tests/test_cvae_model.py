@@ -3,7 +3,15 @@ import json
 import pytest
 import torch
 
-from icmlora.cvae.model import CVAE, PAPER_CHANNELS, CVAEConfig, default_channels
+from params_helpers import micro_params
+
+from icmlora.cvae import CVAE, PAPER_CHANNELS, CVAEArchitecture, architecture, default_channels
+
+
+def CVAEConfig(**fields) -> CVAEArchitecture:
+    """An architecture with the paper's values for what a test leaves out (latent 256, kernel 7, ...)."""
+    paper = dict(kernel_size=7, latent_dim=256, pad_multiple=4096, kl_weight=0.005, hidden_dim=None, norm="group")
+    return CVAEArchitecture(**{**paper, **fields})
 
 
 @pytest.fixture(autouse=True)
@@ -44,12 +52,18 @@ def test_shapes_and_padding(D, channels, pad, padded):
     total.backward()
 
 
-def test_batch_of_one_trains_with_batchnorm_and_groupnorm():
-    for norm in ("batch", "group", "none"):
-        cfg = CVAEConfig(input_dim=300, condition_dim=2, channels=[4, 8], latent_dim=8, pad_multiple=4, norm=norm)
-        model = CVAE(cfg).train()
-        recon, mu, logvar = model(torch.randn(1, 300), torch.randn(1, 2))
-        model.loss(torch.randn(1, 300), recon, mu, logvar)[0].backward()
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_batch_of_one_trains_with_batchnorm_and_groupnorm(norm):
+    torch.manual_seed(0)
+    cfg = CVAEConfig(input_dim=300, condition_dim=2, channels=[4, 8], latent_dim=8, pad_multiple=4, norm=norm)
+    model = CVAE(cfg).train()
+    recon, mu, logvar = model(torch.randn(1, 300), torch.randn(1, 2))
+    total = model.loss(torch.randn(1, 300), recon, mu, logvar)[0]
+    total.backward()
+    assert torch.isfinite(total)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert grads["out_conv.weight"].abs().sum() > 0 and grads["encoder.0.weight"].abs().sum() > 0
 
 
 def test_bad_input_shapes_raise():
@@ -91,7 +105,7 @@ def test_config_json_round_trip_rebuilds_identical_model():
         input_dim=777, condition_dim=5, channels=[4, 8, 4], kernel_size=5, latent_dim=12,
         pad_multiple=8, kl_weight=0.01, hidden_dim=20, norm="batch",
     )
-    cfg2 = CVAEConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    cfg2 = CVAEArchitecture.from_json(json.loads(json.dumps(cfg.to_json())))
     assert cfg2 == cfg
     a, b = CVAE(cfg), CVAE(cfg2)
     sa, sb = a.state_dict(), b.state_dict()
@@ -110,10 +124,10 @@ def test_config_json_round_trip_rebuilds_identical_model():
 def test_from_json_rejects_unknown_and_missing_keys():
     d = CVAEConfig(input_dim=10, condition_dim=2, channels=[4], pad_multiple=2).to_json()
     with pytest.raises(ValueError, match="unknown keys.*'chanels'"):
-        CVAEConfig.from_json({**d, "chanels": [4]})
+        CVAEArchitecture.from_json({**d, "chanels": [4]})
     del d["condition_dim"]
     with pytest.raises(ValueError, match="missing keys.*condition_dim"):
-        CVAEConfig.from_json(d)
+        CVAEArchitecture.from_json(d)
 
 
 def test_loss_falls_on_toy_set():
@@ -187,7 +201,8 @@ def test_paper_defaults_and_pad_message():
 def test_default_channels(D, expected):
     ch = default_channels(D)
     assert ch == expected
-    cfg = CVAEConfig.for_input(D, condition_dim=2)
+    knobs = micro_params().cvae.model_copy(update={"channels": [], "pad_multiple": 0, "max_layers": 12})
+    cfg = architecture(knobs, D, condition_dim=2)
     assert cfg.channels == ch and cfg.pad_multiple == 2 ** len(ch)
     if D >= 16:
         assert cfg.bottleneck_length >= 8

@@ -1,16 +1,15 @@
-import dataclasses
-
 import pytest
 import torch
-import yaml
 from PIL import Image
+from params_helpers import default_params, micro_params
 
-from icmlora.config import EvalConfig, TinyModel, config_from_dict
-from icmlora.data.florence_format import Box, encode_suffix
-from icmlora.detection import TokenParser, predict
-from icmlora.florence import build_tiny_model, build_tiny_processor, encode, load_base, num_image_tokens
+from icmlora.artifacts.base_model import read_base_model, write_base_model
+from icmlora.config import PredictParams
+from icmlora.florence.format import Box, encode_suffix
+from icmlora.florence.model import build_tiny_model, build_tiny_processor, encode, num_image_tokens
+from icmlora.florence.predict import TokenReader, predict
 
-TINY = TinyModel(vocab_size=300)
+TINY = micro_params().base.tiny
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +35,8 @@ def test_labels_are_single_tokens(tiny):
 
 def test_save_and_load_round_trip(tiny, tmp_path):
     model, processor = tiny
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    model2, processor2 = load_base(tmp_path)
+    write_base_model(model, processor, tmp_path / "base")
+    model2, processor2 = read_base_model(tmp_path / "base")
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     a = encode(processor, [image], ["<OD>"], ["square<loc_1><loc_2><loc_3><loc_4>"])
     b = encode(processor2, [image], ["<OD>"], ["square<loc_1><loc_2><loc_3><loc_4>"])
@@ -54,7 +52,7 @@ def test_token_parser_agrees_with_the_transformers_post_processor(tiny):
     # predict() drops the decoder start token (</s>) before parsing, as here.
     ids = processor.tokenizer(text, add_special_tokens=False).input_ids[1:]
     probs = [0.5] * len(ids)
-    ours = TokenParser(processor.tokenizer).parse(ids, probs, 64, 64)
+    ours = TokenReader(processor.tokenizer).boxes(ids, probs, 64, 64)
     theirs = processor.post_process_generation(text, task="<OD>", image_size=(64, 64))["<OD>"]
     assert [b.label for b in ours] == theirs["labels"]
     assert [[int(v) for v in b.xyxy] for b in ours] == theirs["bboxes"]  # transformers truncates to ints
@@ -66,7 +64,7 @@ def test_token_parser_scores_from_probabilities(tiny):
     tok = processor.tokenizer
     ids = tok("circle<loc_1><loc_2><loc_3><loc_4><loc_10><loc_20><loc_30><loc_40>", add_special_tokens=False).input_ids
     probs = [0.9, 1.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.2, 0.2]
-    first, second = TokenParser(tok).parse(ids + [tok.eos_token_id], probs + [1.0], 64, 64)
+    first, second = TokenReader(tok).boxes(ids + [tok.eos_token_id], probs + [1.0], 64, 64)
     assert first.score == pytest.approx((0.9 + 4.0) / 5)
     assert second.score == pytest.approx((0.9 + 0.8) / 5)
     assert first.x1 == pytest.approx(1.5 * 64 / 1000)  # bin centre, not truncated
@@ -75,7 +73,7 @@ def test_token_parser_scores_from_probabilities(tiny):
 def test_predict_returns_scored_boxes_per_image(tiny):
     model, processor = tiny
     images = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(3)]
-    out = predict(model, processor, images, EvalConfig(batch_size=2, max_new_tokens=11))
+    out = predict(model, processor, images, PredictParams(batch_size=2, max_new_tokens=11, num_beams=1))
     assert len(out) == 3
     for boxes in out:
         assert all(0.0 < b.score <= 1.0 for b in boxes)
@@ -83,24 +81,20 @@ def test_predict_returns_scored_boxes_per_image(tiny):
 
 def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
     """base.model = a local path: copied into models/base, evaluated, no training, no network."""
-    from icmlora.base_model import build_base_model
-    from icmlora.data.prepare import prepare
+    from icmlora.stages.base_model import build_base_model
+    from icmlora.stages.prepare import prepare
 
     model, processor = tiny
     source = tmp_path / "florence-local"
     model.save_pretrained(source)
     processor.save_pretrained(source)
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    data["data"]["tasks"] = ["circle", "square"]
-    data["generator"]["holdout"] = ["square"]
-    data["data"]["synthetic"].update(train_images=16, valid_images=8)
-    data["base"]["model"] = str(source)
-    data["eval"].update(batch_size=8, max_new_tokens=6)
-    cfg = config_from_dict(data)
+    cfg = default_params(**{"data.tasks": ["circle", "square"], "heldout_tasks": ["square"],
+                            "data.synthetic.train_images": 16, "data.synthetic.valid_images": 8,
+                            "base.model": str(source), "predict.batch_size": 8, "predict.max_new_tokens": 6})
     prepare(cfg, tmp_path / "prepared")
     metrics = build_base_model(cfg, tmp_path / "prepared", tmp_path / "base", tmp_path / "m.json", tmp_path / "loss.csv")
     assert metrics["train_steps"] == 0 and metrics["num_images"] == 8
     assert {"map50", "map50_95", "train_seconds"} <= set(metrics)
-    reloaded, _ = load_base(tmp_path / "base")
+    reloaded, _ = read_base_model(tmp_path / "base")
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name

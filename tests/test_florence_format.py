@@ -3,8 +3,9 @@ import json
 import pytest
 from PIL import Image
 
-from icmlora.data.florence_format import (
-    Box, Example, dequantize, encode_suffix, parse_suffix, quantize, read_annotations, write_annotations,
+from icmlora.florence.format import (
+    Box, Example, Loc, dequantize, encode_suffix, parse_pieces, parse_suffix, quantize, read_annotations,
+    write_annotations,
 )
 from icmlora.errors import InputError
 
@@ -30,10 +31,11 @@ def test_suffix_round_trip_keeps_bin_centres():
 
 def test_round_trip_through_the_transformers_post_processor(repo):
     """box -> tokens -> Florence2Processor.post_process_generation -> box within one bin."""
-    from icmlora.config import TinyModel
-    from icmlora.florence import build_tiny_processor
+    from params_helpers import micro_params
 
-    processor = build_tiny_processor(["dog", "cat"], 64, TinyModel(vocab_size=300))
+    from icmlora.florence.model import build_tiny_processor
+
+    processor = build_tiny_processor(["dog", "cat"], 64, micro_params().base.tiny)
     width, height = 1000, 800  # one bin >= 0.8 px, so transformers' int truncation stays within a bin
     boxes = [Box("dog", 12.3, 40.6, 500.9, 700.2), Box("cat", 900.0, 10.0, 999.0, 790.0)]
     text = "</s><s>" + encode_suffix(boxes, width, height) + "</s>"
@@ -58,7 +60,9 @@ def test_lenient_parse_skips_what_the_post_processor_skips():
     [
         ("dog<loc_1><loc_2><loc_1000><loc_4>", "out of range"),
         ("dog<loc_50><loc_2><loc_10><loc_4>", "x2 < x1"),
-        ("dog<loc_1><loc_2><loc_3>", "unexpected text"),
+        ("dog<loc_1><loc_2><loc_3>", "box cut short: 3 <loc_N>"),
+        ("dog<loc_1><loc_2><loc_3>cat<loc_1><loc_2><loc_3><loc_4>", "'dog' has a box cut short"),
+        ("<loc_1><loc_2><loc_3><loc_4>", "has no label"),
         ("dog<loc_1><loc_2><loc_3><loc_4> trailing", "after the last box"),
     ],
 )
@@ -106,3 +110,20 @@ def test_reference_readme_variant_is_read(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps(record) + "\n")
     (ex,) = read_annotations(tmp_path / "a.jsonl")
     assert [b.label for b in ex.boxes] == ["dog", "person"]
+
+
+def test_one_grammar_for_text_and_tokens():
+    """The text parser and the token parser are the same function over pieces: a phrase names the
+    boxes whose locations follow it, several boxes may share a phrase, a box cut short is dropped."""
+    text = "red<loc_1><loc_2><loc_3><loc_4><loc_5><loc_6><loc_7><loc_8>blue<loc_9><loc_9>green<loc_0><loc_0><loc_5><loc_5>"
+    by_text = parse_pieces(
+        [Loc(int(p[5:-1])) if p.startswith("<loc_") else p for p in
+         ["red", *[f"<loc_{i}>" for i in range(1, 9)], "blue", "<loc_9>", "<loc_9>", "green", *["<loc_0>"] * 2,
+          *["<loc_5>"] * 2]], "".join)
+    assert [(p.label, p.bins, p.opens_phrase) for p in by_text] == [
+        ("red", (1, 2, 3, 4), True), ("red", (5, 6, 7, 8), False), ("green", (0, 0, 5, 5), True)]
+    assert [b.label for b in parse_suffix(text, 100, 100)] == ["red", "red", "green"]
+    # Token ids stand for text pieces; None pieces (<s>) are skipped; positions index the sequence.
+    ids = [None, 7, Loc(1), Loc(2), Loc(3), Loc(4)]
+    (parsed,) = parse_pieces(ids, lambda pieces: {7: "cat"}[pieces[0]])
+    assert parsed.label_positions == (1,) and parsed.loc_positions == (2, 3, 4, 5)

@@ -1,6 +1,7 @@
 """The generator stages on a micro setting: CVAE training, generated PEFT folders, novelty, summary."""
 
-import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,16 +10,16 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from icmlora.config import config_from_dict
-from icmlora.cvae.generate import generate_all, generate_one
-from icmlora.cvae.train import Generator, train_cvae
+from icmlora.artifacts.adapters import read_adapter
+from icmlora.artifacts.generators import read_generator
 from icmlora.errors import InputError
-from icmlora.evaluation.evaluate import _novelty
-from icmlora.evaluation.report import summarize
-from icmlora.florence import build_tiny_model
-from icmlora.lora.adapters import read_adapter
-from icmlora.params import collect_params
-from icmlora.task_vectors import compute_task_vectors
+from icmlora.florence.model import build_tiny_model
+from icmlora.stages.collect_params import collect_params
+from icmlora.stages.evaluate import evaluate, novelty
+from icmlora.stages.generate import generate_all, generate_one
+from icmlora.stages.report import summarize
+from icmlora.stages.task_vectors import compute_task_vectors
+from icmlora.stages.train_cvae import train_cvae
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,10 @@ def trained(setting, tmp_path_factory):
     cfg, root, processor = setting
     out = tmp_path_factory.mktemp("gen")
     for rank in cfg.lora.ranks:
-        collect_params(cfg, rank, root / "lora", out / "params")
+        collect_params(cfg, rank, root / "lora", out / "matrix")
     compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", out / "tv.safetensors", out / "tv.json",
-                         out / "plots")
-    results = {rank: train_cvae(cfg, rank, out / "params", out / "tv.safetensors", out / "cvae", out / "state",
+                         out / "tv-metrics.json", out / "plots")
+    results = {rank: train_cvae(cfg, rank, out / "matrix", out / "tv.safetensors", out / "cvae", out / "state",
                                 out / "cvae_metrics") for rank in cfg.lora.ranks}
     return cfg, root, processor, out, results
 
@@ -37,23 +38,21 @@ def trained(setting, tmp_path_factory):
 def test_cvae_training_writes_a_rebuildable_generator(trained):
     cfg, _, _, out, results = trained
     for rank, result in results.items():
-        assert result["train_tasks"] == [t for t in cfg.data.tasks if t not in cfg.generator.holdout]
+        assert result["train_tasks"] == cfg.training_tasks()
         assert result["rows"] == 6  # the held-out task's 3 checkpoints are never seen
         history = pd.read_csv(out / "cvae_metrics" / f"r{rank}.csv")
-        assert list(history.columns) == ["epoch", "loss", "recon", "kl"] and len(history) == cfg.cvae.epochs
-        gen = Generator.load(out / "cvae" / f"r{rank}")
+        assert list(history.columns) == ["epoch", "loss", "recon", "kl"] and len(history) == cfg.cvae.train.epochs
+        gen = read_generator(rank, out / "cvae")
         assert gen.model.config.input_dim == result["model"]["input_dim"]
         assert not (out / "state" / f"r{rank}").exists()  # finished: no resume state left
 
 
 def test_generated_folders_load_in_peft_with_exactly_the_manifest_tensors(trained):
     cfg, root, processor, out, _ = trained
-    metrics = generate_all(cfg, out / "cvae", out / "params", out / "tv.safetensors", out / "generated", out / "g.json")
+    metrics = generate_all(cfg, out / "cvae", out / "matrix", out / "tv.safetensors", out / "generated", out / "g.json")
     assert metrics["adapters"] == len(cfg.data.tasks) * len(cfg.lora.ranks) * (cfg.generate.samples + 1)
     assert metrics["generate_adapter_seconds"] < 1.0
-    import json
-
-    manifest = json.loads((out / "params" / "r2.json").read_text())
+    manifest = json.loads((out / "matrix" / "r2.json").read_text())
     folder = out / "generated" / "triangle-r2" / "sample-z0"  # a held-out task
     tensors, config = read_adapter(folder)
     assert sorted(tensors) == manifest["names"]
@@ -68,21 +67,19 @@ def test_generated_folders_load_in_peft_with_exactly_the_manifest_tensors(traine
 def test_generate_for_a_new_task_vector(trained, tmp_path):
     cfg, _, _, out, _ = trained
     vec = torch.randn(cfg.base.tiny.d_model)
-    written = generate_one(cfg, 1, tmp_path / "new-task", vec, samples=2, cvae_dir=out / "cvae", params_dir=out / "params")
+    written = generate_one(cfg, 1, tmp_path / "new-task", vec, samples=2, cvae_root=out / "cvae", matrix_root=out / "matrix")
     assert [p.name for p in written] == ["sample-z0", "sample-0", "sample-1"]
     with pytest.raises(InputError, match="task vector has 3 values"):
-        generate_one(cfg, 1, tmp_path / "bad", torch.randn(3), samples=1, cvae_dir=out / "cvae", params_dir=out / "params")
+        generate_one(cfg, 1, tmp_path / "bad", torch.randn(3), samples=1, cvae_root=out / "cvae", matrix_root=out / "matrix")
 
 
 def test_generate_cli_from_a_vector_file(trained, tmp_path, monkeypatch):
-    from icmlora.cvae import generate
+    from icmlora.stages import generate
 
     cfg, _, _, out, _ = trained
     save_file({"vector": torch.randn(cfg.base.tiny.d_model)}, str(tmp_path / "vec.safetensors"))
-    monkeypatch.setattr(generate, "CVAE_DIR", out / "cvae")
-    monkeypatch.setattr(generate, "PARAMS_DIR", out / "params")
-    monkeypatch.setattr(generate, "load_config", lambda _: cfg)
-    monkeypatch.setattr(generate.generate_one, "__defaults__", (out / "cvae", out / "params"))
+    monkeypatch.setattr(generate.generate_one, "__defaults__", (out / "cvae", out / "matrix"))
+    monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
     result = generate.main(["--task-vector", str(tmp_path / "vec.safetensors"), "--rank", "2", "--out",
                             str(tmp_path / "adapters"), "--samples", "1"])
     assert len(result["adapters"]) == 2 and (tmp_path / "adapters" / "sample-z0" / "adapter_config.json").is_file()
@@ -96,12 +93,12 @@ def test_generate_cli_from_a_vector_file(trained, tmp_path, monkeypatch):
 def test_novelty_on_constructed_cases():
     own = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # nearest-neighbour distances 1, 1, 2 -> median 1
     train = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
-    copy = _novelty(torch.tensor([0.0, 0.0]), train, own)
+    copy = novelty(torch.tensor([0.0, 0.0]), train, own)
     assert copy["nn_distance"] == 0.0 and copy["novelty_ratio"] == 0.0
-    far = _novelty(torch.tensor([3.0, 4.0]), train, own)
+    far = novelty(torch.tensor([3.0, 4.0]), train, own)
     assert far["nn_distance"] == pytest.approx(5.0) and far["novelty_ratio"] == pytest.approx(5.0)
     assert far["nn_cosine"] == pytest.approx(0.0, abs=1e-6) or far["nearest_index"] == 0
-    near = _novelty(torch.tensor([9.0, 0.0]), train, own)
+    near = novelty(torch.tensor([9.0, 0.0]), train, own)
     assert near["nearest_index"] == 1 and near["nn_cosine"] == pytest.approx(1.0)
 
 
@@ -109,7 +106,7 @@ def test_summary_keys_and_ratios(setting):
     cfg = setting[0]
     rows = []
     for task in cfg.data.tasks:
-        held = task in cfg.generator.holdout
+        held = task in cfg.heldout_tasks
         for source, sample, m in [("base", "-", 0.0), ("trained", "-", 0.8), ("generated", "z0", 0.8), ("generated", "0", 0.4),
                                   ("avg_checkpoint", "-", 0.5), ("noise", "-", 0.1), ("wrong_task", "x", 0.2),
                                   ("random_condition", "-", 0.0)] + ([("nearest_task", "x", 0.3)] if held else []):
@@ -125,3 +122,21 @@ def test_summary_keys_and_ratios(setting):
     assert r["heldout_generated_map50_median"] == pytest.approx(0.6)
     assert summary["storage"]["ratio"] == pytest.approx(0.1)
     assert summary["timing"]["speedup_median"] == pytest.approx(2000.0)
+
+
+def test_evaluate_refuses_a_task_without_its_z0_sample(trained, tmp_path):
+    """The baselines are built around each task's z = 0 sample: without it evaluate must stop and
+    say which folder lacks it, not reuse the previous task's sample (or crash on the first)."""
+    cfg, root, _, out, _ = trained
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"ranks": [1]}),
+                                 "evaluate": cfg.evaluate.model_copy(update={"cross_task_ranks": []})})
+    generate_all(cfg, out / "cvae", out / "matrix", out / "tv.safetensors", tmp_path / "generated", tmp_path / "g.json")
+    shutil.rmtree(tmp_path / "generated" / "square-r1" / "sample-z0")  # the second task
+    lora = tmp_path / "lora"
+    shutil.copytree(root / "lora", lora)
+    for task in cfg.data.tasks:  # the stand-in trajectories have no final adapter: use the last checkpoint
+        shutil.copytree(lora / f"{task}-r1-s0" / "checkpoints" / "step-6", lora / f"{task}-r1-s0" / "final")
+    with pytest.raises(InputError, match=r"generated/square-r1: no sample-z0"):
+        evaluate(cfg, root / "prepared", root / "base", lora, out / "matrix", out / "cvae", tmp_path / "generated",
+                 out / "tv.safetensors", tmp_path / "c.csv", tmp_path / "x.csv", tmp_path / "e.json")
+    assert not (tmp_path / "c.csv").exists()

@@ -7,13 +7,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from icmlora.config import config_from_dict
-from icmlora.errors import InputError
-from icmlora.florence import build_tiny_model, encode, load_images
-from icmlora.lora.adapters import flatten, read_adapter, unflatten
-from icmlora.lora.train import adapter_name
-from icmlora.params import Manifest, collect_params, load_params
+from params_helpers import micro_params
 
+from icmlora.artifacts import adapter_name
+from icmlora.artifacts.adapters import read_adapter
+from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, read_manifest, unflatten
+from icmlora.errors import InputError
+from icmlora.florence.model import build_tiny_model, encode, load_images
+from icmlora.stages.collect_params import collect_params
 
 
 
@@ -31,15 +32,15 @@ def test_flatten_unflatten_round_trip():
 def test_collect_params_manifest_and_train_task_statistics(setting, tmp_path):
     cfg, root, _ = setting
     manifest = collect_params(cfg, 2, root / "lora", tmp_path)
-    tensors, loaded = load_params(2, tmp_path)
-    assert manifest == loaded.data
-    assert tensors["params"].shape == (9, manifest["dim"]) and tensors["params"].dtype == torch.float32
-    assert tensors["task_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert tensors["step"].tolist() == [2, 4, 6] * 3
+    matrix = read_lora_matrix(2, tmp_path)
+    assert manifest == matrix.manifest.data
+    assert matrix.rows.shape == (9, manifest["dim"]) and matrix.rows.dtype == torch.float32
+    assert matrix.task_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert matrix.step.tolist() == [2, 4, 6] * 3
     assert manifest["offsets"][0] == 0 and manifest["names"] == sorted(manifest["names"])
     # Statistics come from the training tasks only: the held-out task's rows are not z-scored to 0/1.
-    holdout = cfg.data.tasks.index(cfg.generator.holdout[0])
-    train_rows = tensors["params"][tensors["task_index"] != holdout]
+    holdout = cfg.data.tasks.index(cfg.heldout_tasks[0])
+    train_rows = matrix.rows[matrix.task_index != holdout]
     first = train_rows[:, : manifest["offsets"][1]]
     assert first.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert first.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
@@ -48,10 +49,10 @@ def test_collect_params_manifest_and_train_task_statistics(setting, tmp_path):
 def test_row_to_adapter_round_trip_gives_the_same_outputs(setting, tmp_path):
     cfg, root, processor = setting
     collect_params(cfg, 1, root / "lora", tmp_path)
-    tensors, manifest = load_params(1, tmp_path)
+    matrix = read_lora_matrix(1, tmp_path)
     row = 4  # square, step 4
     original = root / "lora" / adapter_name("square", 1, 0) / "checkpoints" / "step-4"
-    manifest.write_adapter(tmp_path / "rebuilt", tensors["params"][row])
+    matrix.manifest.write_adapter(tmp_path / "rebuilt", matrix.rows[row])
     a, _ = read_adapter(original)
     b, cfg_b = read_adapter(tmp_path / "rebuilt")
     assert cfg_b["r"] == 1 and sorted(a) == sorted(b)
@@ -69,13 +70,12 @@ def test_row_to_adapter_round_trip_gives_the_same_outputs(setting, tmp_path):
 
 def test_per_checkpoint_normalization_stores_row_statistics(setting, tmp_path):
     cfg, root, _ = setting
-    cfg = config_from_dict({**_as_dict(cfg), "generator": {"holdout": ["triangle"], "normalization": "per_checkpoint"}})
+    cfg = micro_params(**{"cvae.normalization": "per_checkpoint"})
     manifest = collect_params(cfg, 1, root / "lora", tmp_path)
-    tensors, loaded = load_params(1, tmp_path)
+    matrix = read_lora_matrix(1, tmp_path)
     assert manifest["normalization"]["mode"] == "per_checkpoint"
-    assert tensors["row_mean"].shape == (9, len(manifest["names"]))
-    stats = (tensors["row_mean"][0], tensors["row_std"][0])
-    rebuilt = loaded.to_tensors(tensors["params"][0], stats)
+    assert matrix.row_mean.shape == (9, len(manifest["names"]))
+    rebuilt = matrix.manifest.to_tensors(matrix.rows[0], matrix.row_stats(0))
     original, _ = read_adapter(root / "lora" / adapter_name("circle", 1, 0) / "checkpoints" / "step-2")
     assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
 
@@ -83,12 +83,14 @@ def test_per_checkpoint_normalization_stores_row_statistics(setting, tmp_path):
 @pytest.mark.parametrize("mode", ["centered", "train_tasks"])
 def test_centered_normalization_removes_the_shared_checkpoint(setting, tmp_path, mode):
     cfg, root, _ = setting
-    cfg = config_from_dict({**_as_dict(cfg), "generator": {"holdout": ["triangle"], "normalization": mode}})
+    cfg = micro_params(**{"cvae.normalization": mode})
     collect_params(cfg, 1, root / "lora", tmp_path)
-    tensors, manifest = load_params(1, tmp_path)
-    train_rows = tensors["task_index"] != cfg.data.tasks.index("triangle")
-    raw = torch.stack([manifest.denormalize(r) for r in tensors["params"]])
-    per_element_mean = tensors["params"][train_rows].mean(0).abs().max().item()
+    matrix = read_lora_matrix(1, tmp_path)
+    manifest = matrix.manifest
+    tensors = load_file(str(tmp_path / "r1.safetensors"))
+    train_rows = matrix.task_index != cfg.data.tasks.index("triangle")
+    raw = torch.stack([manifest.denormalize(r) for r in matrix.rows])
+    per_element_mean = matrix.rows[train_rows].mean(0).abs().max().item()
     if mode == "centered":
         # The center is the training rows' element-wise mean (the held-out task's rows excluded),
         # so every element of the normalized training rows averages to zero.
@@ -98,7 +100,7 @@ def test_centered_normalization_removes_the_shared_checkpoint(setting, tmp_path,
     else:
         assert manifest.center is None and "center" not in tensors and per_element_mean > 0.1
     original, _ = read_adapter(root / "lora" / adapter_name("triangle", 1, 0) / "checkpoints" / "step-6")
-    rebuilt = manifest.to_tensors(tensors["params"][-1])
+    rebuilt = manifest.to_tensors(matrix.rows[-1])
     assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
 
 
@@ -109,13 +111,7 @@ def test_centered_manifest_without_its_center_is_refused(setting, tmp_path):
     tensors.pop("center")
     save_file(tensors, str(tmp_path / "r1.safetensors"))
     with pytest.raises(InputError, match="cannot read the 'center' tensor"):
-        Manifest.load(tmp_path / "r1.json")
-
-
-def _as_dict(cfg):
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
+        read_manifest(1, tmp_path)
 
 
 def _copy_lora(root, tmp_path):
@@ -158,19 +154,20 @@ def test_bad_checkpoints_name_the_file(setting, tmp_path, damage, message):
 
 def test_manifest_validation(tmp_path):
     (tmp_path / "r1.json").write_text(json.dumps({"rank": 1}))
-    with pytest.raises(InputError, match="not a parameter manifest"):
-        Manifest.load(tmp_path / "r1.json")
+    with pytest.raises(InputError, match="not a LoRA matrix manifest"):
+        read_manifest(1, tmp_path)
 
 
 def test_task_vectors_shapes_per_method(setting, tmp_path):
-    from icmlora.task_vectors import compute_task_vectors, load_task_vectors
+    from icmlora.artifacts.task_vectors import read_task_vectors
+    from icmlora.stages.task_vectors import compute_task_vectors
 
     cfg, root, processor = setting
     metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
-                                   tmp_path / "tv.json", tmp_path / "plots")
+                                   tmp_path / "tv.json", tmp_path / "tv-metrics.json", tmp_path / "plots")
     assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "text"}  # no adapters: no reference
     assert set(metrics["match_fraction"]) == set(cfg.data.tasks) and all(0 <= f <= 1 for f in metrics["match_fraction"].values())
-    vectors = load_task_vectors(tmp_path / "tv.safetensors")
+    vectors = read_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))
     for pooling in ("mean", "match"):
@@ -179,18 +176,26 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000
 
 
-def test_match_pooling_finds_where_the_base_names_each_object():
-    from icmlora.data.florence_format import Box
-    from icmlora.evaluation.metrics import box_iou
-    from icmlora.task_vectors import _named_objects
+def test_match_pooling_finds_where_the_base_names_each_object(setting):
+    from icmlora.florence.format import Box
+    from icmlora.florence.hidden_states import named_objects
+    from icmlora.florence.predict import TokenReader
+    from icmlora.metrics import box_iou
 
-    loc = {100 + i: i for i in range(1000)}  # token id 100 + i is <loc_i>
-    special = {0, 1, 2}
-    # </s> <s> red x1 y1 x2 y2  blue x1 y1 x2 y2 </s>: the states at 1 and 6 predict the two names.
-    seq = [2, 0, 7, 100 + 0, 100 + 0, 100 + 499, 100 + 499, 8, 100 + 500, 100 + 500, 100 + 999, 100 + 999, 2]
-    named = _named_objects(seq, loc, special, 64, 64)
+    _, _, processor = setting
+    tok = processor.tokenizer
+    reader = TokenReader(tok)
+    circle, square = tok.convert_tokens_to_ids(["circle", "square"])
+    loc = {i: tok.convert_tokens_to_ids(f"<loc_{i}>") for i in (0, 499, 500, 999)}
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    # </s> <s> circle x1 y1 x2 y2  square x1 y1 x2 y2 </s>: the states at 1 and 6 predict the two names.
+    seq = [eos, bos, circle, loc[0], loc[0], loc[499], loc[499], square, loc[500], loc[500], loc[999], loc[999], eos]
+    named = named_objects(reader, seq, 64, 64)
     assert [j for j, _ in named] == [1, 6]
     assert named[0][1].xyxy == pytest.approx((0.032, 0.032, 31.968, 31.968))
     corner = Box("", 32.0, 32.0, 64.0, 64.0)
     assert box_iou(named[1][1], corner) > 0.99 and box_iou(named[0][1], corner) == 0.0
-    assert _named_objects([2, 0, 7, 100, 100, 2], loc, special, 64, 64) == []  # a cut-off box names nothing
+    assert named_objects(reader, [eos, bos, circle, loc[0], loc[0], eos], 64, 64) == []  # a cut-off box names nothing
+    # A second box of the same phrase has no name of its own: only the first counts.
+    two = [eos, bos, circle, *[loc[0]] * 2, *[loc[499]] * 2, *[loc[500]] * 2, *[loc[999]] * 2, eos]
+    assert [j for j, _ in named_objects(reader, two, 64, 64)] == [1]

@@ -15,8 +15,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from icmlora.data.florence_format import Box
-from icmlora.evaluation.metrics import detection_metrics
+from icmlora.florence.format import Box
+from icmlora.metrics import detection_metrics
 
 MAPS = ("map50_95", "map50", "map75")
 RATES = ("precision", "recall", "f1")

@@ -54,7 +54,7 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
             assert (lora / "final" / "adapter_model.safetensors").is_file()
             samples = sorted(p.name for p in (micro_repo / f"models/generated/{task}-r{rank}").iterdir())
             assert samples == ["sample-0", "sample-1", "sample-z0"]
-        manifest = json.loads((micro_repo / f"data/params/r{rank}.json").read_text())
+        manifest = json.loads((micro_repo / f"data/lora_matrix/r{rank}.json").read_text())
         assert manifest["rows"] == 9 and manifest["rank"] == rank
         assert (micro_repo / f"models/cvae/r{rank}/model.safetensors").is_file()
         assert (micro_repo / f"metrics/cvae/r{rank}.csv").read_text().startswith("epoch,loss,recon,kl")
@@ -81,3 +81,17 @@ def test_dvc_push_to_the_default_remote(micro_repo, env):
     run([str(BIN / "dvc"), "push"], micro_repo, env)
     remote = micro_repo.parent / "icmlora-dvc-remote"
     assert remote.is_dir() and any(remote.rglob("*"))
+
+
+@pytest.mark.parametrize("edited", ["src/icmlora/metrics.py", "src/icmlora/cvae.py", "src/icmlora/cli.py"])
+def test_editing_a_shared_file_marks_exactly_the_stages_that_import_it(micro_repo, env, tmp_path, edited):
+    """`dvc status` after an edit names the stages whose code imports the file, and no others."""
+    from e2e_helpers import DVC, clone_sharing_cache
+    from test_architecture import STAGES, closure_files
+
+    clone = clone_sharing_cache(micro_repo, tmp_path / "clone", env)
+    with open(clone / edited, "a") as fh:
+        fh.write("\n# an edit\n")
+    status = json.loads(run([DVC, "status", "--json"], clone, env).stdout)
+    changed = {name.split("@")[0] for name in status}
+    assert changed == {s for s in STAGES if edited in closure_files(s)}, status

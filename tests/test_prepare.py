@@ -1,26 +1,21 @@
 import json
 
 import pytest
-import yaml
+from params_helpers import default_params
 
-from icmlora.config import config_from_dict
-from icmlora.data.florence_format import read_annotations
-from icmlora.data.prepare import AGNOSTIC_TASK, prepare
+from icmlora.artifacts import BASE_SPLIT as AGNOSTIC_TASK
 from icmlora.data.synthetic import generate_split
 from icmlora.errors import InputError
+from icmlora.florence.format import read_annotations
+from icmlora.stages.prepare import prepare
 
 
-def _micro(repo, **data_overrides):
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    data["data"]["synthetic"].update(train_images=40, valid_images=12)
-    data["data"].update(data_overrides)
-    data["generator"]["holdout"] = [data["data"]["tasks"][-1]]
-    return config_from_dict(data)
+def _micro(repo, **changes):
+    return default_params(**{"data.synthetic.train_images": 40, "data.synthetic.valid_images": 12, **changes})
 
 
 def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
-    cfg = _micro(repo).data
-    cfg.synthetic.objects_per_image = [2, 3]
+    cfg = _micro(repo, **{"data.synthetic.objects_per_image": [2, 3]}).data
     a = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
     b = generate_split(cfg.synthetic, cfg.tasks, 20, seed=7)
     assert [boxes for _, boxes in a] == [boxes for _, boxes in b]
@@ -36,9 +31,8 @@ def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
 def test_category_colours_give_each_category_its_hue(repo, category_colours):
     import colorsys
 
-    cfg = _micro(repo).data
-    cfg.synthetic.category_colours = category_colours
-    cfg.synthetic.noise_sigma = 0.0
+    cfg = _micro(repo, **{"data.synthetic.category_colours": category_colours, "data.synthetic.noise_sigma": 0.0,
+                          "data.synthetic.base_labels": "hue" if category_colours else "object"}).data
     hues: dict[str, list[float]] = {}
     categories = ["circle", "square", "ring"]
     for image, boxes in generate_split(cfg.synthetic, categories, 30, seed=3):
@@ -54,8 +48,7 @@ def test_category_colours_give_each_category_its_hue(repo, category_colours):
 
 
 def test_grid_variant_aligns_objects(repo):
-    cfg = _micro(repo).data
-    cfg.synthetic.grid = True
+    cfg = _micro(repo, **{"data.synthetic.grid": True}).data
     cell = cfg.synthetic.image_size // cfg.synthetic.grid_cells
     for _, boxes in generate_split(cfg.synthetic, cfg.tasks, 10, seed=1):
         for box in boxes:
@@ -90,8 +83,7 @@ def test_prepare_writes_per_task_splits_with_only_that_tasks_boxes(repo, tmp_pat
 
 
 def test_base_labels_object_is_class_agnostic(repo, tmp_path):
-    cfg = _micro(repo)
-    cfg.data.synthetic.base_labels = "object"
+    cfg = _micro(repo, **{"data.synthetic.base_labels": "object"})
     summary = prepare(cfg, tmp_path / "prepared")
     agnostic = read_annotations(tmp_path / "prepared" / AGNOSTIC_TASK / "train" / "annotations.jsonl")
     assert {b.label for ex in agnostic for b in ex.boxes} == {"object"}
@@ -108,10 +100,7 @@ def test_prepare_is_deterministic(repo, tmp_path):
 
 
 def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp_path):
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    data["data"]["tasks"] = ["circle", "dog"]
-    data["generator"]["holdout"] = ["dog"]
-    cfg = config_from_dict(data)
+    cfg = default_params(**{"data.tasks": ["circle", "dog"], "heldout_tasks": ["dog"]})
     with pytest.raises(InputError, match="'dog' is not one of"):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
@@ -119,10 +108,10 @@ def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp
 
 
 def test_task_without_examples_is_an_error(repo, tmp_path):
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    data["data"]["synthetic"].update(train_images=1, valid_images=1, objects_per_image=[1, 1])
+    cfg = default_params(**{"data.synthetic.train_images": 1, "data.synthetic.valid_images": 1,
+                            "data.synthetic.objects_per_image": [1, 1]})
     with pytest.raises(InputError, match="has no .* examples"):
-        prepare(config_from_dict(data), tmp_path / "prepared")
+        prepare(cfg, tmp_path / "prepared")
 
 
 def test_cli_exits_2_with_a_clear_message(repo, tmp_path, capsys):
@@ -131,4 +120,18 @@ def test_cli_exits_2_with_a_clear_message(repo, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text((repo / "params.yaml").read_text().replace("seed: 2024", "seed: many"))
     assert main(["prepare", "--params", str(params), "--out", str(tmp_path / "p")]) == 2
-    assert "seed: expected an integer" in capsys.readouterr().err
+    assert "seed: input should be a valid integer, got 'many'" in capsys.readouterr().err
+
+
+def test_stage_module_runs_as_a_program_and_exits_2_on_bad_params(repo, tmp_path):
+    """dvc.yaml runs `python -m icmlora.stages.<stage>`: the same clear error, status 2, nothing written."""
+    import subprocess
+    import sys
+
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text().replace("seed: 2024", "seed: -1"))
+    proc = subprocess.run([sys.executable, "-m", "icmlora.stages.prepare", "--params", str(params), "--out",
+                           str(tmp_path / "p")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("icmlora prepare: error: ") and "seed: input should be greater than or equal to 0" in proc.stderr
+    assert not (tmp_path / "p").exists()

@@ -136,14 +136,14 @@ def params_survive_set_param(params: Path, tmp_path: Path) -> str | None:
     (dvc.utils.hydra.apply_overrides); otherwise the error."""
     from dvc.utils.hydra import apply_overrides
 
-    from icmlora.config import load_config
+    from icmlora.config import load_params
     from icmlora.errors import InputError
 
     copy = tmp_path / "params.yaml"
     shutil.copyfile(params, copy)
     apply_overrides(copy, ["evaluate.noise_seed=1"])
     try:
-        load_config(copy)
+        load_params(copy)
     except InputError as exc:
         return str(exc)
     return None

@@ -1,11 +1,13 @@
-"""A killed training run continues from its last saved state (safetensors + JSON) when started again."""
+"""A killed training run continues from its last saved state (safetensors + JSON) when started
+again, running only what was left; a state from other parameters is never resumed."""
 
 import json
 
 import pytest
+import torch
 
-import icmlora.lora.train as lora_train
-import icmlora.resume as resume
+import icmlora.stages.train_lora as train_lora_stage
+from icmlora.resume import TrainingState
 
 
 class Killed(Exception):
@@ -14,17 +16,17 @@ class Killed(Exception):
 
 @pytest.fixture
 def kill_after(monkeypatch):
-    """Make save_training_state raise right after it saved the state of a given step/epoch."""
-    real = resume.save_training_state
+    """Make TrainingState.save raise right after it saved the state of a given step/epoch."""
+    real = TrainingState.save
 
     def arm(key: str, value: int):
-        def save_then_die(folder, model, optimizer, scheduler, generator, extra):
-            real(folder, model, optimizer, scheduler, generator, extra)
+        def save_then_die(self, model, optimizer, scheduler, generator, **extra):
+            real(self, model, optimizer, scheduler, generator, **extra)
             if extra.get(key) == value:
                 raise Killed(f"simulated kill after {key} {value}")
 
-        monkeypatch.setattr(resume, "save_training_state", save_then_die)
-        return real
+        monkeypatch.setattr(TrainingState, "save", save_then_die)
+        return lambda: monkeypatch.setattr(TrainingState, "save", real)
 
     return arm
 
@@ -33,19 +35,19 @@ def test_killed_lora_run_resumes_from_its_last_state(setting, tmp_path, monkeypa
     cfg, root, _ = setting
     paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
                  state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
-    real = kill_after("step", 4)
+    disarm = kill_after("step", 4)
     with pytest.raises(Killed):
-        lora_train.train_lora(cfg, "circle", 1, 0, **paths)
-    state = tmp_path / "state" / "circle-r1-s0"
+        train_lora_stage.train_lora(cfg, "circle", 1, 0, **paths)
+    state = tmp_path / "state" / "lora" / "circle-r1-s0"
     assert json.loads((state / "train" / "state.json").read_text())["extra"]["step"] == 4
     assert not list((state / "train").glob("*.bin")) and not list((state / "train").glob("*.pkl"))  # no pickles
     assert not (tmp_path / "lora" / "circle-r1-s0").exists()  # nothing half-written in the output
 
-    monkeypatch.setattr(resume, "save_training_state", real)
+    disarm()
     results = []
-    real_train = lora_train.train
-    monkeypatch.setattr(lora_train, "train", lambda *a, **k: results.append(real_train(*a, **k)) or results[-1])
-    metrics = lora_train.train_lora(cfg, "circle", 1, 0, **paths)
+    real_train = train_lora_stage.train
+    monkeypatch.setattr(train_lora_stage, "train", lambda *a, **k: results.append(real_train(*a, **k)) or results[-1])
+    metrics = train_lora_stage.train_lora(cfg, "circle", 1, 0, **paths)
     assert len(results[0].losses) == cfg.lora.train.steps - 4  # only the steps after the saved state ran
     assert metrics["train_steps"] == cfg.lora.train.steps
     out = tmp_path / "lora" / "circle-r1-s0"
@@ -56,33 +58,77 @@ def test_killed_lora_run_resumes_from_its_last_state(setting, tmp_path, monkeypa
 
 def test_state_from_other_params_is_discarded(setting, tmp_path):
     cfg, root, _ = setting
-    train_state = tmp_path / "state" / "circle-r1-s0" / "train"
+    train_state = tmp_path / "state" / "lora" / "circle-r1-s0" / "train"
     train_state.mkdir(parents=True)
     (train_state / "state.json").write_text(json.dumps({"extra": {"fingerprint": "other-params", "step": 4}}))
-    metrics = lora_train.train_lora(cfg, "circle", 1, 0, root / "prepared", root / "base", tmp_path / "lora",
-                                    tmp_path / "state", tmp_path / "metrics")
+    metrics = train_lora_stage.train_lora(cfg, "circle", 1, 0, root / "prepared", root / "base", tmp_path / "lora",
+                                          tmp_path / "state", tmp_path / "metrics")
     assert metrics["train_steps"] == cfg.lora.train.steps
-    assert not (tmp_path / "state" / "circle-r1-s0").exists()
+    assert not (tmp_path / "state" / "lora" / "circle-r1-s0").exists()
 
 
-def test_killed_cvae_run_resumes(setting, tmp_path, monkeypatch, kill_after):
-    import dataclasses
-
-    from icmlora.cvae.train import train_cvae
-    from icmlora.params import collect_params
-    from icmlora.task_vectors import compute_task_vectors
+def test_killed_cvae_run_resumes_with_only_the_remaining_epochs(setting, tmp_path, kill_after):
+    from icmlora.stages.collect_params import collect_params
+    from icmlora.stages.task_vectors import compute_task_vectors
+    from icmlora.stages.train_cvae import train_cvae
 
     cfg, root, _ = setting
-    cfg = dataclasses.replace(cfg, cvae=dataclasses.replace(cfg.cvae, epochs=6, checkpoint_every=2))
-    collect_params(cfg, 1, root / "lora", tmp_path / "params")
+    cfg = cfg.model_copy(update={"cvae": cfg.cvae.model_copy(update={
+        "train": cfg.cvae.train.model_copy(update={"epochs": 6, "checkpoint_every": 2})})})
+    collect_params(cfg, 1, root / "lora", tmp_path / "matrix")
     compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
-                         tmp_path / "tv.json", tmp_path / "plots")
-    args = (cfg, 1, tmp_path / "params", tmp_path / "tv.safetensors", tmp_path / "cvae", tmp_path / "state",
+                         tmp_path / "tv.json", tmp_path / "tv-metrics.json", tmp_path / "plots")
+    args = (cfg, 1, tmp_path / "matrix", tmp_path / "tv.safetensors", tmp_path / "cvae", tmp_path / "state",
             tmp_path / "metrics")
-    real = kill_after("epoch", 4)
+    disarm = kill_after("epoch", 4)
     with pytest.raises(Killed):
         train_cvae(*args)
-    monkeypatch.setattr(resume, "save_training_state", real)
+    disarm()
     out = train_cvae(*args)
+    assert out["epochs_run"] == 2  # epochs 5 and 6: the first four were restored, not re-run
     history = (tmp_path / "metrics" / "r1.csv").read_text().splitlines()
     assert len(history) == 1 + 6 and out["final"]["epoch"] == 6
+    # The same six epochs in one go end at the same weights: the resumed run replayed nothing.
+    uninterrupted = train_cvae(cfg, 1, tmp_path / "matrix", tmp_path / "tv.safetensors", tmp_path / "cvae2",
+                               tmp_path / "state2", tmp_path / "metrics2")
+    assert uninterrupted["epochs_run"] == 6
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "cvae" / "r1" / "model.safetensors")), load_file(str(tmp_path / "cvae2" / "r1" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _tiny_run(scheduler_factory):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, optimizer, scheduler_factory(optimizer), torch.Generator().manual_seed(0)
+
+
+def test_the_scheduler_is_restored_through_its_own_load_state_dict(tmp_path):
+    """A scheduler that nests others (SequentialLR) must come back working, not as dicts."""
+    def sequential(opt):
+        warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=2)
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [warm, decay], milestones=[2])
+
+    model, optimizer, scheduler, gen = _tiny_run(sequential)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = TrainingState(tmp_path / "s", "fp")
+    state.save(model, optimizer, scheduler, gen, step=3)
+    model2, optimizer2, scheduler2, gen2 = _tiny_run(sequential)
+    assert state.load(model2, optimizer2, scheduler2, gen2)["step"] == 3
+    for sched, opt in ((scheduler, optimizer), (scheduler2, optimizer2)):
+        opt.step()
+        sched.step()
+    assert scheduler2.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+
+
+def test_state_that_json_cannot_hold_is_an_error_not_a_null(tmp_path):
+    model, optimizer, scheduler, gen = _tiny_run(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    optimizer.step()
+    optimizer.param_groups[0]["odd"] = {1, 2}  # a set: JSON has no such type
+    with pytest.raises(TypeError, match=r"optimizer.param_groups\[0\].odd is a set"):
+        TrainingState(tmp_path / "s", "fp").save(model, optimizer, scheduler, gen, step=1)
+    assert not (tmp_path / "s").exists()

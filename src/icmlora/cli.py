@@ -1,39 +1,40 @@
 """One command line: ``icmlora <stage> [options]`` (or ``python -m icmlora <stage>``).
 
-Each stage is a module with a plain ``main(argv)``; this file only maps names to modules,
-imported lazily so ``icmlora --help`` stays fast.
+Each stage is the module ``icmlora.stages.<stage>``, named exactly as its dvc.yaml stage, with
+a plain ``main(argv)``; this file only lists them, imported lazily so ``icmlora --help`` stays
+fast. dvc.yaml runs the modules directly (``python -m icmlora.stages.<stage>``), so a change
+here re-runs no stage.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import sys
-import warnings
 
-from icmlora.errors import InputError
+from icmlora.stage_cli import EXIT_BAD_INPUT, run_stage
 
-STAGES = {
-    "prepare": ("icmlora.data.prepare", "build per-task detection datasets (Florence JSONL)"),
-    "base_model": ("icmlora.base_model", "build + pre-train the tiny Florence-2, or materialize a real one"),
-    "train_lora": ("icmlora.lora.train", "train one LoRA (task, rank, seed) and keep its checkpoint trajectory"),
-    "collect_params": ("icmlora.params", "flatten + normalize every checkpoint of one rank into one tensor file"),
-    "task_vectors": ("icmlora.task_vectors", "one vector per task from the model's hidden states"),
-    "train_cvae": ("icmlora.cvae.train", "train one generator (CVAE) per rank over the training tasks' adapters"),
-    "generate": ("icmlora.cvae.generate", "sample PEFT adapters for every task, or for a new task vector/examples"),
-    "evaluate": ("icmlora.evaluation.evaluate", "detection metrics of base, trained, generated and baseline adapters"),
-    "report": ("icmlora.evaluation.report", "summary metrics, plots and the MLflow summary run"),
-    "profile": ("icmlora.profile", "merge a params profile (profiles/*.yaml) into params.yaml"),
+COMMANDS = {
+    "prepare": "build per-task detection datasets (Florence JSONL)",
+    "base_model": "build + pre-train the tiny Florence-2, or materialize a real one",
+    "train_lora": "train one LoRA (task, rank, seed) and keep its checkpoint trajectory",
+    "collect_params": "flatten + normalize every checkpoint of one rank into one matrix",
+    "task_vectors": "one vector per task from the model's hidden states",
+    "train_cvae": "train one generator (CVAE) per rank over the training tasks' adapters",
+    "generate": "sample PEFT adapters for every task, or for a new task vector/examples",
+    "evaluate": "detection metrics of base, trained, generated and baseline adapters",
+    "report": "summary metrics, plots and the MLflow summary run",
+    "profile": "merge a params profile (profiles/*.yaml) into params.yaml (not a stage)",
 }
 
-EXIT_BAD_INPUT = 2
+
+def _module(name: str) -> str:
+    return "icmlora.profile" if name == "profile" else f"icmlora.stages.{name}"
 
 
 def _usage() -> str:
-    width = max(len(n) for n in STAGES)
+    width = max(len(n) for n in COMMANDS)
     lines = ["usage: icmlora <stage> [options]    (icmlora <stage> --help for a stage's options)", "", "stages:"]
-    lines += [f"  {name.ljust(width)}  {desc}" for name, (_, desc) in STAGES.items()]
+    lines += [f"  {name.ljust(width)}  {desc}" for name, desc in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -43,16 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in STAGES:
+    if name not in COMMANDS:
         print(f"icmlora: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    # peft calls a transformers API that transformers marks deprecated: noise for our users.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    logging.basicConfig(level=os.environ.get("ICMLORA_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    module = importlib.import_module(STAGES[name][0])
-    try:
-        module.main(rest)
-    except InputError as exc:
-        print(f"icmlora {name}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return 0
+    return run_stage(importlib.import_module(_module(name)).main, rest)

@@ -2,13 +2,20 @@
 
 Accelerate's ``save_state`` pickles the optimizer, scheduler and RNG states, and loading a
 pickle can run code; this project never unpickles anything. What a resumed run needs is
-small: the trainable parameters, AdamW's moments and step counts, the scheduler's counters
-and the RNG states (torch's and the data loader's).
+small: the trainable parameters, AdamW's moments and step counts, the scheduler's state and
+the RNG states (torch's and the data loader's).
+
+One mechanism for every resumable stage (LoRA and CVAE training): a ``TrainingState`` is a
+folder plus the fingerprint of the run it belongs to (``fingerprint(...)`` of whatever decides
+the run's result). A saved state whose fingerprint differs came from other parameters and is
+never resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,66 +27,99 @@ TENSORS = "state.safetensors"
 META = "state.json"
 
 
-def _unwrap(obj):
-    # Accelerate wraps optimizers and schedulers; the torch object is one attribute down.
-    return getattr(obj, "optimizer", None) or getattr(obj, "scheduler", None) or obj
+def fingerprint(*parts) -> str:
+    """A short hash of JSON-able parts (pydantic models are dumped first)."""
+    plain = [p.model_dump() if hasattr(p, "model_dump") else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _jsonable(value):
+def _torch_optimizer(optimizer):
+    # Accelerate wraps an optimizer; the torch object is one attribute down.
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _torch_scheduler(scheduler):
+    # Accelerate's wrapper keeps it in .scheduler. Not .optimizer: every torch scheduler has
+    # one, and taking it would save the optimizer's state in the scheduler's place.
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+def _jsonable(value, where: str):
+    """Tensors as numbers or lists, containers walked; any other type is an error, never a silent null."""
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value if value is None or isinstance(value, (int, float, str, bool)) else None
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return value
+    raise TypeError(f"training state: {where} is a {type(value).__name__}, which cannot be saved as JSON")
 
 
-def save_training_state(folder: Path, model, optimizer, scheduler, loader_generator: torch.Generator, extra: dict) -> None:
-    """Write the state atomically: a kill mid-write leaves the previous state intact."""
-    tensors: dict[str, torch.Tensor] = {}
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    for n in names:
-        tensors[f"param/{n}"] = params[n].detach().cpu().contiguous()
-    opt = _unwrap(optimizer).state_dict()
-    opt_meta = {}
-    for index, state in opt["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.numel() > 1 or key.startswith("exp_avg"):
-                tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_meta[f"{index}/{key}"] = _jsonable(value)
-    tensors["rng/torch"] = torch.get_rng_state()
-    tensors["rng/loader"] = loader_generator.get_state()
-    meta = {"names": names, "optimizer_scalars": opt_meta, "param_groups": _jsonable(opt["param_groups"]),
-            "scheduler": _jsonable(_unwrap(scheduler).state_dict()), "extra": extra}
-    with atomic_dir(folder) as tmp:
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / META).write_text(json.dumps(meta))
+class TrainingState:
+    """The resumable state of one training run, in ``folder``."""
 
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
 
-def load_training_state(folder: Path, model, optimizer, scheduler, loader_generator: torch.Generator) -> dict:
-    """Restore what ``save_training_state`` wrote; returns its ``extra``."""
-    tensors = load_file(str(folder / TENSORS))
-    meta = json.loads((folder / META).read_text())
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n in meta["names"]:
-            params[n].copy_(tensors[f"param/{n}"])
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-    for key, value in meta["optimizer_scalars"].items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = torch.tensor(value, dtype=torch.float32) if name == "step" else value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
-    _unwrap(optimizer).load_state_dict({"state": state, "param_groups": groups})
-    sched = _unwrap(scheduler)
-    sched_state = {k: v for k, v in meta["scheduler"].items() if k != "lr_lambdas"}
-    sched.__dict__.update(sched_state)
-    torch.set_rng_state(tensors["rng/torch"])
-    loader_generator.set_state(tensors["rng/loader"])
-    return meta["extra"]
+    def saved_fingerprint(self) -> str | None:
+        try:
+            return json.loads((self.folder / META).read_text())["extra"]["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def resumable(self) -> bool:
+        return self.saved_fingerprint() == self.fingerprint
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def save(self, model, optimizer, scheduler, loader_generator: torch.Generator, **extra) -> None:
+        """Write the state atomically: a kill mid-write leaves the previous state intact."""
+        tensors: dict[str, torch.Tensor] = {}
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        for n in names:
+            tensors[f"param/{n}"] = params[n].detach().cpu().contiguous()
+        opt = _torch_optimizer(optimizer).state_dict()
+        opt_meta = {}
+        for index, state in opt["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1 or key.startswith("exp_avg"):
+                    tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    opt_meta[f"{index}/{key}"] = _jsonable(value, f"optimizer.state.{index}.{key}")
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/loader"] = loader_generator.get_state()
+        meta = {"names": names, "optimizer_scalars": opt_meta,
+                "param_groups": _jsonable(opt["param_groups"], "optimizer.param_groups"),
+                "scheduler": _jsonable(_torch_scheduler(scheduler).state_dict(), "scheduler"),
+                "extra": _jsonable({**extra, "fingerprint": self.fingerprint}, "extra")}
+        with atomic_dir(self.folder) as tmp:
+            save_file(tensors, str(tmp / TENSORS))
+            (tmp / META).write_text(json.dumps(meta))
+
+    def load(self, model, optimizer, scheduler, loader_generator: torch.Generator) -> dict:
+        """Restore what ``save`` wrote into these objects; returns its ``extra``."""
+        tensors = load_file(str(self.folder / TENSORS))
+        meta = json.loads((self.folder / META).read_text())
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in meta["names"]:
+                params[n].copy_(tensors[f"param/{n}"])
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer_scalars"].items():
+            index, name = key.split("/", 1)
+            state.setdefault(int(index), {})[name] = torch.tensor(value, dtype=torch.float32) if name == "step" else value
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+        _torch_optimizer(optimizer).load_state_dict({"state": state, "param_groups": groups})
+        _torch_scheduler(scheduler).load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        loader_generator.set_state(tensors["rng/loader"])
+        return meta["extra"]

@@ -16,10 +16,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from icmlora.config import flatten
 
 EXPERIMENT = "icmlora"
 MLFLOW_PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Params (or a section, or a nested dict) -> {"dotted.key": value}, as MLflow params."""
+    if hasattr(obj, "model_dump"):
+        obj = obj.model_dump()
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        if isinstance(value, dict) or hasattr(value, "model_dump"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def repo_root() -> Path:

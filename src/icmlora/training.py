@@ -5,7 +5,6 @@ through Accelerate, so the same code runs on a CPU, one GPU (bf16) or several
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +15,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from icmlora.config import Optim, RuntimeConfig
-from icmlora.data.florence_format import Example
-from icmlora.florence import encode, load_images
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def set_threads(runtime: RuntimeConfig) -> None:
-    if runtime.threads:
-        torch.set_num_threads(runtime.threads)
+from icmlora.config import OptimizerParams, RuntimeParams
+from icmlora.florence.format import Example
+from icmlora.florence.model import encode, load_images
+from icmlora.resume import TrainingState
+from icmlora.runtime import make_accelerator, seed_everything
 
 
 class DetectionDataset(Dataset):
@@ -63,18 +53,12 @@ class TrainResult:
     losses: list[float]
 
 
-def make_accelerator(runtime: RuntimeConfig):
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=runtime.mixed_precision)
-
-
 def train(
     model,
     processor,
     dataset: DetectionDataset,
-    optim: Optim,
-    runtime: RuntimeConfig,
+    optim: OptimizerParams,
+    runtime: RuntimeParams,
     seed: int,
     *,
     accelerator=None,
@@ -82,16 +66,12 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     checkpoint_every: int = 0,
-    state_dir: Path | None = None,
-    state_extra: dict | None = None,
-    resume: bool = False,
+    state: TrainingState | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``optim.steps`` steps (AdamW, linear warm-up
     then cosine decay, gradient clipping). Every ``checkpoint_every`` steps and at the end,
-    ``on_checkpoint(step)`` runs and then, with a ``state_dir``, the training state is saved
-    there (``state_extra`` recorded with it); ``resume`` continues from that state."""
-    from icmlora import resume as saved_state
-
+    ``on_checkpoint(step)`` runs and then, with a ``state``, the training state is saved; a
+    ``state`` saved by the same run (same fingerprint) is resumed from."""
     accelerator = accelerator or make_accelerator(runtime)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -109,8 +89,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     start_step = 0
-    if resume and state_dir is not None:
-        start_step = saved_state.load_training_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, generator)["step"]
+    if state is not None and state.resumable():
+        start_step = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)["step"]
     model.train()
     losses: list[float] = []
     step = start_step
@@ -139,9 +119,8 @@ def train(
                 accelerator.wait_for_everyone()
                 if on_checkpoint is not None:
                     on_checkpoint(step)
-                if state_dir is not None and accelerator.is_main_process:
-                    saved_state.save_training_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, generator,
-                                        {**(state_extra or {}), "step": step})
+                if state is not None and accelerator.is_main_process:
+                    state.save(accelerator.unwrap_model(model), optimizer, scheduler, generator, step=step)
             if step >= optim.steps:
                 break
     bar.close()

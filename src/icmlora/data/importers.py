@@ -23,12 +23,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from icmlora.data.florence_format import ANNOTATIONS_FILE, Box, parse_suffix
+from icmlora.artifacts import ANNOTATIONS_FILE, SPLITS
+from icmlora.florence.format import Box, parse_suffix
 from icmlora.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid")
 # Boxes at most this far outside the image (rounding in the source's tools) are clipped.
 CLIP_TOLERANCE_PX = 1.0
 FLORENCE_LAYOUT = "expected <root>/{train,valid}.jsonl or <root>/{train,valid}/annotations.jsonl"

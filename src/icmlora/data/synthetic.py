@@ -31,8 +31,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from icmlora.config import SyntheticData
-from icmlora.data.florence_format import Box
+from icmlora.config import SyntheticParams
+from icmlora.florence.format import Box
 
 
 def _star(x: float, y: float, s: float, points: int = 5) -> list[tuple[float, float]]:
@@ -76,7 +76,7 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, s: float, c
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon")
 
 
-def _place(rng: np.random.Generator, cfg: SyntheticData, count: int) -> list[tuple[int, int, int]]:
+def _place(rng: np.random.Generator, cfg: SyntheticParams, count: int) -> list[tuple[int, int, int]]:
     """Non-overlapping (x, y, size) squares; fewer than ``count`` if the image is full."""
     lo, hi = cfg.object_size
     n = cfg.image_size
@@ -108,7 +108,7 @@ def hue_name(index: int, count: int) -> str:
     return HUE_NAMES[round(len(HUE_NAMES) * index / count) % len(HUE_NAMES)]
 
 
-def _colour(rng: np.random.Generator, cfg: SyntheticData, index: int, count: int) -> tuple[int, int, int]:
+def _colour(rng: np.random.Generator, cfg: SyntheticParams, index: int, count: int) -> tuple[int, int, int]:
     """The colour of an object of category ``index`` out of ``count``: hues evenly spaced."""
     if not cfg.category_colours:
         return tuple(int(v) for v in rng.integers(150, 256, size=3))
@@ -120,7 +120,7 @@ def _colour(rng: np.random.Generator, cfg: SyntheticData, index: int, count: int
     return tuple(int(150 + round(v * 105 * rng.uniform(0.85, 1.0))) for v in rgb)
 
 
-def generate_split(cfg: SyntheticData, categories: list[str], count: int, seed: int) -> list[tuple[Image.Image, list[Box]]]:
+def generate_split(cfg: SyntheticParams, categories: list[str], count: int, seed: int) -> list[tuple[Image.Image, list[Box]]]:
     """``count`` images, each with objects of distinct categories drawn from ``categories``."""
     unknown = [c for c in categories if c not in SHAPES]
     if unknown:

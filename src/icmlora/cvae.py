@@ -1,4 +1,4 @@
-"""The paper's 1-D convolutional conditional VAE over flattened LoRA parameter vectors.
+"""The generator: the paper's 1-D convolutional conditional VAE over flattened LoRA weights.
 
 A flattened adapter ``x`` of length ``input_dim`` is zero-padded to ``padded_dim`` (a
 multiple of ``pad_multiple``), read as a 1-channel sequence and halved in length by each
@@ -6,6 +6,11 @@ stride-2 convolution of the encoder. The task vector ``cond`` joins twice: befor
 mu / log-variance heads and with ``z`` before the decoder, which mirrors the encoder with
 stride-2 transposed convolutions and ends in a Conv1d to one channel; the output is cut
 back to ``input_dim``.
+
+``CVAEArchitecture`` is a network's exact shape (saved with a trained generator, it rebuilds
+the network); ``architecture(params.cvae, D, d)`` resolves params.yaml's knobs, some of which
+follow D, into one. A ``Generator`` is a trained CVAE plus the standardization of its condition:
+task vector in, normalized adapter row out.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icmlora.config import CvaeParams
+
 PAPER_CHANNELS = [8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8]
 NORMS = ("group", "batch", "none")
 
@@ -28,21 +35,25 @@ def _is_int(v: Any) -> bool:
 
 
 @dataclass
-class CVAEConfig:
+class CVAEArchitecture:
+    """A network's exact shape. Every field is set from params.yaml (``architecture``) or a saved
+    generator's config.json, never defaulted here. The paper's: 12 layers (PAPER_CHANNELS),
+    kernel 7, latent 256, padding to 4096, kl_weight 0.005, hidden_dim None, norm "batch"."""
+
     input_dim: int
     condition_dim: int
     channels: list[int]
-    kernel_size: int = 7
-    latent_dim: int = 256
-    pad_multiple: int = 4096
-    kl_weight: float = 0.005
-    hidden_dim: int | None = None  # encoder feature before the heads; None -> latent_dim (the paper's 7.5 M count)
+    kernel_size: int
+    latent_dim: int
+    pad_multiple: int
+    kl_weight: float
+    hidden_dim: int | None  # encoder feature before the heads; None -> latent_dim (the paper's 7.5 M count)
     # GroupNorm by default, not the paper's BatchNorm: the paper trains at batch 2, where
     # BatchNorm's batch statistics make each sample's encoding depend on the other sample
     # and differ from the running statistics used in eval; at batch 1 it raises once a
     # layer's output has a single value per channel. GroupNorm normalises each sample on its
     # own and behaves the same in train and eval. "batch" reproduces the paper.
-    norm: str = "group"
+    norm: str
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, tuple):
@@ -50,7 +61,7 @@ class CVAEConfig:
         problems = self.problems()
         if problems:
             raise ValueError(
-                "invalid CVAEConfig: " + "; ".join(f"{key}: {msg}" for key, msg in problems)
+                "invalid CVAEArchitecture: " + "; ".join(f"{key}: {msg}" for key, msg in problems)
             )
 
     def problems(self) -> list[tuple[str, str]]:
@@ -106,32 +117,19 @@ class CVAEConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> CVAEConfig:
+    def from_json(cls, d: dict[str, Any]) -> CVAEArchitecture:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"invalid CVAEConfig: unknown keys {unknown} (allowed: {sorted(known)})")
+            raise ValueError(f"invalid CVAEArchitecture: unknown keys {unknown} (allowed: {sorted(known)})")
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
             if f.name not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
         if missing:
-            raise ValueError(f"invalid CVAEConfig: missing keys {missing}")
+            raise ValueError(f"invalid CVAEArchitecture: missing keys {missing}")
         return cls(**d)
-
-    @classmethod
-    def for_input(
-        cls, input_dim: int, condition_dim: int, max_layers: int = 12, **overrides: Any
-    ) -> CVAEConfig:
-        """A config sized for ``input_dim``: ``default_channels`` and padding to the total stride.
-
-        The paper's 4096 is exactly 2**12, its total stride; padding tiny inputs to 4096 would
-        mostly feed the network zeros.
-        """
-        channels = overrides.pop("channels", None) or default_channels(input_dim, max_layers)
-        overrides.setdefault("pad_multiple", 2 ** len(channels))
-        return cls(input_dim=input_dim, condition_dim=condition_dim, channels=channels, **overrides)
 
 
 def default_channels(input_dim: int, max_layers: int = 12, min_length: int = 8) -> list[int]:
@@ -154,6 +152,18 @@ def default_channels(input_dim: int, max_layers: int = 12, min_length: int = 8) 
     return up + up[: n // 2][::-1]
 
 
+def architecture(params: CvaeParams, input_dim: int, condition_dim: int) -> CVAEArchitecture:
+    """The network for D = ``input_dim`` and task vectors of ``condition_dim``: channels from
+    ``default_channels`` unless set, padding to the total stride unless set (the paper's 4096 is
+    exactly 2**12, its total stride; padding tiny inputs to 4096 would mostly feed it zeros)."""
+    channels = list(params.channels) or default_channels(input_dim, params.max_layers)
+    return CVAEArchitecture(
+        input_dim=input_dim, condition_dim=condition_dim, channels=channels, kernel_size=params.kernel_size,
+        latent_dim=params.latent_dim, hidden_dim=params.hidden_dim or None,
+        pad_multiple=params.pad_multiple or 2 ** len(channels), kl_weight=params.kl_weight, norm=params.norm,
+    )
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm1d(channels)
@@ -163,7 +173,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class CVAE(nn.Module):
-    def __init__(self, config: CVAEConfig):
+    def __init__(self, config: CVAEArchitecture):
         super().__init__()
         self.config = config
         c = config
@@ -245,3 +255,29 @@ class CVAE(nn.Module):
         recon_mse = F.mse_loss(recon, x.to(recon.dtype))
         kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
         return recon_mse + self.config.kl_weight * kl, recon_mse, kl
+
+
+class Generator:
+    """A trained CVAE + the condition standardization: task vector -> normalized adapter row.
+
+    The condition is the task vector minus the training tasks' mean vector, over their spread:
+    raw hidden-state summaries of different tasks differ by little next to what they share.
+    """
+
+    def __init__(self, model: CVAE, cond_mean: torch.Tensor, cond_scale: torch.Tensor, meta: dict):
+        self.model, self.cond_mean, self.cond_scale, self.meta = model.eval(), cond_mean, cond_scale, meta
+
+    @staticmethod
+    def standardization(train_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, scale) of the training tasks' vectors [tasks, d]: one scale for every dimension."""
+        mean = train_vectors.mean(0)
+        return mean, (train_vectors - mean).std().clamp_min(1e-8).expand_as(mean).clone()
+
+    def condition(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (vectors.float() - self.cond_mean) / self.cond_scale
+
+    @torch.no_grad()
+    def sample(self, vector: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Normalized adapter rows [len(z), D] for one task vector."""
+        cond = self.condition(vector.reshape(1, -1)).expand(len(z), -1)
+        return self.model.decode(z, cond)

@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from icmlora.data.florence_format import Box
+from icmlora.florence.format import Box
 
 AGNOSTIC_LABEL = "object"
 MATCH_IOU = 0.5

@@ -1,6 +1,6 @@
 """Stage `base_model`: materialize the base Florence-2 into models/base/.
 
-    python -m icmlora base_model          # reads params.yaml: seed, data.tasks, base, runtime, eval
+    python -m icmlora.stages.base_model     # or: icmlora base_model  (params: seed, data.tasks, base, runtime, predict)
 
 - ``base.model: tiny`` builds a small Florence-2 and its processor offline and pre-trains it
   with Accelerate on the split that holds every object, none named by its task: each box is
@@ -8,28 +8,26 @@
 - ``base.model: <hub id or folder>`` (e.g. florence-community/Florence-2-base-ft) loads it once
   (the only network access of the pipeline, for a hub id), optionally fine-tunes it
   class-agnostically for ``base.finetune_steps``, and saves it.
-Every later stage loads only models/base/. Writes metrics/base_model.json (class-agnostic
-detection metrics on the valid split, train_seconds) and metrics/base_model_loss.csv.
+Every later stage loads only models/base/ (``icmlora.artifacts.base_model``). Writes
+metrics/base_model.json (class-agnostic detection metrics on the valid split, train_seconds) and
+metrics/base_model_loss.csv.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import time
 from pathlib import Path
 
-from icmlora.config import Config, load_config
-from icmlora.data.florence_format import ANNOTATIONS_FILE, read_annotations
-from icmlora.data.prepare import AGNOSTIC_LABEL, AGNOSTIC_TASK, PREPARED_DIR, task_dir
-from icmlora.detection import evaluate_annotations
-from icmlora.files import atomic_dir, write_json, write_text
+from icmlora.artifacts import BASE_MODEL_DIR, BASE_MODEL_LOSS, BASE_MODEL_METRICS, BASE_SPLIT, PREPARED_DIR
+from icmlora.artifacts.annotations import AGNOSTIC_LABEL, read_split
+from icmlora.artifacts.base_model import write_base_model
+from icmlora.config import Params
+from icmlora.files import write_json, write_text
+from icmlora.scoring import Scorer
+from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, start_run
-from icmlora.training import DetectionDataset, make_accelerator, seed_everything, set_threads, train
-
-BASE_DIR = Path("models/base")
-METRICS_FILE = Path("metrics/base_model.json")
-LOSS_FILE = Path("metrics/base_model_loss.csv")
+from icmlora.runtime import make_accelerator, seed_everything, set_threads
+from icmlora.training import DetectionDataset, train
 
 
 def _image_size(examples) -> int:
@@ -39,12 +37,13 @@ def _image_size(examples) -> int:
     return next(iter(sizes))[0]
 
 
-def _load_or_build(cfg: Config, train_examples):
-    """(model, processor, optim) for this configuration; optim is None when nothing is trained."""
+def _load_or_build(cfg: Params, train_examples):
+    """(model, processor, optimizer params) for this configuration; optimizer params are None
+    when nothing is trained."""
     import torch
 
     if cfg.base.model == "tiny":
-        from icmlora.florence import build_tiny_model, build_tiny_processor
+        from icmlora.florence.model import build_tiny_model, build_tiny_processor
 
         size = _image_size(train_examples)
         names = sorted({box.label for example in train_examples for box in example.boxes})
@@ -58,17 +57,15 @@ def _load_or_build(cfg: Config, train_examples):
     kwargs = {"revision": cfg.base.revision} if cfg.base.revision else {}
     model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **kwargs)
     processor = AutoProcessor.from_pretrained(source, **kwargs)
-    optim = dataclasses.replace(cfg.base.train, steps=cfg.base.finetune_steps) if cfg.base.finetune_steps else None
+    optim = cfg.base.train.model_copy(update={"steps": cfg.base.finetune_steps}) if cfg.base.finetune_steps else None
     return model, processor, optim
 
 
-def build_base_model(cfg: Config, prepared: Path = PREPARED_DIR, out_dir: Path = BASE_DIR,
-                     metrics_file: Path = METRICS_FILE, loss_file: Path = LOSS_FILE) -> dict:
+def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path = BASE_MODEL_DIR,
+                     metrics_file: Path = BASE_MODEL_METRICS, loss_file: Path = BASE_MODEL_LOSS) -> dict:
     set_threads(cfg.runtime)
     seed_everything(cfg.seed)
-    train_file = task_dir(prepared, AGNOSTIC_TASK, "train") / ANNOTATIONS_FILE
-    valid_file = task_dir(prepared, AGNOSTIC_TASK, "valid") / ANNOTATIONS_FILE
-    train_examples = read_annotations(train_file, check_images=False)
+    train_examples, train_folder = read_split(BASE_SPLIT, "train", prepared)
     accelerator = make_accelerator(cfg.runtime)
     model, processor, optim = _load_or_build(cfg, train_examples)
     n_params = sum(p.numel() for p in model.parameters())
@@ -81,19 +78,18 @@ def build_base_model(cfg: Config, prepared: Path = PREPARED_DIR, out_dir: Path =
             def on_step(step: int, loss: float) -> None:
                 buffer.add("train_loss", loss, step)
 
-            result = train(model, processor, DetectionDataset(train_examples, train_file.parent), optim, cfg.runtime,
+            result = train(model, processor, DetectionDataset(train_examples, train_folder), optim, cfg.runtime,
                            cfg.seed, accelerator=accelerator, desc="base_model: train", on_step=on_step)
             buffer.flush()
             model = accelerator.unwrap_model(model)
             losses = result.losses
             metrics.update(train_steps=result.steps, train_seconds=round(result.seconds, 2))
         start = time.perf_counter()
-        scores = evaluate_annotations(model, processor, valid_file, cfg.eval, class_agnostic=True, desc="base_model: evaluate")
-        metrics.update(scores, eval_seconds=round(time.perf_counter() - start, 2))
+        scorer = Scorer(model, processor, cfg.predict, cfg.base.eval_images, prepared)
+        metrics.update(scorer.score(BASE_SPLIT, class_agnostic=True, desc="base_model: evaluate"),
+                       eval_seconds=round(time.perf_counter() - start, 2))
         if accelerator.is_main_process:
-            with atomic_dir(out_dir) as tmp:
-                model.save_pretrained(tmp)
-                processor.save_pretrained(tmp)
+            write_base_model(model, processor, out_dir)
             write_text(loss_file, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
             write_json(metrics_file, metrics)
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -101,14 +97,16 @@ def build_base_model(cfg: Config, prepared: Path = PREPARED_DIR, out_dir: Path =
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="icmlora base_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    parser.add_argument("--prepared", default=str(PREPARED_DIR), help="prepared data folder (default: data/prepared)")
-    parser.add_argument("--out", default=str(BASE_DIR), help="output folder (default: models/base)")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.params)
-    metrics = build_base_model(cfg, Path(args.prepared), Path(args.out))
+    parser = stage_parser("base_model", __doc__)
+    parser.add_argument("--prepared", type=Path, default=PREPARED_DIR, help=f"prepared data (default: {PREPARED_DIR})")
+    parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR, help=f"output folder (default: {BASE_MODEL_DIR})")
+    args, cfg = parser.parse(argv)
+    metrics = build_base_model(cfg, args.prepared, args.out)
     print(f"base_model: wrote {args.out} ({metrics['parameters']:,} parameters, {metrics['train_steps']} steps in "
           f"{metrics['train_seconds']:.0f} s; valid class-agnostic mAP50 {metrics['map50']:.3f}, "
-          f"mAP50-95 {metrics['map50_95']:.3f}) and {METRICS_FILE}")
+          f"mAP50-95 {metrics['map50_95']:.3f}) and {BASE_MODEL_METRICS}")
     return metrics
+
+
+if __name__ == "__main__":
+    run_stage(main)

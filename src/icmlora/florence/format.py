@@ -1,10 +1,17 @@
-"""The Florence-2 detection format: one JSON object per line with ``image``, ``prefix``, ``suffix``.
+"""The Florence-2 detection format, and the one parser of its ``label<loc_..>x4`` text.
 
+An annotations file holds one JSON object per line with ``image``, ``prefix``, ``suffix``.
 ``suffix`` is ``label<loc_x1><loc_y1><loc_x2><loc_y2>label<loc_...>...``: box corners quantized
 to 1000 bins of the image width/height exactly as transformers' ``Florence2PostProcessor``
 does (``floor(x / (W / 1000))`` clamped to 0..999; the inverse is the bin centre
 ``(q + 0.5) * W / 1000``). We keep the centre as a float: the transformers post-processor
 truncates it to an int, which costs whole pixels on small images.
+
+``parse_pieces`` reads that grammar from a sequence of pieces, each a location bin (``Loc``) or
+a piece of text (a string, or a token id), and is the only parser: ``parse_suffix`` feeds it
+the pieces of a text (ground truth, strict), ``florence.predict`` the generated tokens with
+their probabilities (scored boxes), and task vectors the positions where the base names an
+object.
 
 The reference code's variant with ``image_path``/``height``/``width`` is read too.
 ``image`` is a path relative to the annotations file's folder.
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +30,8 @@ from icmlora.errors import InputError
 
 NUM_BINS = 1000
 OD_PROMPT = "<OD>"
-ANNOTATIONS_FILE = "annotations.jsonl"
-_LOC = re.compile(r"<loc_(\d+)>")
-# Same shape as transformers' parser: a phrase (no '<') followed by four or more <loc_N>.
-_PHRASE = re.compile(r"([^<]+)((?:<loc_\d+>){4,})")
+_LOC_TEXT = re.compile(r"(<loc_\d+>)")
+_SPECIAL_TEXT = ("<s>", "</s>", "<pad>")
 
 
 @dataclass(frozen=True)
@@ -87,39 +93,90 @@ def encode_suffix(boxes: list[Box], width: int, height: int) -> str:
     return "".join(parts)
 
 
-def parse_suffix(text: str, width: int, height: int, *, strict: bool = False) -> list[Box]:
-    """Target or generated text -> boxes in pixels (bin centres).
+class Loc(int):
+    """A ``<loc_N>`` piece: its bin N."""
 
-    ``strict`` (for ground truth) raises ValueError on a ``<loc_N>`` with N > 999, on
-    x2 < x1 or y2 < y1, and on text that is not ``label<loc>x4`` groups; model output is
-    parsed leniently, the way the transformers post-processor does.
+
+@dataclass(frozen=True)
+class ParsedBox:
+    """One box of a parsed sequence: its label, its four bins, and where they were."""
+
+    label: str
+    bins: tuple[int, int, int, int]
+    label_positions: tuple[int, ...]  # indices of the label's pieces in the sequence
+    loc_positions: tuple[int, ...]  # indices of the four locations
+    opens_phrase: bool  # the first box after its label (later boxes of a phrase reuse the label)
+
+    def box(self, width: float, height: float, score: float = 1.0) -> Box:
+        q = self.bins
+        return Box(self.label, dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width),
+                   dequantize(q[3], height), score)
+
+
+def parse_pieces(pieces: Sequence[object], decode: Callable[[list], str], *, strict: bool = False) -> list[ParsedBox]:
+    """Boxes from a sequence of pieces: ``Loc`` bins, text pieces, or None (skipped).
+
+    The grammar is the post-processor's: a phrase (text pieces) names the boxes whose four
+    locations follow it; a phrase with 4k locations names k boxes; a box interrupted by text is
+    dropped, and so is a box with no phrase before it. ``decode`` turns a phrase's pieces into
+    its label. Lenient (model output) it skips what it cannot read, as the post-processor does,
+    and a bin >= 1000; ``strict`` (ground truth) raises ValueError instead, and on x2 < x1 or
+    y2 < y1 and text after the last box.
     """
-    text = text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")
-    boxes: list[Box] = []
-    consumed = 0
-    for m in _PHRASE.finditer(text):
-        if strict and text[consumed : m.start()].strip():
-            raise ValueError(f"unexpected text {text[consumed:m.start()]!r} before a box")
-        consumed = m.end()
-        # A broken box ("<loc_3>cat") leaves "loc_3>" in the phrase; the label is what follows.
-        label = m.group(1).split(">")[-1].strip()
-        bins = [int(v) for v in _LOC.findall(m.group(2))]
-        if strict and len(bins) % 4:
-            raise ValueError(f"{label!r} has {len(bins)} <loc_N> tokens, not a multiple of 4")
-        for i in range(0, len(bins) - len(bins) % 4, 4):
-            q = bins[i : i + 4]
-            if max(q) >= NUM_BINS:
-                if strict:
-                    raise ValueError(f"<loc_{max(q)}> is out of range (bins are 0..{NUM_BINS - 1})")
+    boxes: list[ParsedBox] = []
+    phrase: list[int] = []  # positions of the text pieces read since the last location
+    label, label_at, opens = "", (), False
+    locs: list[int] = []
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            continue
+        if isinstance(piece, Loc):
+            if not locs and phrase:  # the phrase before this run of locations is the label
+                label, label_at, opens, phrase = decode([pieces[j] for j in phrase]).strip(), tuple(phrase), True, []
+            locs.append(i)
+            if len(locs) < 4:
                 continue
-            if strict and (q[2] < q[0] or q[3] < q[1]):
-                raise ValueError(f"box {q} of {label!r} has x2 < x1 or y2 < y1")
-            boxes.append(
-                Box(label, dequantize(q[0], width), dequantize(q[1], height), dequantize(q[2], width), dequantize(q[3], height))
-            )
-    if strict and text[consumed:].strip():
-        raise ValueError(f"unexpected text {text[consumed:]!r} after the last box")
+            bins = tuple(int(pieces[j]) for j in locs)
+            if strict:
+                _check_box(label, bins)
+            if label and max(bins) < NUM_BINS:
+                boxes.append(ParsedBox(label, bins, label_at, tuple(locs), opens))
+                opens = False
+            locs = []
+        else:
+            if locs:  # a phrase interrupting a box: the partial box is dropped
+                if strict:
+                    raise ValueError(f"{label!r} has a box cut short: {len(locs)} <loc_N>, not 4")
+                locs = []
+            if not phrase:
+                label, label_at = "", ()
+            phrase.append(i)
+    if strict and locs:
+        raise ValueError(f"{label!r} has a box cut short: {len(locs)} <loc_N>, not 4")
+    if strict and phrase and decode([pieces[j] for j in phrase]).strip():
+        raise ValueError(f"unexpected text {decode([pieces[j] for j in phrase])!r} after the last box")
     return boxes
+
+
+def _check_box(label: str, bins: tuple[int, ...]) -> None:
+    if not label:
+        raise ValueError(f"a box {list(bins)} has no label before it")
+    if max(bins) >= NUM_BINS:
+        raise ValueError(f"<loc_{max(bins)}> is out of range (bins are 0..{NUM_BINS - 1})")
+    if bins[2] < bins[0] or bins[3] < bins[1]:
+        raise ValueError(f"box {list(bins)} of {label!r} has x2 < x1 or y2 < y1")
+
+
+def text_pieces(text: str) -> list[object]:
+    """The pieces of a Florence text: ``Loc`` for each ``<loc_N>``, strings between them."""
+    for token in _SPECIAL_TEXT:
+        text = text.replace(token, "")
+    return [Loc(int(part[5:-1])) if _LOC_TEXT.fullmatch(part) else part for part in _LOC_TEXT.split(text) if part]
+
+
+def parse_suffix(text: str, width: int, height: int, *, strict: bool = False) -> list[Box]:
+    """Target or generated text -> boxes in pixels (bin centres); see ``parse_pieces``."""
+    return [p.box(width, height) for p in parse_pieces(text_pieces(text), "".join, strict=strict)]
 
 
 def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Example]:

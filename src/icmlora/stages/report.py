@@ -1,6 +1,6 @@
 """Stage `report`: the summary metrics, the plots, and one MLflow summary run.
 
-    python -m icmlora report
+    python -m icmlora.stages.report      # or: icmlora report
 
 Reads metrics/comparison.csv, metrics/cross_task.csv, metrics/evaluate.json,
 metrics/generate.json, metrics/cvae/r*.csv and metrics/lora/*.json. Writes
@@ -11,20 +11,17 @@ generated adapters, CVAE loss curves, and mAP50 vs novelty.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
-from icmlora.config import Config, load_config
-from icmlora.evaluation.evaluate import COMPARISON_FILE, CROSS_FILE, EVALUATE_FILE
+from icmlora.artifacts import (COMPARISON_TABLE, CROSS_TASK_TABLE, CVAE_METRICS_DIR, EVALUATE_METRICS, GENERATE_METRICS,
+                               LORA_METRICS_DIR, REPORT_PLOTS, SUMMARY_METRICS, cvae_loss_file)
+from icmlora.config import Params
 from icmlora.files import atomic_path, read_json, write_json
+from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import start_run
-
-SUMMARY_FILE = Path("metrics/summary.json")
-PLOTS_DIR = Path("metrics/plots/report")
 
 
 def _median(series) -> float | None:
@@ -36,7 +33,7 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else (1.0 if num == 0 else math.inf)
 
 
-def summarize(frame: pd.DataFrame, cfg: Config, evaluate_json: dict, generate_json: dict, lora_metrics: list[dict]) -> dict:
+def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_json: dict, lora_metrics: list[dict]) -> dict:
     ranks: dict = {}
     for rank, part in frame.groupby("rank"):
         def per_task(source: str, sample: str | None = None) -> pd.Series:
@@ -49,8 +46,8 @@ def summarize(frame: pd.DataFrame, cfg: Config, evaluate_json: dict, generate_js
         generated = part[part.source == "generated"].groupby("task")["map50"].mean()  # mean over samples
         z0 = per_task("generated", "z0")
         wrong = part[part.source == "wrong_task"].set_index("task")["map50"]
-        train_tasks = [t for t in trained.index if t not in cfg.generator.holdout]
-        heldout = [t for t in trained.index if t in cfg.generator.holdout]
+        train_tasks = [t for t in trained.index if t not in cfg.heldout_tasks]
+        heldout = [t for t in trained.index if t in cfg.heldout_tasks]
         ranks[str(rank)] = {
             "trained_map50_median": _median(trained[train_tasks]),
             "generated_map50_median": _median(generated[train_tasks]),
@@ -128,9 +125,9 @@ def plots(frame: pd.DataFrame, cross: pd.DataFrame, cvae_dir: Path, out: Path) -
             written.append(_save(fig, out / f"task_heatmap_r{rank}.png"))
             plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for csv in sorted(cvae_dir.glob("r*.csv")):
-        curve = pd.read_csv(csv)
-        ax.plot(curve["epoch"], curve["loss"], label=csv.stem)
+    for rank in ranks:
+        curve = pd.read_csv(cvae_loss_file(rank, cvae_dir))
+        ax.plot(curve["epoch"], curve["loss"], label=f"r{rank}")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("CVAE loss")
@@ -152,17 +149,17 @@ def plots(frame: pd.DataFrame, cross: pd.DataFrame, cvae_dir: Path, out: Path) -
     return written
 
 
-def report(cfg: Config, comparison: Path = COMPARISON_FILE, cross_file: Path = CROSS_FILE,
-           evaluate_file: Path = EVALUATE_FILE, generate_file: Path = Path("metrics/generate.json"),
-           lora_metrics_dir: Path = Path("metrics/lora"), cvae_metrics_dir: Path = Path("metrics/cvae"),
-           summary_file: Path = SUMMARY_FILE, plots_dir: Path = PLOTS_DIR) -> dict:
+def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = CROSS_TASK_TABLE,
+           evaluate_file: Path = EVALUATE_METRICS, generate_file: Path = GENERATE_METRICS,
+           lora_metrics_dir: Path = LORA_METRICS_DIR, cvae_metrics_dir: Path = CVAE_METRICS_DIR,
+           summary_file: Path = SUMMARY_METRICS, plots_dir: Path = REPORT_PLOTS) -> dict:
     frame = pd.read_csv(comparison)
     cross = pd.read_csv(cross_file)
-    lora_metrics = [json.loads(p.read_text()) for p in sorted(lora_metrics_dir.glob("*.json"))]
+    lora_metrics = [read_json(p) for p in sorted(Path(lora_metrics_dir).glob("*.json"))]
     summary = summarize(frame, cfg, read_json(evaluate_file), read_json(generate_file), lora_metrics)
     written = plots(frame, cross, cvae_metrics_dir, plots_dir)
     write_json(summary_file, summary)
-    with start_run("report", "summary", params={"ranks": cfg.lora.ranks, "holdout": cfg.generator.holdout,
+    with start_run("report", "summary", params={"ranks": cfg.lora.ranks, "heldout_tasks": cfg.heldout_tasks,
                                                  "task_vector_method": cfg.task_vectors.method}, source="summary") as mlflow:
         flat = {f"r{r}.{k}": v for r, vals in summary["ranks"].items() for k, v in vals.items() if v is not None}
         flat.update({f"storage.{k}": v for k, v in summary["storage"].items() if v is not None})
@@ -175,11 +172,14 @@ def report(cfg: Config, comparison: Path = COMPARISON_FILE, cross_file: Path = C
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="icmlora report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    summary = report(load_config(args.params))
+    parser = stage_parser("report", __doc__)
+    args, cfg = parser.parse(argv)
+    summary = report(cfg)
     parts = [f"r{r}: generated/trained {v['generated_over_trained_median']}" for r, v in summary["ranks"].items()]
-    print(f"report: wrote {SUMMARY_FILE} ({'; '.join(parts)}; generator/checkpoints storage "
-          f"{summary['storage']['ratio']}) and plots under {PLOTS_DIR}")
+    print(f"report: wrote {SUMMARY_METRICS} ({'; '.join(parts)}; generator/checkpoints storage "
+          f"{summary['storage']['ratio']}) and plots under {REPORT_PLOTS}")
     return summary
+
+
+if __name__ == "__main__":
+    run_stage(main)

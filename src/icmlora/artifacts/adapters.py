@@ -1,19 +1,21 @@
-"""PEFT adapter folders <-> tensors, read and written only as safetensors + JSON.
+"""PEFT adapter folders, read and written only as safetensors + JSON.
 
 An adapter folder is what ``PeftModel.save_pretrained`` writes and ``PeftModel.from_pretrained``
-loads: ``adapter_config.json`` + ``adapter_model.safetensors``.
+loads: ``adapter_config.json`` + ``adapter_model.safetensors``. The pipeline writes them as a
+LoRA's trajectory and final adapter (models/lora/...) and as generated samples
+(models/generated/...).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from icmlora.artifacts import checkpoint_steps, checkpoints_dir
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir
 
@@ -52,18 +54,15 @@ def write_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: 
     return Path(folder)
 
 
-def flatten(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """Concatenate tensors in ``names`` order into one float32 vector."""
-    return torch.cat([tensors[n].reshape(-1).float() for n in names])
+def adapter_bytes(folder: Path) -> int:
+    """Size of an adapter's weights file."""
+    return (Path(folder) / WEIGHTS_FILE).stat().st_size
 
 
-def unflatten(vector: torch.Tensor, names: list[str], shapes: list[list[int]]) -> dict[str, torch.Tensor]:
-    total = sum(math.prod(shape) for shape in shapes)
-    if total != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} values, the manifest describes {total}")
-    out, offset = {}, 0
-    for name, shape in zip(names, shapes):
-        size = math.prod(shape)
-        out[name] = vector[offset : offset + size].reshape(shape).clone()
-        offset += size
-    return out
+def trajectory(task: str, rank: int, seed: int, lora_root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint a LoRA kept, by step."""
+    folder = checkpoints_dir(task, rank, seed, lora_root)
+    found = checkpoint_steps(folder)
+    if not found:
+        raise InputError(f"{folder}: no checkpoints (run `dvc repro train_lora` first)")
+    return found

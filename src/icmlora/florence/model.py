@@ -1,6 +1,6 @@
-"""Florence-2 through transformers' native classes: build a tiny one offline, load any one,
-and turn examples into model inputs. The tiny model and the real one go through the same
-functions; nothing downstream knows which it has.
+"""Florence-2 through transformers' native classes: build a tiny one offline, and turn
+examples into model inputs. The tiny model and the real one go through the same functions
+(``artifacts.base_model`` saves and loads either); nothing downstream knows which it has.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from icmlora.config import TinyModel
-from icmlora.data.florence_format import NUM_BINS, OD_PROMPT
+from icmlora.config import TinyModelParams
+from icmlora.florence.format import NUM_BINS
 
 # The processor replaces "<OD>" by this sentence (Florence2Processor.task_prompts_without_inputs),
 # so the tiny tokenizer must be trained on it, not on "<OD>".
@@ -37,7 +37,7 @@ POST_PROCESSOR_CONFIG = {
 }
 
 
-def num_image_tokens(cfg: TinyModel, image_size: int) -> int:
+def num_image_tokens(cfg: TinyModelParams, image_size: int) -> int:
     """The vision tower's output length: one token per cell of the last feature map, plus
     the pooled token the Florence-2 projector prepends."""
     stride = math.prod(cfg.patch_strides)
@@ -46,7 +46,7 @@ def num_image_tokens(cfg: TinyModel, image_size: int) -> int:
     return (image_size // stride) ** 2 + 1
 
 
-def build_tiny_processor(labels: list[str], image_size: int, cfg: TinyModel):
+def build_tiny_processor(labels: list[str], image_size: int, cfg: TinyModelParams):
     """A Florence2Processor built offline: byte-level BPE trained on the prompt and labels,
     plus <loc_0>..<loc_999> and the Florence task tokens, and a CLIP image processor at
     the data's size."""
@@ -85,7 +85,7 @@ def _sinusoid(rows: int, dim: int) -> torch.Tensor:
     return table
 
 
-def build_tiny_model(cfg: TinyModel, processor, image_size: int, seed: int):
+def build_tiny_model(cfg: TinyModelParams, processor, image_size: int, seed: int):
     """A randomly initialised Florence2ForConditionalGeneration from a small config."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
@@ -127,20 +127,6 @@ def build_tiny_model(cfg: TinyModel, processor, image_size: int, seed: int):
     return model
 
 
-def load_base(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load model + processor from a ``save_pretrained`` folder (models/base)."""
-    from transformers import AutoProcessor, Florence2ForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        from icmlora.errors import InputError
-
-        raise InputError(f"{path}: no base model here (config.json missing); run `dvc repro base_model` first")
-    model = Florence2ForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
-
-
 def load_images(paths: list[Path]) -> list[Image.Image]:
     images = []
     for p in paths:
@@ -159,5 +145,3 @@ def encode(processor, images: list[Image.Image], prompts: list[str], targets: li
         inputs["labels"] = labels
     return dict(inputs)
 
-
-__all__ = ["OD_PROMPT", "build_tiny_processor", "build_tiny_model", "load_base", "load_images", "encode", "num_image_tokens"]

@@ -1,46 +1,29 @@
 """Stage `prepare`: per-task detection datasets in Florence JSONL.
 
-    python -m icmlora prepare            # reads params.yaml: seed, data
+    python -m icmlora.stages.prepare          # or: icmlora prepare   (reads params.yaml: seed, data)
 
-Writes (one folder, renamed into place when complete):
-    data/prepared/_images/{train,valid}/        every image once
-    data/prepared/_agnostic/{train,valid}/annotations.jsonl   all boxes, none named by its task: the
-                                                base model's pre-training split ("object", or the
-                                                synthetic objects' hue names: data.synthetic.base_labels)
-    data/prepared/<task>/{train,valid}/annotations.jsonl      images holding <task>, only its boxes
-    data/prepared/summary.json                  base labels, counts per task and split
-
-``image`` in each JSONL line is relative to that file's folder (``../../_images/...``), so
-an image shared by several tasks is stored, hashed and pushed once.
+Builds data/prepared/ (layout: ``icmlora.artifacts.annotations``) in a temporary folder renamed
+into place when complete: every image once under _images/, the base model's pre-training split
+_agnostic/ (every box, none named by its task: named "object", or with the synthetic
+``base_labels: hue`` by its hue), one folder per task (images holding it, only its boxes), and
+summary.json (base labels, counts per task and split).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from icmlora.config import Config, load_config
-from icmlora.data.florence_format import ANNOTATIONS_FILE, Box, Example, write_annotations
+from icmlora.artifacts import BASE_SPLIT, PREPARED_DIR, PREPARED_SUMMARY, SPLITS
+from icmlora.artifacts.annotations import AGNOSTIC_LABEL, image_ref, images_dir, write_split
+from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir, write_json
-
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "valid")
-IMAGES_DIR = "_images"
-AGNOSTIC_TASK = "_agnostic"
-AGNOSTIC_LABEL = "object"
-PREPARED_DIR = Path("data/prepared")
-
-
-def task_dir(prepared: Path, task: str, split: str) -> Path:
-    return Path(prepared) / task / split
-
+from icmlora.florence.format import Box, Example
+from icmlora.stage_cli import run_stage, stage_parser
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
@@ -49,8 +32,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list[Box]]]]:
-    """Write every image under out/_images/<split>/ and return (relative name, w, h, boxes) per split."""
+def _collect(cfg: Params, out: Path) -> dict[str, list[tuple[str, int, int, list[Box]]]]:
+    """Write every image under out/_images/<split>/ and return (file name, w, h, boxes) per split."""
     records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
     if cfg.data.source == "synthetic":
         from icmlora.data.synthetic import SHAPES, generate_split
@@ -64,7 +47,7 @@ def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list
         syn = cfg.data.synthetic
         for i, split in enumerate(SPLITS):
             count = syn.train_images if split == "train" else syn.valid_images
-            folder = out / IMAGES_DIR / split
+            folder = images_dir(split, out)
             folder.mkdir(parents=True)
             # Distinct seeds per split keep valid images out of the training distribution's samples.
             items = generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i)
@@ -72,7 +55,7 @@ def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list
             for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
                 name = f"{j:06d}.png"
                 image.save(folder / name)
-                rows.append((f"{split}/{name}", image.width, image.height, boxes))
+                rows.append((name, image.width, image.height, boxes))
             records[split] = rows
         return records
 
@@ -80,18 +63,18 @@ def _collect(cfg: Config, out: Path) -> dict[str, list[tuple[str, int, int, list
 
     source = load_source(cfg.data.source, Path(cfg.data.root), cfg.data.tasks)
     for split in SPLITS:
-        folder = out / IMAGES_DIR / split
+        folder = images_dir(split, out)
         folder.mkdir(parents=True)
         rows = []
         for j, item in enumerate(tqdm(source[split], desc=f"prepare: copy {split} images", unit="img")):
             name = f"{j:06d}{item.path.suffix.lower()}"
             _link_or_copy(item.path, folder / name)
-            rows.append((f"{split}/{name}", item.width, item.height, item.boxes))
+            rows.append((name, item.width, item.height, item.boxes))
         records[split] = rows
     return records
 
 
-def base_labels(cfg: Config) -> dict[str, str]:
+def base_labels(cfg: Params) -> dict[str, str]:
     """{category: the name the base model's pre-training split gives it}: ``object`` for every
     category, or with synthetic ``base_labels: hue`` the name of the category's hue."""
     if cfg.data.source == "synthetic" and cfg.data.synthetic.base_labels == "hue":
@@ -111,10 +94,10 @@ def _ordered(boxes: list[Box]) -> list[Box]:
     return sorted(boxes, key=lambda b: (b.y1, b.x1))
 
 
-def _task_examples(rows, task: str | None, limit: int, names: dict[str, str]) -> list[Example]:
+def _task_examples(rows, split: str, task: str | None, limit: int, names: dict[str, str]) -> list[Example]:
     examples = []
-    for rel, w, h, boxes in rows:
-        image = f"../../{IMAGES_DIR}/{rel}"
+    for file_name, w, h, boxes in rows:
+        image = image_ref(split, file_name)
         if task is None:
             kept = [Box(names.get(b.label, AGNOSTIC_LABEL), b.x1, b.y1, b.x2, b.y2) for b in _ordered(boxes)]
         else:
@@ -127,7 +110,7 @@ def _task_examples(rows, task: str | None, limit: int, names: dict[str, str]) ->
     return examples
 
 
-def prepare(cfg: Config, out_dir: Path = PREPARED_DIR) -> dict:
+def prepare(cfg: Params, out_dir: Path = PREPARED_DIR) -> dict:
     """Build the prepared data folder; returns the summary it wrote."""
     names = base_labels(cfg)
     summary: dict = {"source": cfg.data.source, "base_labels": names, "tasks": {}}
@@ -135,32 +118,32 @@ def prepare(cfg: Config, out_dir: Path = PREPARED_DIR) -> dict:
         records = _collect(cfg, tmp)
         empty = []
         for task in [None, *cfg.data.tasks]:
-            name = AGNOSTIC_TASK if task is None else task
+            name = BASE_SPLIT if task is None else task
             summary["tasks"][name] = {}
             for split in SPLITS:
                 limit = 0 if task is None else (cfg.data.max_train_per_task if split == "train" else cfg.data.max_valid_per_task)
-                examples = _task_examples(records[split], task, limit, names)
+                examples = _task_examples(records[split], split, task, limit, names)
                 if not examples:
                     empty.append(f"task {name!r} has no {split} examples in source {cfg.data.source!r}")
-                folder = task_dir(tmp, name, split)
-                folder.mkdir(parents=True)
-                write_annotations(folder / ANNOTATIONS_FILE, examples)
+                write_split(name, split, examples, tmp)
                 summary["tasks"][name][split] = {"images": len(examples), "boxes": sum(len(e.boxes) for e in examples)}
         if empty:
             raise InputError("prepare: some tasks have no examples (check data.tasks and the source)", empty)
-        write_json(tmp / "summary.json", summary)
+        write_json(tmp / PREPARED_SUMMARY.name, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="icmlora prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
-    parser.add_argument("--out", default=str(PREPARED_DIR), help="output folder (default: data/prepared)")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.params)
-    summary = prepare(cfg, Path(args.out))
-    tasks = [t for t in summary["tasks"] if t != AGNOSTIC_TASK]
-    train = summary["tasks"][AGNOSTIC_TASK]["train"]["images"]
-    valid = summary["tasks"][AGNOSTIC_TASK]["valid"]["images"]
-    print(f"prepare: wrote {args.out} ({len(tasks)} tasks, {train} train + {valid} valid images, source {cfg.data.source})")
+    parser = stage_parser("prepare", __doc__)
+    parser.add_argument("--out", type=Path, default=PREPARED_DIR, help=f"output folder (default: {PREPARED_DIR})")
+    args, cfg = parser.parse(argv)
+    summary = prepare(cfg, args.out)
+    train = summary["tasks"][BASE_SPLIT]["train"]["images"]
+    valid = summary["tasks"][BASE_SPLIT]["valid"]["images"]
+    print(f"prepare: wrote {args.out} ({len(cfg.data.tasks)} tasks, {train} train + {valid} valid images, "
+          f"source {cfg.data.source})")
     return summary
+
+
+if __name__ == "__main__":
+    run_stage(main)

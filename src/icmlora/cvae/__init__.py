@@ -1,1 +1,0 @@
-"""Conditional VAE that generates flattened LoRA parameter vectors from a task vector."""

@@ -1,1 +1,0 @@
-"""Evaluation: detection metrics for base, trained, generated and baseline adapters."""

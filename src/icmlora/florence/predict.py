@@ -1,0 +1,71 @@
+"""Batched ``<OD>`` inference with a confidence score per box.
+
+Generated tokens are read by the format's one parser (``florence.format.parse_pieces``), the
+way ``Florence2PostProcessor`` reads ``<OD>`` output, but coordinates stay at the bin centre
+as floats and each box gets a score: the mean probability of its label tokens and its four
+location tokens. With a constant score (the reference code's 1.0) mAP collapses to a single
+operating point.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from icmlora.config import PredictParams
+from icmlora.florence.format import NUM_BINS, OD_PROMPT, Box, Loc, ParsedBox, parse_pieces
+
+
+class TokenReader:
+    """Generated token ids -> the parser's pieces: ``Loc`` for ``<loc_N>``, None for ``<s>``,
+    the id itself for any other token; reading stops at ``</s>`` or padding."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.loc_bins = {tokenizer.convert_tokens_to_ids(f"<loc_{i}>"): i for i in range(NUM_BINS)}
+        self.stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.skip = {tokenizer.bos_token_id}
+
+    def pieces(self, ids: list[int]) -> list[object]:
+        out: list[object] = []
+        for tid in ids:
+            if tid in self.stop:
+                break
+            out.append(None if tid in self.skip else Loc(self.loc_bins[tid]) if tid in self.loc_bins else tid)
+        return out
+
+    def parse(self, ids: list[int]) -> list[ParsedBox]:
+        return parse_pieces(self.pieces(ids), self.tokenizer.decode)
+
+    def boxes(self, ids: list[int], probs: list[float], width: int, height: int) -> list[Box]:
+        """Scored boxes: each box's score is the mean probability of its label and location tokens."""
+        out = []
+        for parsed in self.parse(ids):
+            p = [probs[i] for i in (*parsed.label_positions, *parsed.loc_positions)]
+            out.append(parsed.box(width, height, sum(p) / len(p)))
+        return out
+
+
+@torch.no_grad()
+def predict(model, processor, images, params: PredictParams, *, desc: str = "predict", prompt: str = OD_PROMPT
+            ) -> list[list[Box]]:
+    """Scored boxes for each PIL image (sizes are taken from the images)."""
+    model.eval()
+    reader = TokenReader(processor.tokenizer)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    results: list[list[Box]] = []
+    for start in tqdm(range(0, len(images), params.batch_size), desc=desc, unit="batch", leave=False):
+        batch = images[start : start + params.batch_size]
+        inputs = processor(text=[prompt] * len(batch), images=batch, return_tensors="pt")
+        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        out = model.generate(**inputs, max_new_tokens=params.max_new_tokens, num_beams=params.num_beams, do_sample=False,
+                             return_dict_in_generate=True, output_scores=True)
+        beam_indices = getattr(out, "beam_indices", None) if params.num_beams > 1 else None
+        logp = model.compute_transition_scores(out.sequences, out.scores, beam_indices, normalize_logits=True)
+        # sequences[:, 0] is the decoder start token; transition scores align with sequences[:, 1:].
+        ids = out.sequences[:, 1:].tolist()
+        probs = logp.float().exp().tolist()
+        for image, seq, pr in zip(batch, ids, probs):
+            results.append(reader.boxes(seq, pr, image.width, image.height))
+    return results

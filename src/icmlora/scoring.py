@@ -1,0 +1,53 @@
+"""Score adapter weights on a task: the one way every stage measures a model's detections.
+
+A ``Scorer`` holds a model (the base, or a PEFT model over it), a processor and how many valid
+images to score per task. ``score(task)`` runs batched ``<OD>`` prediction on the first
+``eval_images`` images of the task's valid split and returns COCO mAPs plus precision/recall/F1
+at IoU 0.5 (``icmlora.metrics``). The same weights on the same images give the same numbers in
+every stage: the images are decoded once per task and kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from icmlora.artifacts import PREPARED_DIR
+from icmlora.artifacts.annotations import read_split
+from icmlora.config import PredictParams
+from icmlora.florence.model import load_images
+from icmlora.florence.predict import predict
+from icmlora.metrics import detection_metrics
+
+
+class Scorer:
+    def __init__(self, model, processor, predict_params: PredictParams, eval_images: int, prepared: Path = PREPARED_DIR):
+        self.model, self.processor, self.predict_params = model, processor, predict_params
+        self.eval_images, self.prepared = eval_images, Path(prepared)
+        self._valid: dict[str, tuple] = {}
+
+    def valid_split(self, task: str):
+        """(examples, PIL images) of the first ``eval_images`` (0 = all) valid examples of ``task``."""
+        if task not in self._valid:
+            examples, folder = read_split(task, "valid", self.prepared)
+            if self.eval_images:
+                examples = examples[: self.eval_images]
+            self._valid[task] = (examples, load_images([folder / e.image for e in examples]))
+        return self._valid[task]
+
+    def score(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
+              class_agnostic: bool = False, desc: str | None = None) -> dict[str, float]:
+        """Detection metrics on ``task``'s valid split: of the model as it is, after loading these
+        adapter ``weights`` into it, or with its adapter disabled (the base model)."""
+        from contextlib import nullcontext
+
+        examples, images = self.valid_split(task)
+        if weights is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, weights)
+        with self.model.disable_adapter() if disable_adapter else nullcontext():
+            preds = predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}")
+        return detection_metrics([e.boxes for e in examples], preds, [(e.width, e.height) for e in examples],
+                                 class_agnostic=class_agnostic)

@@ -1,0 +1,196 @@
+"""Stage `evaluate`: generated adapters against trained ones and simple baselines.
+
+    python -m icmlora.stages.evaluate       # or: icmlora evaluate
+
+For every task and rank, on the task's valid split (strict: the label must match), the
+detection metrics (``icmlora.scoring``) of: ``base`` (no adapter), ``trained`` (the final
+trained adapter), ``generated`` (every sample, ``z0`` included), and the baselines
+``avg_checkpoint`` (mean of the task's checkpoints), ``noise`` (the training checkpoint nearest
+to the generated z0 adapter, plus Gaussian noise at the same distance), ``wrong_task``
+(generated with the next task's vector), ``random_condition`` (a random vector with the task
+vectors' mean norm); for held-out tasks also ``nearest_task`` (the trained adapter of the
+training task whose vector is nearest). Each generated adapter gets its parameter-space
+novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
+among that task's checkpoints, and the cosine similarity to it.
+
+Writes metrics/comparison.csv (one row per task x rank x source x sample), metrics/cross_task.csv
+(generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``) and
+metrics/evaluate.json (storage and timing). One MLflow run per evaluated adapter, tagged task,
+rank, source, sample.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from icmlora.artifacts import (BASE_MODEL_DIR, COMPARISON_TABLE, CROSS_TASK_TABLE, CVAE_DIR, EVALUATE_METRICS,
+                               GENERATED_DIR, LORA_DIR, LORA_MATRIX_DIR, PREPARED_DIR, TASK_VECTORS_FILE, Z0_SAMPLE,
+                               final_adapter_dir, generated_dir, samples)
+from icmlora.artifacts.adapters import adapter_bytes, read_adapter, trajectory
+from icmlora.artifacts.base_model import read_base_model
+from icmlora.artifacts.generators import generator_bytes, read_generator
+from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, unflatten
+from icmlora.artifacts.task_vectors import read_task_vectors
+from icmlora.config import Params
+from icmlora.errors import InputError
+from icmlora.files import atomic_path, write_json
+from icmlora.lora import peft_config
+from icmlora.scoring import Scorer
+from icmlora.stage_cli import run_stage, stage_parser
+from icmlora.tracking import base_tags
+
+METRIC_KEYS = ("map50_95", "map50", "map75", "precision", "recall", "f1")
+
+
+def novelty(vec: torch.Tensor, train_rows: torch.Tensor, own_rows: torch.Tensor) -> dict[str, float]:
+    """Distance to the nearest training checkpoint / median NN distance among the task's checkpoints."""
+    dists = torch.cdist(vec[None], train_rows)[0]
+    nearest = int(dists.argmin())
+    own = torch.cdist(own_rows, own_rows)
+    own.fill_diagonal_(float("inf"))
+    median_nn = own.min(1).values.median().item() if len(own_rows) > 1 else float("nan")
+    cos = torch.nn.functional.cosine_similarity(vec, train_rows[nearest], dim=0).item()
+    return {"nn_distance": dists[nearest].item(), "novelty_ratio": dists[nearest].item() / max(median_nn, 1e-12),
+            "nn_cosine": cos, "nearest_index": nearest}
+
+
+def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR, lora_root: Path = LORA_DIR,
+             matrix_root: Path = LORA_MATRIX_DIR, cvae_root: Path = CVAE_DIR, generated_root: Path = GENERATED_DIR,
+             vectors_file: Path = TASK_VECTORS_FILE, out_csv: Path = COMPARISON_TABLE,
+             cross_csv: Path = CROSS_TASK_TABLE, out_json: Path = EVALUATE_METRICS) -> pd.DataFrame:
+    from peft import get_peft_model
+
+    seed0 = cfg.lora.seeds[0]
+    base, processor = read_base_model(base_dir)
+    vectors = read_task_vectors(vectors_file)
+    tasks, heldout = cfg.data.tasks, set(cfg.heldout_tasks)
+    rows: list[dict] = []
+    cross: list[dict] = []
+    storage: dict = {}
+    g = torch.Generator().manual_seed(cfg.seed + cfg.evaluate.noise_seed)
+    mean_norm = torch.stack([vectors[t] for t in tasks]).norm(dim=1).mean()
+    start = time.perf_counter()
+    base_scores: dict[str, dict] = {}
+    for rank in cfg.lora.ranks:
+        model = get_peft_model(base, peft_config(cfg.lora, rank)).eval()
+        scorer = Scorer(model, processor, cfg.predict, cfg.evaluate.eval_images, prepared)
+
+        def score(task: str, weights=None, **how) -> dict:
+            m = scorer.score(task, weights, **how)
+            return {k: m[k] for k in (*METRIC_KEYS, "num_pred")}
+
+        if not base_scores:
+            base_scores = {t: score(t, disable_adapter=True) for t in tasks}
+        matrix = read_lora_matrix(rank, matrix_root)
+        manifest = matrix.manifest
+        gen = read_generator(rank, cvae_root)
+        train_mask = torch.tensor([tasks[int(i)] not in heldout for i in matrix.task_index])
+        raw_rows = torch.stack([matrix.raw(i) for i in range(len(matrix.rows))])
+        train_rows = raw_rows[train_mask]
+        train_index = train_mask.nonzero()[:, 0]
+
+        def as_weights(vec: torch.Tensor) -> dict[str, torch.Tensor]:
+            return unflatten(vec, manifest.names, manifest.shapes)
+
+        def add(task: str, source: str, sample: str, scores: dict, **extra) -> None:
+            rows.append({"task": task, "rank": rank, "source": source, "sample": sample,
+                         "heldout": task in heldout, **scores, **extra})
+
+        for ti, task in enumerate(tqdm(tasks, desc=f"evaluate r{rank}", unit="task")):
+            add(task, "base", "-", base_scores[task])
+            trained_w, _ = read_adapter(final_adapter_dir(task, rank, seed0, lora_root))
+            add(task, "trained", "-", score(task, trained_w))
+            own = raw_rows[matrix.task_index == ti]
+            add(task, "avg_checkpoint", "-", score(task, as_weights(own.mean(0))))
+            generated = samples(generated_dir(task, rank, generated_root))
+            if Z0_SAMPLE not in generated:
+                raise InputError(f"{generated_dir(task, rank, generated_root)}: no sample-{Z0_SAMPLE} (the baselines are "
+                                 f"built around it); run `dvc repro generate`")
+            vecs = {}
+            for name, folder in generated.items():
+                weights, _ = read_adapter(folder)
+                vecs[name] = vec = flatten(weights, manifest.names)
+                nov = novelty(vec, train_rows, own)
+                add(task, "generated", name, score(task, weights), **{k: v for k, v in nov.items() if k != "nearest_index"})
+            # Baselines around the z0 sample.
+            z0_nov = novelty(vecs[Z0_SAMPLE], train_rows, own)
+            nearest = train_rows[z0_nov["nearest_index"]]
+            noise = torch.randn(nearest.shape, generator=g)
+            noisy = nearest + noise / noise.norm() * z0_nov["nn_distance"]
+            add(task, "noise", "-", score(task, as_weights(noisy)),
+                nearest_task=tasks[int(matrix.task_index[train_index[z0_nov["nearest_index"]]])])
+            stats = matrix.task_stats(task)
+            z = torch.zeros(1, gen.model.config.latent_dim)
+            other = tasks[(ti + 1) % len(tasks)]
+            wrong = manifest.denormalize(gen.sample(vectors[other], z)[0], stats)
+            add(task, "wrong_task", other, score(task, as_weights(wrong)))
+            rnd = torch.randn(vectors[task].shape, generator=g)
+            rnd = rnd / rnd.norm() * mean_norm
+            add(task, "random_condition", "-", score(task, as_weights(manifest.denormalize(gen.sample(rnd, z)[0], stats))))
+            if task in heldout:
+                train_tasks = [t for t in tasks if t not in heldout]
+                sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train_tasks])
+                near = train_tasks[int(sims.argmax())]
+                near_w, _ = read_adapter(final_adapter_dir(near, rank, seed0, lora_root))
+                add(task, "nearest_task", near, score(task, near_w))
+            if rank in cfg.evaluate.cross_task_ranks:
+                z0_w = as_weights(vecs[Z0_SAMPLE])
+                for other in tasks:
+                    if other != task:
+                        cross.append({"rank": rank, "adapter_task": task, "eval_task": other,
+                                      "map50": score(other, z0_w)["map50"]})
+        storage[str(rank)] = {
+            "generator_bytes": generator_bytes(rank, cvae_root),
+            "checkpoint_bytes": sum(adapter_bytes(folder) for t in tasks if t not in heldout for s in cfg.lora.seeds
+                                    for _, folder in trajectory(t, rank, s, lora_root)),
+            "final_adapter_bytes": sum(adapter_bytes(final_adapter_dir(t, rank, seed0, lora_root)) for t in tasks),
+        }
+        base = model.unload()
+    frame = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(cross_csv) as tmp:
+        pd.DataFrame(cross, columns=["rank", "adapter_task", "eval_task", "map50"]).to_csv(tmp, index=False, float_format="%.6g")
+    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross),
+                          "seconds": round(time.perf_counter() - start, 2)})
+    _log_runs(frame)
+    return frame
+
+
+def _log_runs(frame: pd.DataFrame) -> None:
+    """One MLflow run per evaluated adapter, so the compare view puts sources side by side."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from icmlora.tracking import experiment_id
+
+    exp_id = experiment_id()
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for r in tqdm(frame.to_dict("records"), desc="evaluate: MLflow runs", unit="run", leave=False):
+        tags = base_tags("evaluate", task=r["task"], rank=r["rank"], source=r["source"], sample=r["sample"],
+                         heldout=r["heldout"])
+        run = client.create_run(exp_id, run_name=f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}")
+        metrics = [Metric(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine")
+                   if k in r and pd.notna(r[k])]
+        client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()],
+                         params=[Param("task", r["task"]), Param("rank", str(r["rank"])), Param("source", r["source"])])
+        client.set_terminated(run.info.run_id)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = stage_parser("evaluate", __doc__)
+    args, cfg = parser.parse(argv)
+    frame = evaluate(cfg)
+    print(f"evaluate: wrote {COMPARISON_TABLE} ({len(frame)} rows: {frame['source'].nunique()} sources x "
+          f"{len(cfg.data.tasks)} tasks x {len(cfg.lora.ranks)} ranks), {CROSS_TASK_TABLE} and {EVALUATE_METRICS}")
+    return frame
+
+
+if __name__ == "__main__":
+    run_stage(main)

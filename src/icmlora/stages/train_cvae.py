@@ -1,0 +1,136 @@
+"""Stage `train_cvae`: one generator per rank over the adapters of all training tasks.
+
+    python -m icmlora.stages.train_cvae --rank 4       # or: icmlora train_cvae --rank 4
+
+Reads data/lora_matrix/r<rank>.* (normalized checkpoint rows) and data/task_vectors.safetensors;
+rows of ``heldout_tasks`` are never seen. The condition is the task vector standardized by the
+training tasks' vectors (``icmlora.cvae.Generator``: stored with the model, applied again at
+generation).
+
+Writes models/cvae/r<rank>/ (``icmlora.artifacts.generators``) and metrics/cvae/r<rank>.csv
+(epoch, loss, recon, kl). Resumable: the training state is saved in state/cvae/r<rank>/ every
+``cvae.train.checkpoint_every`` epochs (``icmlora.resume``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from icmlora.artifacts import CVAE_DIR, CVAE_METRICS_DIR, LORA_MATRIX_DIR, STATE_DIR, TASK_VECTORS_FILE
+from icmlora.artifacts import cvae_loss_file, cvae_state_dir, generator_dir
+from icmlora.artifacts.generators import write_generator
+from icmlora.artifacts.lora_matrix import read_lora_matrix
+from icmlora.artifacts.task_vectors import read_task_vectors
+from icmlora.config import Params
+from icmlora.cvae import CVAE, Generator, architecture
+from icmlora.errors import InputError
+from icmlora.files import write_text
+from icmlora.resume import TrainingState, fingerprint
+from icmlora.runtime import make_accelerator, seed_everything, set_threads
+from icmlora.stage_cli import run_stage, stage_parser
+from icmlora.tracking import MetricBuffer, start_run
+
+
+
+def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vectors_file: Path = TASK_VECTORS_FILE,
+               out_root: Path = CVAE_DIR, state_root: Path = STATE_DIR, metrics_dir: Path = CVAE_METRICS_DIR) -> dict:
+    """Train and write one rank's generator; returns what it wrote ({} on processes other than rank 0)."""
+    set_threads(cfg.runtime)
+    seed_everything(cfg.seed)
+    matrix = read_lora_matrix(rank, matrix_root)
+    vectors = read_task_vectors(vectors_file)
+    tasks = matrix.tasks
+    missing = [t for t in tasks if t not in vectors]
+    if missing:
+        raise InputError(f"{vectors_file}: no task vector for {missing}; re-run task_vectors")
+    heldout = {tasks.index(t) for t in cfg.heldout_tasks if t in tasks}
+    keep = torch.tensor([int(i) not in heldout for i in matrix.task_index])
+    x = matrix.rows[keep]
+    task_rows = matrix.task_index[keep]
+    train_tasks = sorted({int(i) for i in task_rows})
+    table = torch.stack([vectors[t] for t in tasks]).float()
+    cond_mean, cond_scale = Generator.standardization(table[train_tasks])
+    cond = (table[task_rows] - cond_mean) / cond_scale
+
+    shape = architecture(cfg.cvae, matrix.manifest.dim, table.shape[1])
+    model = CVAE(shape)
+    accelerator = make_accelerator(cfg.runtime)
+    hp = cfg.cvae.train
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, cond), batch_size=hp.batch_size,
+                                         shuffle=True, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs * len(loader))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    state = TrainingState(cvae_state_dir(rank, state_root),
+                          fingerprint(cfg.cvae, cfg.seed, rank, len(x), cfg.heldout_tasks))
+    start_epoch, history = 0, []
+    if state.resumable():
+        extra = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)
+        start_epoch, history = extra["epoch"], extra["history"]
+    else:
+        state.clear()
+    with start_run("train_cvae", f"cvae-r{rank}", params={"cvae": cfg.cvae, "model": shape.to_json(), "rank": rank,
+                                                         "rows": len(x), "heldout_tasks": cfg.heldout_tasks},
+                   rank=rank, source="generator") as mlflow:
+        start = time.perf_counter()
+        model.train()
+        for epoch in tqdm(range(start_epoch, hp.epochs), desc=f"train_cvae r{rank}", unit="epoch",
+                          initial=start_epoch, total=hp.epochs, disable=not accelerator.is_main_process):
+            sums = torch.zeros(3)
+            for xb, cb in loader:
+                recon, mu, logvar = model(xb, cb)
+                total, rec, kl = accelerator.unwrap_model(model).loss(xb, recon, mu, logvar)
+                optimizer.zero_grad()
+                accelerator.backward(total)
+                optimizer.step()
+                scheduler.step()
+                sums += torch.tensor([total.item(), rec.item(), kl.item()]) * len(xb)
+            loss, rec, kl = (sums / len(x)).tolist()
+            history.append({"epoch": epoch + 1, "loss": loss, "recon": rec, "kl": kl})
+            if (epoch + 1) % hp.checkpoint_every == 0 and epoch + 1 < hp.epochs and accelerator.is_main_process:
+                state.save(accelerator.unwrap_model(model), optimizer, scheduler, generator,
+                           epoch=epoch + 1, history=history)
+        seconds = time.perf_counter() - start
+        if not accelerator.is_main_process:
+            return {}
+        model = accelerator.unwrap_model(model).eval()
+        meta = {"rank": rank, "model": shape.to_json(), "tasks": tasks, "train_tasks": [tasks[i] for i in train_tasks],
+                "holdout": list(cfg.heldout_tasks), "rows": len(x), "parameters": model.num_parameters(),
+                "task_vector_method": cfg.task_vectors.method}
+        folder = write_generator(rank, Generator(model, cond_mean, cond_scale, meta), out_root)
+        csv = "epoch,loss,recon,kl\n" + "".join(f"{h['epoch']},{h['loss']:.6f},{h['recon']:.6f},{h['kl']:.6f}\n"
+                                                for h in history)
+        write_text(cvae_loss_file(rank, metrics_dir), csv)
+        buffer = MetricBuffer()
+        for h in history:
+            for key in ("loss", "recon", "kl"):
+                buffer.add(key, h[key], h["epoch"])
+        buffer.flush()
+        mlflow.set_tag("generator_dir", str(folder))
+        mlflow.log_metrics({"train_seconds": seconds, "parameters": model.num_parameters(),
+                            "final_recon": history[-1]["recon"]})
+        mlflow.log_artifacts(str(folder), artifact_path="generator")
+    state.clear()
+    return {**meta, "train_seconds": round(seconds, 2), "epochs_run": hp.epochs - start_epoch, "final": history[-1]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = stage_parser("train_cvae", __doc__)
+    parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
+    args, cfg = parser.parse(argv)
+    out = train_cvae(cfg, args.rank)
+    if out:
+        print(f"train_cvae: wrote {generator_dir(args.rank)} ({out['parameters']:,} parameters, {out['rows']} rows of "
+              f"{len(out['train_tasks'])} tasks, {out['train_seconds']:.0f} s, final recon {out['final']['recon']:.4f}) "
+              f"and {cvae_loss_file(args.rank)}")
+    return out
+
+
+if __name__ == "__main__":
+    run_stage(main)
