@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-
 EXPERIMENT = "icmlora"
 MLFLOW_PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
 

@@ -24,8 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from icmlora.artifacts import ANNOTATIONS_FILE, SPLITS
-from icmlora.florence.format import Box, parse_suffix
 from icmlora.errors import InputError
+from icmlora.florence.format import Box, parse_suffix
 
 log = logging.getLogger(__name__)
 

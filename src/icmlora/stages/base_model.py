@@ -23,10 +23,10 @@ from icmlora.artifacts.annotations import AGNOSTIC_LABEL, read_split
 from icmlora.artifacts.base_model import write_base_model
 from icmlora.config import Params
 from icmlora.files import write_json, write_text
+from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, start_run
-from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.training import DetectionDataset, train
 
 

@@ -32,7 +32,7 @@ from icmlora.artifacts.adapters import read_adapter, trajectory
 from icmlora.artifacts.lora_matrix import LoraMatrix, Manifest, flatten, write_lora_matrix
 from icmlora.config import Params
 from icmlora.errors import InputError
-from icmlora.stage_cli import stage_parser, run_stage
+from icmlora.stage_cli import run_stage, stage_parser
 
 EPS = 1e-8
 

@@ -28,9 +28,22 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from icmlora.artifacts import (BASE_MODEL_DIR, COMPARISON_TABLE, CROSS_TASK_TABLE, CVAE_DIR, EVALUATE_METRICS,
-                               GENERATED_DIR, LORA_DIR, LORA_MATRIX_DIR, PREPARED_DIR, TASK_VECTORS_FILE, Z0_SAMPLE,
-                               final_adapter_dir, generated_dir, samples)
+from icmlora.artifacts import (
+    BASE_MODEL_DIR,
+    COMPARISON_TABLE,
+    CROSS_TASK_TABLE,
+    CVAE_DIR,
+    EVALUATE_METRICS,
+    GENERATED_DIR,
+    LORA_DIR,
+    LORA_MATRIX_DIR,
+    PREPARED_DIR,
+    TASK_VECTORS_FILE,
+    Z0_SAMPLE,
+    final_adapter_dir,
+    generated_dir,
+    samples,
+)
 from icmlora.artifacts.adapters import adapter_bytes, read_adapter, trajectory
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.generators import generator_bytes, read_generator

@@ -25,6 +25,7 @@ from icmlora.files import atomic_dir, write_json
 from icmlora.florence.format import Box, Example
 from icmlora.stage_cli import run_stage, stage_parser
 
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)

@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from icmlora.artifacts import (COMPARISON_TABLE, CROSS_TASK_TABLE, CVAE_METRICS_DIR, EVALUATE_METRICS, GENERATE_METRICS,
-                               LORA_METRICS_DIR, REPORT_PLOTS, SUMMARY_METRICS, cvae_loss_file)
+from icmlora.artifacts import (
+    COMPARISON_TABLE,
+    CROSS_TASK_TABLE,
+    CVAE_METRICS_DIR,
+    EVALUATE_METRICS,
+    GENERATE_METRICS,
+    LORA_METRICS_DIR,
+    REPORT_PLOTS,
+    SUMMARY_METRICS,
+    cvae_loss_file,
+)
 from icmlora.config import Params
 from icmlora.files import atomic_path, read_json, write_json
 from icmlora.stage_cli import run_stage, stage_parser

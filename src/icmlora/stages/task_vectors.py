@@ -28,8 +28,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from icmlora.artifacts import (BASE_MODEL_DIR, LORA_DIR, PREPARED_DIR, TASK_VECTOR_METRICS, TASK_VECTOR_PLOTS,
-                               TASK_VECTORS_FILE, TASK_VECTORS_INFO, final_adapter_dir)
+from icmlora.artifacts import (
+    BASE_MODEL_DIR,
+    LORA_DIR,
+    PREPARED_DIR,
+    TASK_VECTOR_METRICS,
+    TASK_VECTOR_PLOTS,
+    TASK_VECTORS_FILE,
+    TASK_VECTORS_INFO,
+    final_adapter_dir,
+)
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.task_vectors import write_task_vectors

@@ -20,8 +20,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from icmlora.artifacts import CVAE_DIR, CVAE_METRICS_DIR, LORA_MATRIX_DIR, STATE_DIR, TASK_VECTORS_FILE
-from icmlora.artifacts import cvae_loss_file, cvae_state_dir, generator_dir
+from icmlora.artifacts import (
+    CVAE_DIR,
+    CVAE_METRICS_DIR,
+    LORA_MATRIX_DIR,
+    STATE_DIR,
+    TASK_VECTORS_FILE,
+    cvae_loss_file,
+    cvae_state_dir,
+    generator_dir,
+)
 from icmlora.artifacts.generators import write_generator
 from icmlora.artifacts.lora_matrix import read_lora_matrix
 from icmlora.artifacts.task_vectors import read_task_vectors
@@ -33,7 +41,6 @@ from icmlora.resume import TrainingState, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, start_run
-
 
 
 def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vectors_file: Path = TASK_VECTORS_FILE,

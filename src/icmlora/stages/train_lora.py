@@ -18,8 +18,19 @@ import shutil
 import time
 from pathlib import Path
 
-from icmlora.artifacts import (BASE_MODEL_DIR, LORA_DIR, LORA_METRICS_DIR, PREPARED_DIR, STATE_DIR, adapter_name,
-                               checkpoint_name, checkpoint_steps, lora_dir, lora_metrics_file, lora_state_dir)
+from icmlora.artifacts import (
+    BASE_MODEL_DIR,
+    LORA_DIR,
+    LORA_METRICS_DIR,
+    PREPARED_DIR,
+    STATE_DIR,
+    adapter_name,
+    checkpoint_name,
+    checkpoint_steps,
+    lora_dir,
+    lora_metrics_file,
+    lora_state_dir,
+)
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
@@ -27,10 +38,10 @@ from icmlora.errors import InputError
 from icmlora.files import atomic_dir, write_json
 from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, fingerprint
+from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, parent_run, start_run
-from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.training import DetectionDataset, train
 
 
