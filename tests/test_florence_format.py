@@ -127,3 +127,20 @@ def test_one_grammar_for_text_and_tokens():
     ids = [None, 7, Loc(1), Loc(2), Loc(3), Loc(4)]
     (parsed,) = parse_pieces(ids, lambda pieces: {7: "cat"}[pieces[0]])
     assert parsed.label_positions == (1,) and parsed.loc_positions == (2, 3, 4, 5)
+
+
+def test_ignore_regions_round_trip_through_the_annotations_file(tmp_path):
+    from dataclasses import replace
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    boxes = [Box("cat", 1, 2, 30, 20), replace(Box("cat", 3, 3, 9, 9), ignore=True)]
+    write_annotations(tmp_path / "annotations.jsonl", [Example("a.png", 32, 32, boxes)])
+    record = json.loads((tmp_path / "annotations.jsonl").read_text())
+    assert record["ignore"] == [1] and record["suffix"].count("cat") == 2  # still a training target
+    (back,) = read_annotations(tmp_path / "annotations.jsonl")
+    assert [b.ignore for b in back.boxes] == [False, True]
+    plain = Example("a.png", 32, 32, boxes[:1]).to_json()
+    assert "ignore" not in plain  # files without ignore regions are unchanged
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**record, "ignore": [2]}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1: bad suffix: 'ignore' names boxes \[2\]"):
+        read_annotations(tmp_path / "bad.jsonl")

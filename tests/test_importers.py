@@ -84,7 +84,8 @@ def test_florence_reports_every_problem_with_file_and_line(tmp_path):
         {"image": "ok.png", "suffix": "dog<loc_500><loc_2><loc_100><loc_4>"},  # line 6: x2 < x1
         {"image": "ok.png", "width": 640, "height": 480, "suffix": f"dog{box}"},  # line 7
     ])  # fmt: skip
-    write_lines(tmp_path / "valid.jsonl", [{"image": "ok.png", "suffix": f"dog{box}"}])
+    make_image(tmp_path / "v.png", 100, 100)
+    write_lines(tmp_path / "valid.jsonl", [{"image": "v.png", "suffix": f"dog{box}"}])
     with pytest.raises(InputError) as err:
         load_florence_jsonl(tmp_path, ["dog", "zebra"])
     problems = err.value.problems
@@ -136,13 +137,14 @@ def test_voc_boxes_splits_and_difficult(tmp_path):
         "2008_000001": [("cat", 2, 2, 3, 3, False)],
     }, {"2008_000003": [("dog", 10, 20, 30, 40, False)]})  # fmt: skip
     out = load_voc(root, ["dog"])
-    [im] = out["train"]  # the cat-only image is dropped; the difficult dog is skipped
+    [im] = out["train"]  # the cat-only image is dropped
     assert im.path == root / "JPEGImages" / "2008_000002.jpg" and (im.width, im.height) == (50, 40)
-    assert [xyxy(b) for b in im.boxes] == [(0, 0, 50, 40)]  # 1-based inclusive -> continuous
+    assert [xyxy(b) for b in im.boxes] == [(0, 0, 50, 40), (4, 4, 9, 9)]  # 1-based inclusive -> continuous
+    assert [b.ignore for b in im.boxes] == [False, True]  # the difficult dog: an ignore region, not deleted
     assert [xyxy(b) for b in out["valid"][0].boxes] == [(9, 19, 30, 40)]
-    with_difficult = load_voc(root, ["dog", "cat"], keep_difficult=True)
-    assert [b.label for b in with_difficult["train"][1].boxes] == ["dog", "dog", "cat"]
-    assert [im.path.stem for im in with_difficult["train"]] == ["2008_000001", "2008_000002"]
+    both = load_voc(root, ["dog", "cat"])
+    assert [b.label for b in both["train"][1].boxes] == ["dog", "dog", "cat"]
+    assert [im.path.stem for im in both["train"]] == ["2008_000001", "2008_000002"]
 
 
 def test_voc_clips_within_one_pixel(tmp_path):
@@ -205,11 +207,13 @@ def coco_source(root: Path, split_folder: str, images: list[tuple], annotations:
 def test_coco_boxes_splits_and_crowd(tmp_path):
     coco_source(tmp_path, "train2017", [(7, "b.jpg", 64, 48), (3, "a.jpg", 64, 48), (9, "c.jpg", 64, 48)], [
         (1, 7, 18, [10, 5, 20.5, 30], 0), (2, 7, 17, [0, 0, 5, 5], 0),
-        (3, 3, 18, [0, 0, 64, 48], 0), (4, 9, 18, [0, 0, 64, 48], 1),  # crowd only: image dropped
+        (3, 3, 18, [0, 0, 64, 48], 0), (4, 9, 18, [0, 0, 64, 48], 1),  # crowd: kept as an ignore region
     ])  # fmt: skip
     coco_source(tmp_path, "images", [(1, "v.jpg", 32, 32)], [(5, 1, 1, [1, 2, 3, 4], 0)])  # falls back to images/
     out = load_coco(tmp_path, ["dog", "person"])
-    assert [im.path.name for im in out["train"]] == ["a.jpg", "b.jpg"]
+    assert [im.path.name for im in out["train"]] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert [(bx.ignore, xyxy(bx)) for bx in out["train"][2].boxes] == [(True, (0, 0, 64, 48))]
+    assert not out["train"][0].boxes[0].ignore
     b = out["train"][1]
     assert (b.width, b.height) == (64, 48) and b.path == tmp_path / "train2017" / "b.jpg"
     assert [(bx.label, xyxy(bx)) for bx in b.boxes] == [("dog", (10, 5, 30.5, 35))]
@@ -261,3 +265,88 @@ def test_unknown_kind_and_missing_root(tmp_path):
     with pytest.raises(InputError) as err:
         load_source("voc", tmp_path / "nope", [])
     assert len(err.value.problems) == 2
+
+
+# --- real datasets' conventions ------------------------------------------------------------
+
+
+def test_zero_area_boxes_are_dropped_and_listed(tmp_path):
+    """COCO w = 0, VOC xmin == xmax and equal <loc_N> bins: no prediction can match such a box."""
+    coco_source(tmp_path / "coco", "train2017", [(1, "a.jpg", 64, 48)], [
+        (11, 1, 18, [10, 5, 0, 30], 0), (12, 1, 18, [10, 5, 20, 30], 0)])  # fmt: skip
+    coco_source(tmp_path / "coco", "val2017", [(2, "v.jpg", 64, 48)], [(13, 2, 18, [1, 1, 5, 5], 0)])
+    coco = load_coco(tmp_path / "coco", ["dog"])
+    assert [len(im.boxes) for im in coco["train"]] == [1]
+    assert coco.dropped == [f"{tmp_path / 'coco' / 'annotations' / 'instances_train2017.json'}: annotation id 11: "
+                            "box 'dog' has zero width or height"]
+    voc = voc_source(tmp_path / "voc", {"a": [("dog", 7, 1, 7, 40, False), ("dog", 1, 1, 5, 5, False)]},
+                     {"b": [("dog", 1, 1, 5, 5, False)]})
+    out = load_voc(voc, ["dog"])
+    assert [len(im.boxes) for im in out["train"]] == [1] and len(out.dropped) == 1
+    assert out.dropped[0].startswith(f"{voc / 'Annotations' / 'a.xml'}: object 1 (dog)")
+    make_image(tmp_path / "fl" / "a.png", 100, 100)
+    write_lines(tmp_path / "fl" / "train.jsonl", [
+        {"image": "a.png", "suffix": "dog<loc_5><loc_5><loc_5><loc_50>dog<loc_1><loc_1><loc_9><loc_9>"}])
+    write_lines(tmp_path / "fl" / "valid.jsonl", [{"image": "a.png", "suffix": "dog<loc_1><loc_1><loc_9><loc_9>"}])
+    with pytest.raises(InputError, match="in both the train and the valid split"):  # (the same image: see below)
+        load_florence_jsonl(tmp_path / "fl", ["dog"])
+    make_image(tmp_path / "fl" / "b.png", 100, 100)
+    write_lines(tmp_path / "fl" / "valid.jsonl", [{"image": "b.png", "suffix": "dog<loc_1><loc_1><loc_9><loc_9>"}])
+    fl = load_florence_jsonl(tmp_path / "fl", ["dog"])
+    assert [len(im.boxes) for im in fl["train"]] == [1]
+    assert fl.dropped == [f"{tmp_path / 'fl' / 'train.jsonl'}:1: box 0 ('dog') has zero width or height"]
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    bom = "\ufeff"
+    make_image(tmp_path / "fl" / "a.png", 64, 64)
+    make_image(tmp_path / "fl" / "b.png", 64, 64)
+    for split, image in (("train", "a.png"), ("valid", "b.png")):
+        line = json.dumps({"image": image, "suffix": "dog<loc_1><loc_1><loc_9><loc_9>"})
+        (tmp_path / "fl" / f"{split}.jsonl").write_text(bom + line + "\n", encoding="utf-8")
+    assert len(load_florence_jsonl(tmp_path / "fl", ["dog"])["train"]) == 1
+    voc = voc_source(tmp_path / "voc", {"a": [("dog", 1, 1, 5, 5, False)]}, {"b": [("dog", 1, 1, 5, 5, False)]})
+    for name in ("train.txt", "val.txt"):
+        path = voc / "ImageSets" / "Main" / name
+        path.write_text(bom + path.read_text(), encoding="utf-8")
+    xml = voc / "Annotations" / "a.xml"
+    xml.write_bytes(bom.encode() + xml.read_bytes())
+    out = load_voc(voc, ["dog"])
+    assert [im.path.stem for im in out["train"]] == ["a"] and len(out["valid"]) == 1
+    coco = coco_source(tmp_path / "coco", "train2017", [(1, "a.jpg", 64, 48)], [(1, 1, 18, [1, 1, 5, 5], 0)])
+    coco_source(coco, "val2017", [(2, "v.jpg", 64, 48)], [(2, 2, 18, [1, 1, 5, 5], 0)])
+    ann = coco / "annotations" / "instances_train2017.json"
+    ann.write_text(bom + ann.read_text(), encoding="utf-8")
+    assert len(load_coco(coco, ["dog"])["train"]) == 1
+    from icmlora.florence.format import read_annotations
+
+    assert len(read_annotations(tmp_path / "fl" / "train.jsonl")) == 1
+
+
+def test_an_image_in_both_splits_is_an_error_naming_both_places(tmp_path):
+    voc = voc_source(tmp_path / "voc", {"a": [("dog", 1, 1, 5, 5, False)], "b": [("dog", 1, 1, 5, 5, False)]},
+                     {"b": [("dog", 1, 1, 5, 5, False)]})
+    with pytest.raises(InputError) as err:
+        load_voc(voc, ["dog"])
+    lists = voc / "ImageSets" / "Main"
+    [problem] = err.value.problems
+    assert problem.startswith(f"{lists / 'train.txt'}:2 and {lists / 'val.txt'}:1: image ")
+    assert "b.jpg is in both the train and the valid split" in problem
+    coco = coco_source(tmp_path / "coco", "images", [(1, "same.jpg", 64, 48)], [(1, 1, 18, [1, 1, 5, 5], 0)])
+    (coco / "annotations" / "instances_val2017.json").rename(coco / "annotations" / "instances_train2017.json")
+    coco_source(coco, "images", [(4, "same.jpg", 64, 48)], [(2, 4, 18, [1, 1, 5, 5], 0)])
+    with pytest.raises(InputError, match=r"instances_train2017.json: image id 1 and .*instances_val2017.json: image id 4"):
+        load_coco(coco, ["dog"])
+
+
+def test_florence_ignore_indices_mark_ignore_regions(tmp_path):
+    make_image(tmp_path / "a.png", 100, 100)
+    make_image(tmp_path / "b.png", 100, 100)
+    box = "<loc_1><loc_1><loc_9><loc_9>"
+    write_lines(tmp_path / "train.jsonl", [{"image": "a.png", "suffix": f"dog{box}dog{box}", "ignore": [1]},
+                                           {"image": "b.png", "suffix": f"dog{box}", "ignore": [3]}])
+    write_lines(tmp_path / "valid.jsonl", [{"image": "b.png", "suffix": f"dog{box}", "ignore": "all"}])
+    with pytest.raises(InputError) as err:
+        load_florence_jsonl(tmp_path, ["dog"])
+    assert any(p.startswith(f"{tmp_path / 'train.jsonl'}:2:") and "names boxes [3]" in p for p in err.value.problems)
+    assert any(p.startswith(f"{tmp_path / 'valid.jsonl'}:1:") and "list of box indices" in p for p in err.value.problems)

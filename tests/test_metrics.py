@@ -196,3 +196,32 @@ def test_matches_pycocotools_summarize_on_random_data():
     result = detection_metrics(gt, pred)
     assert [result[k] for k in MAPS] == pytest.approx(list(_reference_stats(gt, pred)), abs=1e-12)
     assert 0.0 < result["map50_95"] < result["map50"] < 1.0
+
+
+def test_ignore_regions_are_neither_found_nor_false_positives():
+    """A difficult/crowd object: detecting it costs nothing and gains nothing; missing it too."""
+    from dataclasses import replace
+
+    hidden = replace(cat(**FAR), ignore=True)
+    gt = [[cat(), hidden]]
+    found_both = detection_metrics(gt, [[cat(score=0.9), cat(score=0.95, **FAR)]], [(300, 300)])
+    found_one = detection_metrics(gt, [[cat(score=0.9)]], [(300, 300)])
+    for result in (found_both, found_one):
+        assert_metrics(result, **{k: 1.0 for k in MAPS + RATES})
+        assert result["num_gt"] == 1
+    assert found_both["num_pred"] == 2
+    # The same detection without the flag on the ground truth: a missed box, a found box.
+    plain = detection_metrics([[cat(), cat(**FAR)]], [[cat(score=0.9)]], [(300, 300)])
+    assert_metrics(plain, recall=0.5, precision=1.0)
+    # A detection that matches a box to find is a true positive even inside an ignore region,
+    # and an ignore region never turns a wrong-label detection into an ignored one.
+    dog = detection_metrics([[cat(), replace(cat(), ignore=True)]], [[cat(score=0.9), cat(label="dog")]], [(300, 300)])
+    assert_metrics(dog, precision=0.5, recall=1.0)
+
+
+def test_an_image_with_only_ignore_regions_scores_no_boxes_to_find():
+    from dataclasses import replace
+
+    result = detection_metrics([[replace(cat(), ignore=True)], [cat()]], [[cat(score=0.8)], [cat()]], [(100, 100)] * 2)
+    assert result["num_gt"] == 1
+    assert_metrics(result, precision=1.0, recall=1.0, map50=1.0)

@@ -135,3 +135,42 @@ def test_stage_module_runs_as_a_program_and_exits_2_on_bad_params(repo, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("icmlora prepare: error: ") and "seed: input should be greater than or equal to 0" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def _jsonl_source(root):
+    """A Florence JSONL source in the real format: a difficult (ignore) dog, a zero-area dog, a BOM,
+    a two-word category."""
+    from PIL import Image
+
+    root.mkdir()
+    for name in ("a", "b", "c", "v"):
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(root / f"{name}.png")
+    box, other = "<loc_100><loc_100><loc_500><loc_500>", "<loc_600><loc_600><loc_900><loc_900>"
+    train = [
+        {"image": "a.png", "suffix": f"dog{box}hot dog{other}", "ignore": [0]},
+        {"image": "b.png", "suffix": f"dog{box}dog<loc_7><loc_7><loc_7><loc_50>"},
+        {"image": "c.png", "suffix": f"hot dog{box}"},
+    ]
+    (root / "train.jsonl").write_text("\ufeff" + "\n".join(json.dumps(r) for r in train) + "\n", encoding="utf-8")
+    valid = [{"image": "v.png", "suffix": f"dog{box}hot dog{other}", "ignore": [1]}]
+    (root / "valid.jsonl").write_text("\n".join(json.dumps(r) for r in valid) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop_images"])
+def test_ignore_regions_keep_their_flag_and_the_policy_decides_training(tmp_path, policy):
+    source = _jsonl_source(tmp_path / "source")
+    cfg = default_params(**{"data.source": "florence_jsonl", "data.root": str(source), "data.tasks": ["dog", "hot dog"],
+                            "heldout_tasks": ["hot dog"], "data.ignore_regions": policy})
+    summary = prepare(cfg, tmp_path / "prepared")
+    dog_train = read_annotations(tmp_path / "prepared" / "dog" / "train" / "annotations.jsonl")
+    if policy == "keep":  # the difficult dog stays a training target, flagged
+        assert [[b.ignore for b in ex.boxes] for ex in dog_train] == [[True], [False]]
+        assert json.loads((tmp_path / "prepared/dog/train/annotations.jsonl").read_text().splitlines()[0])["ignore"] == [0]
+    else:  # its image is dropped from training
+        assert [[b.ignore for b in ex.boxes] for ex in dog_train] == [[False]]
+    # Scoring needs the flag: the valid split keeps it under either policy.
+    (hot_valid,) = read_annotations(tmp_path / "prepared" / "hot dog" / "valid" / "annotations.jsonl")
+    assert [(b.label, b.ignore) for b in hot_valid.boxes] == [("hot dog", True)]
+    assert summary["dropped_degenerate_boxes"] == 1 and summary["ignore_regions"] == policy
+    assert summary["tasks"]["hot dog"]["valid"] == {"images": 1, "boxes": 1, "ignore_regions": 1}

@@ -73,6 +73,7 @@ class DataParams(Section):
     tasks: list[str]
     max_train_per_task: NonNegative
     max_valid_per_task: NonNegative
+    ignore_regions: Literal["keep", "drop_images"]
     synthetic: SyntheticParams
 
     @field_validator("tasks")
@@ -81,8 +82,10 @@ class DataParams(Section):
         problems = [] if tasks else ["needs at least one task (a category name)"]
         if len(set(tasks)) != len(tasks):
             problems.append("has duplicates")
-        problems += [f"{t!r} is not usable as a folder name" for t in tasks
-                     if not t or "/" in t or t != t.strip() or t.startswith(("_", "."))]
+        # A task name is a folder name, part of a DVC stage name and a quoted shell argument.
+        problems += [f"{t!r} is not usable as a folder and stage name (no / \\ @ quotes $ or backquote, no leading "
+                     "_ . or space)" for t in tasks
+                     if not t or t != t.strip() or t.startswith(("_", ".")) or set(t) & set("/\\@\"'$`")]
         if problems:
             raise ValueError("; ".join(problems))
         return tasks

@@ -5,6 +5,12 @@ and mAP50-95/mAP50/mAP75 are read from the accumulated precision array the way `
 computes ``stats[0:3]``: area "all", at most 100 detections per image (COCO's cap; the extra
 detections still count in precision). Only the "all" area range is evaluated: the three
 numbers are unchanged and ``evaluate()`` does a quarter of the work.
+
+Ground-truth ignore regions (``Box.ignore``: VOC ``difficult``, COCO ``iscrowd``) are neither
+boxes to find nor grounds for a false positive: the mAPs pass them to COCOeval as ``iscrowd``
+(its rule: a detection inside one is ignored), and the greedy matching drops a detection that
+finds no box to match but overlaps an ignore region of its label at IoU >= 0.5 (VOC's rule for
+``difficult``). ``num_gt`` counts the boxes to find.
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ def detection_metrics(
     def label(box: Box) -> str:
         return AGNOSTIC_LABEL if class_agnostic else box.label
 
-    num_gt = sum(len(boxes) for boxes in ground_truth)
+    num_gt = sum(1 for boxes in ground_truth for box in boxes if not box.ignore)
     num_pred = sum(len(boxes) for boxes in predictions)
-    tp = sum(_greedy_true_positives(g, p, label) for g, p in zip(ground_truth, predictions))
-    precision = tp / num_pred if num_pred else 0.0
+    matched = [_greedy_matches(g, p, label) for g, p in zip(ground_truth, predictions)]
+    tp, ignored = sum(m[0] for m in matched), sum(m[1] for m in matched)
+    counted = num_pred - ignored
+    precision = tp / counted if counted else 0.0
     recall = tp / num_gt if num_gt else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
@@ -86,19 +94,22 @@ def box_iou(a: Box, b: Box) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _greedy_true_positives(gt: Sequence[Box], pred: Sequence[Box], label) -> int:
+def _greedy_matches(gt: Sequence[Box], pred: Sequence[Box], label) -> tuple[int, int]:
     """Per label: predictions by descending score each take the unmatched GT box of highest
-    IoU >= 0.5. Returns the number of matched predictions."""
+    IoU >= 0.5; one that finds none but overlaps an ignore region at IoU >= 0.5 is ignored.
+    Returns (matched predictions, ignored predictions)."""
     if not gt or not pred:
-        return 0
+        return 0, 0
     # Plain Python: a few boxes per image, where numpy's per-call overhead would dominate.
     unmatched: dict[str, list[Box]] = defaultdict(list)
+    regions: dict[str, list[Box]] = defaultdict(list)
     for box in gt:
-        unmatched[label(box)].append(box)
-    tp = 0
+        (regions if box.ignore else unmatched)[label(box)].append(box)
+    tp = ignored = 0
     for box in sorted(pred, key=lambda b: -b.score):  # stable: ties keep input order
         candidates = unmatched.get(label(box))
         if not candidates:
+            ignored += any(box_iou(box, r) >= MATCH_IOU for r in regions.get(label(box), ()))
             continue
         best, best_iou = -1, MATCH_IOU
         for j, g in enumerate(candidates):
@@ -108,7 +119,9 @@ def _greedy_true_positives(gt: Sequence[Box], pred: Sequence[Box], label) -> int
         if best >= 0:
             del candidates[best]
             tp += 1
-    return tp
+        else:
+            ignored += any(box_iou(box, r) >= MATCH_IOU for r in regions.get(label(box), ()))
+    return tp, ignored
 
 
 def _coco_maps(ground_truth, predictions, sizes, label) -> tuple[float, float, float]:
@@ -135,7 +148,7 @@ def _coco_maps(ground_truth, predictions, sizes, label) -> tuple[float, float, f
                     "category_id": category_ids[label(box)],
                     "bbox": [float(box.x1), float(box.y1), w, h],
                     "area": w * h,
-                    "iscrowd": 0,
+                    "iscrowd": int(box.ignore),
                 }
                 if with_score:
                     ann["score"] = float(box.score)

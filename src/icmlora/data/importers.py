@@ -1,8 +1,20 @@
 """Importers: a Florence JSONL, PASCAL VOC or COCO source -> images with boxes in pixels.
 
-The prepare stage calls ``load_source(kind, root, categories)`` and gets
-``{"train": [SourceImage, ...], "valid": [...]}``: every image that holds at least one box of
-a requested category, with only the boxes of requested categories, sorted by image path.
+The prepare stage calls ``load_source(kind, root, categories)`` and gets a ``Source``:
+``source["train"]`` and ``source["valid"]`` hold every image that holds at least one box of a
+requested category, with only the boxes of requested categories, sorted by image path.
+
+The real datasets' conventions, each a policy:
+- Ignore regions are kept, marked ``Box.ignore``: VOC ``<difficult>1</difficult>`` objects and
+  COCO ``iscrowd: 1`` annotations (and a Florence line's ``ignore`` indices). Scoring treats
+  them as ignore regions; ``data.ignore_regions`` decides whether training keeps them as
+  targets or drops their images.
+- A box of zero width or height in the source's own coordinates (COCO ``w = 0``, VOC
+  ``xmin == xmax``, equal ``<loc_N>`` bins) can never be matched: it is dropped, and each one
+  is listed in ``Source.dropped`` (prepare's summary counts them).
+- A UTF-8 byte-order mark at the start of a file (Windows editors write one) is accepted.
+- An image in both the train and the valid split would leak validation into training: an
+  error naming both places.
 
 Every problem in a source (malformed lines, missing images, bad boxes, unknown categories,
 a wrong layout) is collected and raised as one InputError, so a user fixes them in one go.
@@ -17,7 +29,7 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -25,7 +37,7 @@ from tqdm import tqdm
 
 from icmlora.artifacts import ANNOTATIONS_FILE, SPLITS
 from icmlora.errors import InputError
-from icmlora.florence.format import Box, parse_suffix
+from icmlora.florence.format import IGNORE_KEY, Box, mark_ignored, parse_suffix
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +57,21 @@ class SourceImage:
     width: int
     height: int
     boxes: list[Box]  # the boxes of requested categories, labelled with the source's names
+    where: str = ""  # where the source lists it (file:line, or file: image id)
 
 
-def load_source(kind: str, root: Path, categories: list[str]) -> dict[str, list[SourceImage]]:
+@dataclass
+class Source:
+    """The images of each split, and the degenerate boxes dropped on the way (where each was)."""
+
+    splits: dict[str, list[SourceImage]]
+    dropped: list[str] = field(default_factory=list)
+
+    def __getitem__(self, split: str) -> list[SourceImage]:
+        return self.splits[split]
+
+
+def load_source(kind: str, root: Path, categories: list[str]) -> Source:
     loaders = {"florence_jsonl": load_florence_jsonl, "voc": load_voc, "coco": load_coco}
     if kind not in loaders:
         raise InputError(f"unknown data source kind {kind!r}", [f"use one of: {', '.join(loaders)}"])
@@ -83,10 +107,20 @@ def _image_size(path: Path, where: str, problems: list[str]) -> tuple[int, int] 
     return None
 
 
-def _pixel_box(label, x1, y1, x2, y2, width, height, where, problems) -> Box | None:
-    """A validated box clipped to the image, or None with a problem."""
+def _read_text(path: Path) -> str:
+    """A text file's content; a UTF-8 byte-order mark at its start is dropped."""
+    return path.read_text(encoding="utf-8-sig")
+
+
+def _pixel_box(label, x1, y1, x2, y2, width, height, where, problems, *, ignore=False, zero_extent=False,
+               dropped: list[str]) -> Box | None:
+    """A validated box clipped to the image, or None: with a problem, or (``zero_extent``: no
+    width or no height in the source's coordinates) dropped and listed in ``dropped``."""
     if x2 < x1 or y2 < y1:
         problems.append(f"{where}: box {label!r} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has x2 < x1 or y2 < y1")
+        return None
+    if zero_extent:
+        dropped.append(f"{where}: box {label!r} has zero width or height")
         return None
     tol = CLIP_TOLERANCE_PX
     if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
@@ -95,7 +129,7 @@ def _pixel_box(label, x1, y1, x2, y2, width, height, where, problems) -> Box | N
             f"{width}x{height} image by more than {tol:g} px; fix the box or the image size"
         )
         return None
-    return Box(label, max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
+    return Box(label, max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)), ignore=ignore)
 
 
 def _check_categories(categories: list[str], seen: set[str], root: Path, problems: list[str]) -> None:
@@ -105,13 +139,21 @@ def _check_categories(categories: list[str], seen: set[str], root: Path, problem
             problems.append(f"{root}: category {name!r} does not occur in the source (it has: {available})")
 
 
-def _finish(root: Path, kind: str, result: dict[str, list[SourceImage]], problems: list[str]):
+def _finish(root: Path, kind: str, result: dict[str, list[SourceImage]], problems: list[str],
+            dropped: list[str]) -> Source:
+    in_train = {im.path: im.where for im in result.get("train", [])}
+    for im in result.get("valid", []):
+        if im.path in in_train:
+            problems.append(f"{in_train[im.path]} and {im.where}: image {im.path} is in both the train and the valid "
+                            "split (validation would leak into training); keep it in one")
     if problems:
         raise InputError(f"{root}: invalid {kind} source", problems)
     for images in result.values():
         images.sort(key=lambda im: str(im.path))
     log.info("%s source %s: %s", kind, root, ", ".join(f"{len(v)} {k} images" for k, v in result.items()))
-    return result
+    for line in dropped:
+        log.warning("dropped a degenerate box: %s", line)
+    return Source(result, dropped)
 
 
 # --- Florence JSONL ------------------------------------------------------------------------
@@ -120,7 +162,7 @@ def _finish(root: Path, kind: str, result: dict[str, list[SourceImage]], problem
 def load_florence_jsonl(root: Path, categories: list[str]) -> dict[str, list[SourceImage]]:
     """``image``/``prefix``/``suffix`` lines, or the reference ``image_path``/``width``/``height``."""
     root = _start(root, categories, FLORENCE_LAYOUT)
-    wanted, seen, problems = set(categories), set(), []
+    wanted, seen, problems, dropped = set(categories), set(), [], []
     result: dict[str, list[SourceImage]] = {}
     for split in SPLITS:
         result[split] = []
@@ -130,16 +172,16 @@ def load_florence_jsonl(root: Path, categories: list[str]) -> dict[str, list[Sou
             tried = f"neither {split}.jsonl nor {split}/{ANNOTATIONS_FILE} exists"
             problems.append(f"{root}: no {split} annotations: {tried} ({FLORENCE_LAYOUT})")
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
             if line.strip():
-                image = _florence_line(line, f"{path}:{lineno}", path.parent, wanted, seen, problems)
+                image = _florence_line(line, f"{path}:{lineno}", path.parent, wanted, seen, problems, dropped)
                 if image is not None:
                     result[split].append(image)
     _check_categories(categories, seen, root, problems)
-    return _finish(root, "florence_jsonl", result, problems)
+    return _finish(root, "florence_jsonl", result, problems, dropped)
 
 
-def _florence_line(line, where, folder, wanted, seen, problems) -> SourceImage | None:
+def _florence_line(line, where, folder, wanted, seen, problems, dropped) -> SourceImage | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -155,7 +197,7 @@ def _florence_line(line, where, folder, wanted, seen, problems) -> SourceImage |
     try:
         # Bin indices do not depend on the image size: parse once to validate and learn the
         # labels, open the image only if it is kept, then parse again in its pixels.
-        labels = {b.label for b in parse_suffix(suffix, 1000, 1000, strict=True)}
+        labels = {b.label for b in mark_ignored(parse_suffix(suffix, 1000, 1000, strict=True), record.get(IGNORE_KEY, []))}
     except ValueError as exc:
         problems.append(f"{where}: bad suffix: {exc}")
         return None
@@ -171,18 +213,25 @@ def _florence_line(line, where, folder, wanted, seen, problems) -> SourceImage |
         sizes = f"{stated[0]}x{stated[1]} disagree with image {path} ({size[0]}x{size[1]})"
         problems.append(f"{where}: width/height {sizes}; fix or drop them")
         return None
-    boxes = [b for b in parse_suffix(suffix, *size, strict=True) if b.label in wanted]
-    return SourceImage(path, size[0], size[1], boxes)
+    boxes = []
+    for index, b in enumerate(mark_ignored(parse_suffix(suffix, *size, strict=True), record.get(IGNORE_KEY, []))):
+        if b.label not in wanted:
+            continue
+        if b.x2 == b.x1 or b.y2 == b.y1:  # equal bins
+            dropped.append(f"{where}: box {index} ({b.label!r}) has zero width or height")
+            continue
+        boxes.append(b)
+    return SourceImage(path, size[0], size[1], boxes, where) if boxes else None
 
 
 # --- PASCAL VOC ----------------------------------------------------------------------------
 
 
-def load_voc(root: Path, categories: list[str], *, keep_difficult: bool = False) -> dict[str, list[SourceImage]]:
-    """VOC XML. Objects marked ``<difficult>1</difficult>`` are skipped by default, as the VOC
-    evaluation ignores them: they are often barely recognisable and would teach noise."""
+def load_voc(root: Path, categories: list[str]) -> Source:
+    """VOC XML. Objects marked ``<difficult>1</difficult>`` are kept as ignore regions, as the
+    VOC evaluation treats them."""
     root = _start(root, categories, VOC_LAYOUT)
-    wanted, seen, problems = set(categories), set(), []
+    wanted, seen, problems, dropped = set(categories), set(), [], []
     result: dict[str, list[SourceImage]] = {}
     for split, list_name in (("train", "train.txt"), ("valid", "val.txt")):
         result[split] = []
@@ -190,18 +239,18 @@ def load_voc(root: Path, categories: list[str], *, keep_difficult: bool = False)
         if not list_path.is_file():
             problems.append(f"{list_path}: {split} image list not found ({VOC_LAYOUT})")
             continue
-        lines = list_path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(list_path).splitlines()
         for lineno, line in enumerate(tqdm(lines, desc=f"voc {split}", disable=None), start=1):
             if line.strip():
                 where = f"{list_path}:{lineno}"
-                image = _voc_image(root, line.split()[0], where, wanted, seen, keep_difficult, problems)
+                image = _voc_image(root, line.split()[0], where, wanted, seen, problems, dropped)
                 if image is not None:
                     result[split].append(image)
     _check_categories(categories, seen, root, problems)
-    return _finish(root, "voc", result, problems)
+    return _finish(root, "voc", result, problems, dropped)
 
 
-def _voc_image(root, image_id, where, wanted, seen, keep_difficult, problems) -> SourceImage | None:
+def _voc_image(root, image_id, where, wanted, seen, problems, dropped) -> SourceImage | None:
     xml_path = root / "Annotations" / f"{image_id}.xml"
     try:
         tree = ET.parse(xml_path).getroot()
@@ -215,7 +264,7 @@ def _voc_image(root, image_id, where, wanted, seen, keep_difficult, problems) ->
     objects = [(i, o, (o.findtext("name") or "").strip()) for i, o in enumerate(tree.findall("object"), 1)]
     seen |= {name for _, _, name in objects}
     difficult = {i for i, o, _ in objects if o.findtext("difficult", "0").strip() == "1"}
-    kept = [(i, o, n) for i, o, n in objects if n in wanted and (keep_difficult or i not in difficult)]
+    kept = [(i, o, n) for i, o, n in objects if n in wanted]
     if not kept:
         return None
     path = root / "JPEGImages" / f"{image_id}.jpg"
@@ -238,19 +287,21 @@ def _voc_image(root, image_id, where, wanted, seen, keep_difficult, problems) ->
             problems.append(f"{obj_where}: <bndbox> needs numeric xmin, ymin, xmax, ymax")
             continue
         # VOC pixels are 1-based and inclusive: pixel columns xmin..xmax cover [xmin-1, xmax).
-        box = _pixel_box(name, xmin - 1, ymin - 1, xmax, ymax, size[0], size[1], obj_where, problems)
+        box = _pixel_box(name, xmin - 1, ymin - 1, xmax, ymax, size[0], size[1], obj_where, problems,
+                         ignore=index in difficult, zero_extent=xmin == xmax or ymin == ymax, dropped=dropped)
         if box is not None:
             boxes.append(box)
-    return SourceImage(path, size[0], size[1], boxes) if boxes else None
+    return SourceImage(path, size[0], size[1], boxes, where) if boxes else None
 
 
 # --- COCO ----------------------------------------------------------------------------------
 
 
-def load_coco(root: Path, categories: list[str]) -> dict[str, list[SourceImage]]:
-    """COCO instances JSON; crowd annotations (``iscrowd=1``) are ignored, as in COCO eval."""
+def load_coco(root: Path, categories: list[str]) -> Source:
+    """COCO instances JSON; crowd annotations (``iscrowd=1``) are kept as ignore regions, as
+    COCO's evaluation treats them."""
     root = _start(root, categories, COCO_LAYOUT)
-    wanted, seen, problems = set(categories), set(), []
+    wanted, seen, problems, dropped = set(categories), set(), [], []
     result: dict[str, list[SourceImage]] = {}
     for split, prefix in (("train", "train"), ("valid", "val")):
         result[split] = []
@@ -260,14 +311,14 @@ def load_coco(root: Path, categories: list[str]) -> dict[str, list[SourceImage]]
             what = f"are ambiguous ({found}); keep one there" if matches else f"not found ({COCO_LAYOUT})"
             problems.append(f"{root / 'annotations'}/instances_{prefix}*.json: {split} annotations {what}")
             continue
-        result[split] = _coco_split(matches[0], root, wanted, seen, problems)
+        result[split] = _coco_split(matches[0], root, wanted, seen, problems, dropped)
     _check_categories(categories, seen, root, problems)
-    return _finish(root, "coco", result, problems)
+    return _finish(root, "coco", result, problems, dropped)
 
 
-def _coco_split(json_path, root, wanted, seen, problems) -> list[SourceImage]:
+def _coco_split(json_path, root, wanted, seen, problems, dropped) -> list[SourceImage]:
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(json_path))
         names = {c["id"]: str(c["name"]).strip() for c in data["categories"]}
         images = {im["id"]: im for im in data["images"]}
         annotations = data["annotations"]
@@ -282,7 +333,7 @@ def _coco_split(json_path, root, wanted, seen, problems) -> list[SourceImage]:
     per_image = defaultdict(list)  # image id -> [(where, label, bbox)], in file order
     for ann in annotations:
         label = names.get(ann.get("category_id"))
-        if ann.get("iscrowd", 0) == 1 or label not in wanted:
+        if label not in wanted:
             continue
         where = f"{json_path}: annotation id {ann.get('id')}"
         if ann.get("image_id") not in images:
@@ -290,7 +341,7 @@ def _coco_split(json_path, root, wanted, seen, problems) -> list[SourceImage]:
         elif not _is_xywh(ann.get("bbox")):
             problems.append(f"{where}: bbox must be [x, y, width, height] numbers, got {ann.get('bbox')!r}")
         else:
-            per_image[ann["image_id"]].append((where, label, ann["bbox"]))
+            per_image[ann["image_id"]].append((where, label, ann["bbox"], ann.get("iscrowd", 0) == 1))
     # instances_train2017.json -> train2017/, else images/; only needed if images are kept.
     image_dir = root / json_path.stem[len("instances_") :]
     if per_image and not image_dir.is_dir():
@@ -310,10 +361,11 @@ def _coco_split(json_path, root, wanted, seen, problems) -> list[SourceImage]:
             stated, found = f"{record.get('width')}x{record.get('height')}", f"{size[0]}x{size[1]}"
             problems.append(f"{where}: width/height {stated} disagree with image {path} ({found})")
             continue
-        boxes = [_pixel_box(label, x, y, x + w, y + h, *size, at, problems) for at, label, (x, y, w, h) in anns]
+        boxes = [_pixel_box(label, x, y, x + w, y + h, *size, at, problems, ignore=crowd, zero_extent=w == 0 or h == 0,
+                            dropped=dropped) for at, label, (x, y, w, h), crowd in anns]
         boxes = [b for b in boxes if b is not None]
         if boxes:
-            out.append(SourceImage(path, size[0], size[1], boxes))
+            out.append(SourceImage(path, size[0], size[1], boxes, where))
     return out
 
 

@@ -23,13 +23,16 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from icmlora.errors import InputError
 
 NUM_BINS = 1000
 OD_PROMPT = "<OD>"
+# An annotations line may list the indices (0-based, in ``suffix`` order) of its boxes that are
+# ignore regions. The suffix still holds them: a training target names every object there.
+IGNORE_KEY = "ignore"
 _LOC_TEXT = re.compile(r"(<loc_\d+>)")
 _SPECIAL_TEXT = ("<s>", "</s>", "<pad>")
 
@@ -37,7 +40,9 @@ _SPECIAL_TEXT = ("<s>", "</s>", "<pad>")
 @dataclass(frozen=True)
 class Box:
     """A box in pixels, corners (x1, y1, x2, y2), with its label and (for predictions) a
-    confidence score; ground-truth boxes keep the default 1.0."""
+    confidence score; ground-truth boxes keep the default 1.0. ``ignore`` marks a ground-truth
+    ignore region (VOC ``difficult``, COCO ``iscrowd``): scoring counts a detection of it
+    neither as a true nor as a false positive, and it is not a box to find."""
 
     label: str
     x1: float
@@ -45,6 +50,7 @@ class Box:
     x2: float
     y2: float
     score: float = 1.0
+    ignore: bool = False
 
     @property
     def xyxy(self) -> tuple[float, float, float, float]:
@@ -66,13 +72,17 @@ class Example:
         return encode_suffix(self.boxes, self.width, self.height)
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "image": self.image,
             "prefix": self.prefix,
             "suffix": self.suffix,
             "width": self.width,
             "height": self.height,
         }
+        ignored = [i for i, box in enumerate(self.boxes) if box.ignore]
+        if ignored:
+            record[IGNORE_KEY] = ignored
+        return record
 
 
 def quantize(value: float, size: float) -> int:
@@ -179,6 +189,17 @@ def parse_suffix(text: str, width: int, height: int, *, strict: bool = False) ->
     return [p.box(width, height) for p in parse_pieces(text_pieces(text), "".join, strict=strict)]
 
 
+def mark_ignored(boxes: list[Box], ignored) -> list[Box]:
+    """``boxes`` with the ones at the indices ``ignored`` (an annotation line's ``ignore`` list)
+    marked as ignore regions; ValueError if that is not a list of indices into ``boxes``."""
+    if not isinstance(ignored, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ignored):
+        raise ValueError(f"'{IGNORE_KEY}' must be a list of box indices, got {ignored!r}")
+    bad = [i for i in ignored if not 0 <= i < len(boxes)]
+    if bad:
+        raise ValueError(f"'{IGNORE_KEY}' names boxes {bad}, but the suffix has {len(boxes)} (indices from 0)")
+    return [replace(box, ignore=True) if i in ignored else box for i, box in enumerate(boxes)]
+
+
 def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Example]:
     """Read and validate a Florence JSONL file; every problem is reported at once."""
     path = Path(path)
@@ -186,7 +207,8 @@ def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Exa
         raise InputError(f"{path}: annotations file not found")
     examples: list[Example] = []
     problems: list[str] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (as Windows editors write) is read as nothing.
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -218,7 +240,8 @@ def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Exa
                 problems.append(f"{where}: image {image_path} is unreadable ({exc.__class__.__name__}: {exc})")
                 continue
         try:
-            boxes = parse_suffix(record["suffix"], int(width), int(height), strict=True)
+            boxes = mark_ignored(parse_suffix(record["suffix"], int(width), int(height), strict=True),
+                                 record.get(IGNORE_KEY, []))
         except ValueError as exc:
             problems.append(f"{where}: bad suffix: {exc}")
             continue

@@ -7,12 +7,18 @@ into place when complete: every image once under _images/, the base model's pre-
 _agnostic/ (every box, none named by its task: named "object", or with the synthetic
 ``base_labels: hue`` by its hue), one folder per task (images holding it, only its boxes), and
 summary.json (base labels, counts per task and split).
+
+An imported source's ignore regions (VOC difficult, COCO crowd; ``icmlora.data.importers``)
+keep their flag in every split (the annotations' ``ignore`` key), so scoring ignores them;
+``data.ignore_regions: drop_images`` also drops the training images that hold one. Boxes of
+zero width or height are dropped; summary.json counts them (``dropped_degenerate_boxes``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -33,8 +39,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _collect(cfg: Params, out: Path) -> dict[str, list[tuple[str, int, int, list[Box]]]]:
-    """Write every image under out/_images/<split>/ and return (file name, w, h, boxes) per split."""
+def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int, list[Box]]]], list[str]]:
+    """Write every image under out/_images/<split>/; return (file name, w, h, boxes) per split,
+    and where the source had degenerate boxes (dropped)."""
     records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
     if cfg.data.source == "synthetic":
         from icmlora.data.synthetic import SHAPES, generate_split
@@ -58,7 +65,7 @@ def _collect(cfg: Params, out: Path) -> dict[str, list[tuple[str, int, int, list
                 image.save(folder / name)
                 rows.append((name, image.width, image.height, boxes))
             records[split] = rows
-        return records
+        return records, []
 
     from icmlora.data.importers import load_source
 
@@ -72,7 +79,7 @@ def _collect(cfg: Params, out: Path) -> dict[str, list[tuple[str, int, int, list
             _link_or_copy(item.path, folder / name)
             rows.append((name, item.width, item.height, item.boxes))
         records[split] = rows
-    return records
+    return records, source.dropped
 
 
 def base_labels(cfg: Params) -> dict[str, str]:
@@ -95,16 +102,19 @@ def _ordered(boxes: list[Box]) -> list[Box]:
     return sorted(boxes, key=lambda b: (b.y1, b.x1))
 
 
-def _task_examples(rows, split: str, task: str | None, limit: int, names: dict[str, str]) -> list[Example]:
+def _task_examples(rows, split: str, task: str | None, limit: int, names: dict[str, str],
+                   drop_ignored: bool) -> list[Example]:
     examples = []
     for file_name, w, h, boxes in rows:
         image = image_ref(split, file_name)
         if task is None:
-            kept = [Box(names.get(b.label, AGNOSTIC_LABEL), b.x1, b.y1, b.x2, b.y2) for b in _ordered(boxes)]
+            kept = [replace(b, label=names.get(b.label, AGNOSTIC_LABEL)) for b in _ordered(boxes)]
         else:
             kept = [b for b in _ordered(boxes) if b.label == task]
             if not kept:
                 continue
+        if drop_ignored and any(b.ignore for b in kept):
+            continue
         examples.append(Example(image, w, h, kept))
         if limit and len(examples) >= limit:
             break
@@ -116,20 +126,27 @@ def prepare(cfg: Params, out_dir: Path = PREPARED_DIR) -> dict:
     names = base_labels(cfg)
     summary: dict = {"source": cfg.data.source, "base_labels": names, "tasks": {}}
     with atomic_dir(out_dir) as tmp:
-        records = _collect(cfg, tmp)
+        records, dropped = _collect(cfg, tmp)
         empty = []
         for task in [None, *cfg.data.tasks]:
             name = BASE_SPLIT if task is None else task
             summary["tasks"][name] = {}
             for split in SPLITS:
                 limit = 0 if task is None else (cfg.data.max_train_per_task if split == "train" else cfg.data.max_valid_per_task)
-                examples = _task_examples(records[split], split, task, limit, names)
+                drop = split == "train" and cfg.data.ignore_regions == "drop_images"
+                examples = _task_examples(records[split], split, task, limit, names, drop)
                 if not examples:
                     empty.append(f"task {name!r} has no {split} examples in source {cfg.data.source!r}")
                 write_split(name, split, examples, tmp)
-                summary["tasks"][name][split] = {"images": len(examples), "boxes": sum(len(e.boxes) for e in examples)}
+                counts = {"images": len(examples), "boxes": sum(len(e.boxes) for e in examples)}
+                ignored = sum(b.ignore for e in examples for b in e.boxes)
+                if cfg.data.source != "synthetic":  # the synthetic source has no ignore regions
+                    counts["ignore_regions"] = ignored
+                summary["tasks"][name][split] = counts
         if empty:
             raise InputError("prepare: some tasks have no examples (check data.tasks and the source)", empty)
+        if cfg.data.source != "synthetic":
+            summary.update(ignore_regions=cfg.data.ignore_regions, dropped_degenerate_boxes=len(dropped))
         write_json(tmp / PREPARED_SUMMARY.name, summary)
     return summary
 
@@ -141,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = prepare(cfg, args.out)
     train = summary["tasks"][BASE_SPLIT]["train"]["images"]
     valid = summary["tasks"][BASE_SPLIT]["valid"]["images"]
+    dropped = summary.get("dropped_degenerate_boxes")
     print(f"prepare: wrote {args.out} ({len(cfg.data.tasks)} tasks, {train} train + {valid} valid images, "
-          f"source {cfg.data.source})")
+          f"source {cfg.data.source}" + (f"; dropped {dropped} degenerate boxes" if dropped else "") + ")")
     return summary
 
 
