@@ -105,7 +105,8 @@ def test_stage_deps_are_exactly_its_import_closure(stage):
     deps = {d for d in dvc_stages()[stage].get("deps", []) if d.startswith("src/")}
     needed = closure_files(stage)
     missing, extra = sorted(needed - deps), sorted(deps - needed)
-    assert not missing, f"dvc.yaml stage {stage}: deps miss {missing}, which its command imports"
+    assert not missing, (f"dvc.yaml stage {stage}: deps miss {missing}, which its command imports "
+                         "(python tests/test_architecture.py --write fixes dvc.yaml)")
     assert not extra, f"dvc.yaml stage {stage}: deps list {extra}, which its command never imports"
 
 
@@ -153,7 +154,7 @@ def test_dvc_outputs_are_the_data_contract_paths():
     tasks, ranks, seeds = params["data"]["tasks"], params["lora"]["ranks"], params["lora"]["seeds"]
     expected = {a.PREPARED_DIR, a.BASE_MODEL_DIR, a.BASE_MODEL_METRICS, a.BASE_MODEL_LOSS, a.TASK_VECTORS_FILE,
                 a.TASK_VECTORS_INFO, a.TASK_VECTOR_PLOTS, a.TASK_VECTOR_METRICS, a.GENERATED_DIR, a.GENERATE_METRICS,
-                a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS}
+                a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.BOOTSTRAP_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS, a.VERDICTS}
     for task in tasks:
         for rank in ranks:
             for seed in seeds:
@@ -163,3 +164,38 @@ def test_dvc_outputs_are_the_data_contract_paths():
     declared = _expanded_outputs(params)
     expected_paths = {p.as_posix() for p in expected}
     assert declared == expected_paths, (sorted(declared - expected_paths), sorted(expected_paths - declared))
+
+
+def write_deps(path: Path = REPO / "dvc.yaml") -> list[str]:
+    """Rewrite each stage's source deps in dvc.yaml to its import closure (comments, order and
+    other deps kept); returns the stages it changed. `python tests/test_architecture.py --write`."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)  # dvc.yaml's style: "- " two spaces under its key
+    document = rt.load(path.read_text())
+    changed = []
+    for name, spec in document["stages"].items():
+        body = spec.get("do", spec)
+        others = [d for d in body["deps"] if not d.startswith("src/")]
+        own = f"src/{PACKAGE}/stages/{name}.py"
+        wanted = others + [own] + sorted(closure_files(name) - {own})
+        if list(body["deps"]) != wanted:
+            body["deps"].clear()
+            body["deps"].extend(wanted)
+            changed.append(name)
+    out = io.StringIO()
+    rt.dump(document, out)
+    path.write_text(out.getvalue())
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit("usage: python tests/test_architecture.py --write   (rewrites dvc.yaml's source deps)")
+    print("dvc.yaml: rewrote the source deps of", ", ".join(write_deps()) or "no stage")

@@ -65,14 +65,28 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
         assert summary["ranks"]["2"][key] is not None, key
     assert {"generator_bytes", "checkpoint_bytes", "ratio"} <= set(summary["storage"])
     assert {"generate_adapter_seconds", "train_lora_seconds_median"} <= set(summary["timing"])
-    for png in ("generated_vs_trained", "task_heatmap_r2", "cvae_loss", "map_vs_novelty"):
+    for png in ("generated_vs_trained", "comparisons", "task_heatmap_r2", "cvae_loss", "map_vs_novelty"):
         assert (micro_repo / f"metrics/plots/report/{png}.png").stat().st_size > 1000
+    # Every comparison has its paired-bootstrap interval and verdict, pooled and per task.
+    pooled = summary["ranks"]["2"]["comparisons"]
+    assert set(pooled) == {f"generated - {s}" for s in ("trained", "avg_checkpoint", "noise", "wrong_task")}
+    assert all(c["ci_low"] <= c["difference"] <= c["ci_high"] and c["verdict"] in ("better", "worse", "indistinguishable")
+               for c in pooled.values())
+    assert "generated - nearest_task" in summary["ranks"]["2"]["heldout_comparisons"]
+    boot = (micro_repo / "metrics/bootstrap.csv").read_text().splitlines()
+    assert boot[0] == "rank,task,comparison,difference,ci_low,ci_high,verdict,resamples,confidence"
+    verdicts = (micro_repo / "metrics/verdicts.txt").read_text().splitlines()
+    assert any(v.startswith("rank 2, training tasks: generated vs trained: ") for v in verdicts)
+    assert {"error_iou_median", "error_iou_checkpoints_median"} <= set(summary["ranks"]["2"])
     with sqlite3.connect(micro_repo / "mlflow.db") as db:
         pairs = db.execute(
             "select t.value, r.value, s.value from tags t join tags r on r.run_uuid = t.run_uuid and r.key = 'rank' "
             "join tags s on s.run_uuid = t.run_uuid and s.key = 'source' where t.key = 'task'").fetchall()
     sources = {(task, rank, source) for task, rank, source in pairs}
     assert ("circle", "2", "trained") in sources and ("circle", "2", "generated") in sources
+    with sqlite3.connect(micro_repo / "mlflow.db") as db:  # the UI opens the runs table, not the GenAI overview
+        kind = db.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
+    assert kind == [("custom_model_development",)]
     status = run([str(BIN / "dvc"), "status"], micro_repo, env).stdout
     assert "up to date" in status
 

@@ -275,6 +275,8 @@ class EvaluateParams(Section):
     eval_images: Count
     cross_task_ranks: list[Positive]
     noise_seed: NonNegative
+    bootstrap_resamples: Annotated[int, Field(ge=100)]
+    confidence: Annotated[float, Field(gt=0.5, lt=1)]
 
 
 class Params(Section):

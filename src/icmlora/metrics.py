@@ -95,33 +95,42 @@ def box_iou(a: Box, b: Box) -> float:
 
 
 def _greedy_matches(gt: Sequence[Box], pred: Sequence[Box], label) -> tuple[int, int]:
-    """Per label: predictions by descending score each take the unmatched GT box of highest
-    IoU >= 0.5; one that finds none but overlaps an ignore region at IoU >= 0.5 is ignored.
-    Returns (matched predictions, ignored predictions)."""
+    """(matched predictions, ignored predictions) of one image; see ``greedy_assignment``."""
+    matched, ignored = greedy_assignment(gt, pred, label)
+    return len(matched), len(ignored)
+
+
+def greedy_assignment(gt: Sequence[Box], pred: Sequence[Box], label=lambda box: box.label
+                      ) -> tuple[dict[int, int], set[int]]:
+    """One image at IoU 0.5, per label: predictions by descending score each take the unmatched
+    box to find of highest IoU >= 0.5; one that finds none but overlaps an ignore region at
+    IoU >= 0.5 is ignored. Returns ({prediction index: ground-truth index}, ignored prediction
+    indices): the other predictions are false positives, the other boxes to find are missed."""
+    matched: dict[int, int] = {}
+    ignored: set[int] = set()
     if not gt or not pred:
-        return 0, 0
+        return matched, ignored
     # Plain Python: a few boxes per image, where numpy's per-call overhead would dominate.
-    unmatched: dict[str, list[Box]] = defaultdict(list)
+    unmatched: dict[str, list[int]] = defaultdict(list)
     regions: dict[str, list[Box]] = defaultdict(list)
-    for box in gt:
-        (regions if box.ignore else unmatched)[label(box)].append(box)
-    tp = ignored = 0
-    for box in sorted(pred, key=lambda b: -b.score):  # stable: ties keep input order
+    for g, box in enumerate(gt):
+        if box.ignore:
+            regions[label(box)].append(box)
+        else:
+            unmatched[label(box)].append(g)
+    for p in sorted(range(len(pred)), key=lambda i: -pred[i].score):  # stable: ties keep input order
+        box = pred[p]
         candidates = unmatched.get(label(box))
-        if not candidates:
-            ignored += any(box_iou(box, r) >= MATCH_IOU for r in regions.get(label(box), ()))
-            continue
         best, best_iou = -1, MATCH_IOU
-        for j, g in enumerate(candidates):
-            iou = box_iou(box, g)
+        for j, g in enumerate(candidates or ()):
+            iou = box_iou(box, gt[g])
             if iou >= best_iou and (best < 0 or iou > best_iou):
                 best, best_iou = j, iou
         if best >= 0:
-            del candidates[best]
-            tp += 1
-        else:
-            ignored += any(box_iou(box, r) >= MATCH_IOU for r in regions.get(label(box), ()))
-    return tp, ignored
+            matched[p] = candidates.pop(best)
+        elif any(box_iou(box, r) >= MATCH_IOU for r in regions.get(label(box), ())):
+            ignored.add(p)
+    return matched, ignored
 
 
 def _coco_maps(ground_truth, predictions, sizes, label) -> tuple[float, float, float]:

@@ -16,6 +16,7 @@ import torch
 from icmlora.artifacts import PREPARED_DIR
 from icmlora.artifacts.annotations import read_split
 from icmlora.config import PredictParams
+from icmlora.florence.format import Box
 from icmlora.florence.model import load_images
 from icmlora.florence.predict import predict
 from icmlora.metrics import detection_metrics
@@ -36,18 +37,27 @@ class Scorer:
             self._valid[task] = (examples, load_images([folder / e.image for e in examples]))
         return self._valid[task]
 
-    def score(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
-              class_agnostic: bool = False, desc: str | None = None) -> dict[str, float]:
-        """Detection metrics on ``task``'s valid split: of the model as it is, after loading these
+    def predictions(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
+                    desc: str | None = None) -> list[list[Box]]:
+        """Scored boxes per valid image of ``task``: of the model as it is, after loading these
         adapter ``weights`` into it, or with its adapter disabled (the base model)."""
         from contextlib import nullcontext
 
-        examples, images = self.valid_split(task)
+        _, images = self.valid_split(task)
         if weights is not None:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, weights)
         with self.model.disable_adapter() if disable_adapter else nullcontext():
-            preds = predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}")
-        return detection_metrics([e.boxes for e in examples], preds, [(e.width, e.height) for e in examples],
+            return predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}")
+
+    def metrics(self, task: str, predictions: list[list[Box]], *, class_agnostic: bool = False) -> dict[str, float]:
+        examples, _ = self.valid_split(task)
+        return detection_metrics([e.boxes for e in examples], predictions, [(e.width, e.height) for e in examples],
                                  class_agnostic=class_agnostic)
+
+    def score(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
+              class_agnostic: bool = False, desc: str | None = None) -> dict[str, float]:
+        """Detection metrics on ``task``'s valid split (see ``predictions``)."""
+        preds = self.predictions(task, weights, disable_adapter=disable_adapter, desc=desc)
+        return self.metrics(task, preds, class_agnostic=class_agnostic)

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 EXPERIMENT = "icmlora"
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is tagged as model
+# development: with this tag it opens on the runs table, where generated and trained compare.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 MLFLOW_PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
 
 
@@ -73,7 +76,9 @@ def _mlflow():
         # Without a server, artifacts would land under the current folder, which is a
         # throw-away copy under `dvc exp run --temp`: pin them beside the store.
         mlflow.create_experiment(name, artifact_location=(repo_root() / "mlflow-artifacts").as_uri())
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
 
 

@@ -52,8 +52,10 @@ CVAE_METRICS_DIR = METRICS_DIR / "cvae"
 GENERATE_METRICS = METRICS_DIR / "generate.json"
 COMPARISON_TABLE = METRICS_DIR / "comparison.csv"
 CROSS_TASK_TABLE = METRICS_DIR / "cross_task.csv"
+BOOTSTRAP_TABLE = METRICS_DIR / "bootstrap.csv"
 EVALUATE_METRICS = METRICS_DIR / "evaluate.json"
 SUMMARY_METRICS = METRICS_DIR / "summary.json"
+VERDICTS = METRICS_DIR / "verdicts.txt"
 REPORT_PLOTS = METRICS_DIR / "plots" / "report"
 
 # --- work in progress ---------------------------------------------------------------------

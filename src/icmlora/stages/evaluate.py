@@ -24,12 +24,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from icmlora.artifacts import (
     BASE_MODEL_DIR,
+    BOOTSTRAP_TABLE,
     COMPARISON_TABLE,
     CROSS_TASK_TABLE,
     CVAE_DIR,
@@ -49,6 +51,7 @@ from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.generators import generator_bytes, read_generator
 from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, unflatten
 from icmlora.artifacts.task_vectors import read_task_vectors
+from icmlora.comparison import AP50Table, ap50_table, bootstrap_counts, error_overlap, paired_bootstrap
 from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.files import atomic_path, write_json
@@ -75,7 +78,8 @@ def novelty(vec: torch.Tensor, train_rows: torch.Tensor, own_rows: torch.Tensor)
 def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR, lora_root: Path = LORA_DIR,
              matrix_root: Path = LORA_MATRIX_DIR, cvae_root: Path = CVAE_DIR, generated_root: Path = GENERATED_DIR,
              vectors_file: Path = TASK_VECTORS_FILE, out_csv: Path = COMPARISON_TABLE,
-             cross_csv: Path = CROSS_TASK_TABLE, out_json: Path = EVALUATE_METRICS) -> pd.DataFrame:
+             cross_csv: Path = CROSS_TASK_TABLE, bootstrap_csv: Path = BOOTSTRAP_TABLE,
+             out_json: Path = EVALUATE_METRICS) -> pd.DataFrame:
     from peft import get_peft_model
 
     seed0 = cfg.lora.seeds[0]
@@ -84,21 +88,21 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     tasks, heldout = cfg.data.tasks, set(cfg.heldout_tasks)
     rows: list[dict] = []
     cross: list[dict] = []
+    paired: list[dict] = []
     storage: dict = {}
     g = torch.Generator().manual_seed(cfg.seed + cfg.evaluate.noise_seed)
     mean_norm = torch.stack([vectors[t] for t in tasks]).norm(dim=1).mean()
     start = time.perf_counter()
-    base_scores: dict[str, dict] = {}
+    base_preds: dict[str, list] = {}
+    counts: dict[str, np.ndarray] = {}
     for rank in cfg.lora.ranks:
         model = get_peft_model(base, peft_config(cfg.lora, rank)).eval()
         scorer = Scorer(model, processor, cfg.predict, cfg.evaluate.eval_images, prepared)
-
-        def score(task: str, weights=None, **how) -> dict:
-            m = scorer.score(task, weights, **how)
-            return {k: m[k] for k in (*METRIC_KEYS, "num_pred")}
-
-        if not base_scores:
-            base_scores = {t: score(t, disable_adapter=True) for t in tasks}
+        if not base_preds:
+            base_preds = {t: scorer.predictions(t, disable_adapter=True) for t in tasks}
+            for ti, t in enumerate(tasks):  # the same resamples for every rank and source: paired
+                counts[t] = bootstrap_counts(len(base_preds[t]), cfg.evaluate.bootstrap_resamples,
+                                             np.random.default_rng([cfg.seed, cfg.evaluate.noise_seed, ti]))
         matrix = read_lora_matrix(rank, matrix_root)
         manifest = matrix.manifest
         gen = read_generator(rank, cvae_root)
@@ -106,57 +110,82 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
         raw_rows = torch.stack([matrix.raw(i) for i in range(len(matrix.rows))])
         train_rows = raw_rows[train_mask]
         train_index = train_mask.nonzero()[:, 0]
+        tables: dict[tuple[str, str, str], AP50Table] = {}
+        checkpoint_preds: dict[tuple[str, int], list] = {}
 
         def as_weights(vec: torch.Tensor) -> dict[str, torch.Tensor]:
             return unflatten(vec, manifest.names, manifest.shapes)
 
-        def add(task: str, source: str, sample: str, scores: dict, **extra) -> None:
-            rows.append({"task": task, "rank": rank, "source": source, "sample": sample,
-                         "heldout": task in heldout, **scores, **extra})
+        def checkpoint(task: str, index: int) -> list:
+            """Predictions of row ``index`` of the matrix on ``task`` (kept: several samples share one)."""
+            if (task, index) not in checkpoint_preds:
+                checkpoint_preds[(task, index)] = scorer.predictions(task, as_weights(raw_rows[index]))
+            return checkpoint_preds[(task, index)]
+
+        def add(task: str, source: str, sample: str, preds: list, **extra) -> None:
+            m = scorer.metrics(task, preds)
+            rows.append({"task": task, "rank": rank, "source": source, "sample": sample, "heldout": task in heldout,
+                         **{k: m[k] for k in (*METRIC_KEYS, "num_pred")}, **extra})
+            tables[(task, source, sample)] = ap50_table(truth, preds, task)
 
         for ti, task in enumerate(tqdm(tasks, desc=f"evaluate r{rank}", unit="task")):
-            add(task, "base", "-", base_scores[task])
+            truth = [e.boxes for e in scorer.valid_split(task)[0]]
+            add(task, "base", "-", base_preds[task])
             trained_w, _ = read_adapter(final_adapter_dir(task, rank, seed0, lora_root))
-            add(task, "trained", "-", score(task, trained_w))
-            own = raw_rows[matrix.task_index == ti]
-            add(task, "avg_checkpoint", "-", score(task, as_weights(own.mean(0))))
+            add(task, "trained", "-", scorer.predictions(task, trained_w))
+            own_index = (matrix.task_index == ti).nonzero()[:, 0]
+            own = raw_rows[own_index]
+            add(task, "avg_checkpoint", "-", scorer.predictions(task, as_weights(own.mean(0))))
             generated = samples(generated_dir(task, rank, generated_root))
             if Z0_SAMPLE not in generated:
                 raise InputError(f"{generated_dir(task, rank, generated_root)}: no sample-{Z0_SAMPLE} (the baselines are "
                                  f"built around it); run `dvc repro generate`")
+            # Function-space novelty's yardstick: how much two checkpoints of the task itself share
+            # their errors (its last checkpoint and the one nearest to it).
+            last, between = int(own_index[-1]), float("nan")
+            if len(own_index) > 1:
+                dists = torch.cdist(raw_rows[last][None], own[:-1])[0]
+                pair = int(own_index[int(dists.argmin())])
+                between = error_overlap(truth, checkpoint(task, last), checkpoint(task, pair))
             vecs = {}
             for name, folder in generated.items():
                 weights, _ = read_adapter(folder)
                 vecs[name] = vec = flatten(weights, manifest.names)
                 nov = novelty(vec, train_rows, own)
-                add(task, "generated", name, score(task, weights), **{k: v for k, v in nov.items() if k != "nearest_index"})
+                preds = scorer.predictions(task, weights)
+                nearest_preds = checkpoint(task, int(train_index[nov["nearest_index"]]))
+                add(task, "generated", name, preds, **{k: v for k, v in nov.items() if k != "nearest_index"},
+                    error_iou=error_overlap(truth, preds, nearest_preds), error_iou_checkpoints=between)
             # Baselines around the z0 sample.
             z0_nov = novelty(vecs[Z0_SAMPLE], train_rows, own)
             nearest = train_rows[z0_nov["nearest_index"]]
             noise = torch.randn(nearest.shape, generator=g)
             noisy = nearest + noise / noise.norm() * z0_nov["nn_distance"]
-            add(task, "noise", "-", score(task, as_weights(noisy)),
+            add(task, "noise", "-", scorer.predictions(task, as_weights(noisy)),
                 nearest_task=tasks[int(matrix.task_index[train_index[z0_nov["nearest_index"]]])])
             stats = matrix.task_stats(task)
             z = torch.zeros(1, gen.model.config.latent_dim)
             other = tasks[(ti + 1) % len(tasks)]
             wrong = manifest.denormalize(gen.sample(vectors[other], z)[0], stats)
-            add(task, "wrong_task", other, score(task, as_weights(wrong)))
+            add(task, "wrong_task", other, scorer.predictions(task, as_weights(wrong)))
             rnd = torch.randn(vectors[task].shape, generator=g)
             rnd = rnd / rnd.norm() * mean_norm
-            add(task, "random_condition", "-", score(task, as_weights(manifest.denormalize(gen.sample(rnd, z)[0], stats))))
+            add(task, "random_condition", "-",
+                scorer.predictions(task, as_weights(manifest.denormalize(gen.sample(rnd, z)[0], stats))))
             if task in heldout:
                 train_tasks = [t for t in tasks if t not in heldout]
                 sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train_tasks])
                 near = train_tasks[int(sims.argmax())]
                 near_w, _ = read_adapter(final_adapter_dir(near, rank, seed0, lora_root))
-                add(task, "nearest_task", near, score(task, near_w))
+                add(task, "nearest_task", near, scorer.predictions(task, near_w))
             if rank in cfg.evaluate.cross_task_ranks:
                 z0_w = as_weights(vecs[Z0_SAMPLE])
                 for other in tasks:
                     if other != task:
                         cross.append({"rank": rank, "adapter_task": task, "eval_task": other,
-                                      "map50": score(other, z0_w)["map50"]})
+                                      "map50": scorer.score(other, z0_w)["map50"]})
+        paired += [{"rank": rank, **row} for row in
+                   paired_bootstrap(tables, tasks, heldout, counts, cfg.evaluate.confidence)]
         storage[str(rank)] = {
             "generator_bytes": generator_bytes(rank, cvae_root),
             "checkpoint_bytes": sum(adapter_bytes(folder) for t in tasks if t not in heldout for s in cfg.lora.seeds
@@ -169,6 +198,9 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
         frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(cross_csv) as tmp:
         pd.DataFrame(cross, columns=["rank", "adapter_task", "eval_task", "map50"]).to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(bootstrap_csv) as tmp:
+        pd.DataFrame(paired).assign(resamples=cfg.evaluate.bootstrap_resamples, confidence=cfg.evaluate.confidence
+                                    ).to_csv(tmp, index=False, float_format="%.6g")
     write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross),
                           "seconds": round(time.perf_counter() - start, 2)})
     _log_runs(frame)
@@ -189,7 +221,8 @@ def _log_runs(frame: pd.DataFrame) -> None:
         tags = base_tags("evaluate", task=r["task"], rank=r["rank"], source=r["source"], sample=r["sample"],
                          heldout=r["heldout"])
         run = client.create_run(exp_id, run_name=f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}")
-        metrics = [Metric(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine")
+        metrics = [Metric(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine", "error_iou",
+                                                              "error_iou_checkpoints")
                    if k in r and pd.notna(r[k])]
         client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()],
                          params=[Param("task", r["task"]), Param("rank", str(r["rank"])), Param("source", r["source"])])

@@ -2,11 +2,13 @@
 
     python -m icmlora.stages.report      # or: icmlora report
 
-Reads metrics/comparison.csv, metrics/cross_task.csv, metrics/evaluate.json,
-metrics/generate.json, metrics/cvae/r*.csv and metrics/lora/*.json. Writes
-metrics/summary.json (per rank under ``ranks.<r>``, plus storage and timing) and PNG plots
-under metrics/plots/report/: generated vs trained per task and rank, the task x task heatmap of
-generated adapters, CVAE loss curves, and mAP50 vs novelty.
+Reads metrics/comparison.csv, metrics/cross_task.csv, metrics/bootstrap.csv,
+metrics/evaluate.json, metrics/generate.json, metrics/cvae/r*.csv and metrics/lora/*.json.
+Writes metrics/summary.json (per rank under ``ranks.<r>``: medians, and under ``comparisons``
+the paired-bootstrap difference of generated against each baseline, pooled over the training
+tasks, with its interval and verdict), metrics/verdicts.txt (those verdicts in words) and PNG plots under
+metrics/plots/report/: generated vs trained per task and rank, the pooled differences with their
+intervals, the task x task heatmap of generated adapters, CVAE loss curves, and mAP50 vs novelty.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from icmlora.artifacts import (
+    BOOTSTRAP_TABLE,
     COMPARISON_TABLE,
     CROSS_TASK_TABLE,
     CVAE_METRICS_DIR,
@@ -25,10 +28,12 @@ from icmlora.artifacts import (
     LORA_METRICS_DIR,
     REPORT_PLOTS,
     SUMMARY_METRICS,
+    VERDICTS,
     cvae_loss_file,
 )
+from icmlora.artifacts.tables import POOLED_HELDOUT, POOLED_TRAINING
 from icmlora.config import Params
-from icmlora.files import atomic_path, read_json, write_json
+from icmlora.files import atomic_path, read_json, write_json, write_text
 from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import start_run
 
@@ -42,7 +47,27 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else (1.0 if num == 0 else math.inf)
 
 
-def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_json: dict, lora_metrics: list[dict]) -> dict:
+def _intervals(paired: pd.DataFrame, rank, pooled: str) -> dict:
+    rows = paired[(paired["rank"] == rank) & (paired["task"] == pooled)]
+    return {r["comparison"]: {"difference": round(float(r["difference"]), 4), "ci_low": round(float(r["ci_low"]), 4),
+                              "ci_high": round(float(r["ci_high"]), 4), "verdict": r["verdict"]}
+            for r in rows.to_dict("records")}
+
+
+def verdict_sentences(ranks: dict, confidence: float) -> list[str]:
+    """One sentence per rank and comparison, read from the bootstrap interval (never by eye)."""
+    out = []
+    for rank, values in ranks.items():
+        for key, group in (("comparisons", "training tasks"), ("heldout_comparisons", "held-out tasks")):
+            for comparison, c in (values.get(key) or {}).items():
+                other = comparison.removeprefix("generated - ")
+                out.append(f"rank {rank}, {group}: generated vs {other}: {c['verdict']} (mAP50 difference "
+                           f"{c['difference']:+.3f}, {confidence:.0%} interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])")
+    return out
+
+
+def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_json: dict, lora_metrics: list[dict],
+              paired: pd.DataFrame | None = None) -> dict:
     ranks: dict = {}
     for rank, part in frame.groupby("rank"):
         def per_task(source: str, sample: str | None = None) -> pd.Series:
@@ -74,6 +99,14 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_js
             "heldout_trained_map50_median": _median(trained[heldout]) if heldout else None,
             "heldout_nearest_task_map50_median": _median(per_task("nearest_task")[heldout]) if heldout else None,
         }
+        if "error_iou" in part:  # function-space novelty beside the parameter-space one
+            gen_rows = part[part.source == "generated"]
+            ranks[str(rank)].update(error_iou_median=_median(gen_rows["error_iou"]),
+                                    error_iou_checkpoints_median=_median(gen_rows["error_iou_checkpoints"]))
+        if paired is not None:
+            ranks[str(rank)]["comparisons"] = _intervals(paired, rank, POOLED_TRAINING)
+            if heldout:
+                ranks[str(rank)]["heldout_comparisons"] = _intervals(paired, rank, POOLED_HELDOUT)
     storage = evaluate_json["storage"]
     gen_bytes = sum(s["generator_bytes"] for s in storage.values())
     ckpt_bytes = sum(s["checkpoint_bytes"] for s in storage.values())
@@ -95,6 +128,33 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+    return path
+
+
+def comparison_plot(paired: pd.DataFrame, out: Path) -> Path:
+    """Per rank, the pooled paired differences (generated minus each baseline) with their intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"better": "tab:green", "worse": "tab:red", "indistinguishable": "tab:grey"}
+    ranks = sorted(paired["rank"].unique())
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.2), sharex=True, squeeze=False)
+    for ax, rank in zip(axes[0], ranks):
+        rows = paired[(paired["rank"] == rank) & paired["task"].isin([POOLED_TRAINING, POOLED_HELDOUT])]
+        labels = [f"{c.removeprefix('generated - ')}{' (held out)' if t == POOLED_HELDOUT else ''}"
+                  for t, c in zip(rows["task"], rows["comparison"])]
+        y = range(len(rows))
+        errors = [rows["difference"] - rows["ci_low"], rows["ci_high"] - rows["difference"]]
+        ax.barh(y, rows["difference"], xerr=errors, color=[colours[v] for v in rows["verdict"]], capsize=3)
+        ax.set_yticks(list(y), labels, fontsize=7)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_title(f"rank {rank}: generated minus ...", fontsize=9)
+        ax.set_xlabel("mAP50 difference (interval: paired bootstrap)", fontsize=7)
+    fig.tight_layout()
+    path = _save(fig, out / "comparisons.png")
+    plt.close(fig)
     return path
 
 
@@ -159,22 +219,35 @@ def plots(frame: pd.DataFrame, cross: pd.DataFrame, cvae_dir: Path, out: Path) -
 
 
 def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = CROSS_TASK_TABLE,
-           evaluate_file: Path = EVALUATE_METRICS, generate_file: Path = GENERATE_METRICS,
-           lora_metrics_dir: Path = LORA_METRICS_DIR, cvae_metrics_dir: Path = CVAE_METRICS_DIR,
-           summary_file: Path = SUMMARY_METRICS, plots_dir: Path = REPORT_PLOTS) -> dict:
+           bootstrap_file: Path = BOOTSTRAP_TABLE, evaluate_file: Path = EVALUATE_METRICS,
+           generate_file: Path = GENERATE_METRICS, lora_metrics_dir: Path = LORA_METRICS_DIR,
+           cvae_metrics_dir: Path = CVAE_METRICS_DIR, summary_file: Path = SUMMARY_METRICS,
+           plots_dir: Path = REPORT_PLOTS, verdicts_file: Path = VERDICTS) -> dict:
     frame = pd.read_csv(comparison)
     cross = pd.read_csv(cross_file)
+    paired = pd.read_csv(bootstrap_file)
     lora_metrics = [read_json(p) for p in sorted(Path(lora_metrics_dir).glob("*.json"))]
-    summary = summarize(frame, cfg, read_json(evaluate_file), read_json(generate_file), lora_metrics)
-    written = plots(frame, cross, cvae_metrics_dir, plots_dir)
+    summary = summarize(frame, cfg, read_json(evaluate_file), read_json(generate_file), lora_metrics, paired)
+    written = plots(frame, cross, cvae_metrics_dir, plots_dir) + [comparison_plot(paired, plots_dir)]
     write_json(summary_file, summary)
+    verdicts = verdict_sentences(summary["ranks"], cfg.evaluate.confidence)
+    write_text(verdicts_file, "\n".join(verdicts) + "\n")
     with start_run("report", "summary", params={"ranks": cfg.lora.ranks, "heldout_tasks": cfg.heldout_tasks,
                                                  "task_vector_method": cfg.task_vectors.method}, source="summary") as mlflow:
-        flat = {f"r{r}.{k}": v for r, vals in summary["ranks"].items() for k, v in vals.items() if v is not None}
+        flat = {f"r{r}.{k}": v for r, vals in summary["ranks"].items() for k, v in vals.items()
+                if v is not None and not isinstance(v, dict)}
+        for r, vals in summary["ranks"].items():
+            for group in ("comparisons", "heldout_comparisons"):
+                for comparison, c in (vals.get(group) or {}).items():
+                    key = f"r{r}.{group}.{comparison.replace(' - ', '_minus_')}"
+                    flat.update({f"{key}.{k}": c[k] for k in ("difference", "ci_low", "ci_high")})
+                    mlflow.set_tag(f"{key}.verdict", c["verdict"])
         flat.update({f"storage.{k}": v for k, v in summary["storage"].items() if v is not None})
         flat.update({f"timing.{k}": v for k, v in summary["timing"].items() if v is not None})
         mlflow.log_metrics({k: float(v) for k, v in flat.items() if math.isfinite(float(v))})
         mlflow.log_table(frame, artifact_file="comparison.json")
+        mlflow.log_table(paired, artifact_file="bootstrap.json")
+        mlflow.log_artifact(str(verdicts_file))
         for path in written:
             mlflow.log_artifact(str(path), artifact_path="plots")
     return summary
@@ -186,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = report(cfg)
     parts = [f"r{r}: generated/trained {v['generated_over_trained_median']}" for r, v in summary["ranks"].items()]
     print(f"report: wrote {SUMMARY_METRICS} ({'; '.join(parts)}; generator/checkpoints storage "
-          f"{summary['storage']['ratio']}) and plots under {REPORT_PLOTS}")
+          f"{summary['storage']['ratio']}), {VERDICTS} and plots under {REPORT_PLOTS}")
     return summary
 
 
