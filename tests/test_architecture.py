@@ -154,7 +154,8 @@ def test_dvc_outputs_are_the_data_contract_paths():
     tasks, ranks, seeds = params["data"]["tasks"], params["lora"]["ranks"], params["lora"]["seeds"]
     expected = {a.PREPARED_DIR, a.BASE_MODEL_DIR, a.BASE_MODEL_METRICS, a.BASE_MODEL_LOSS, a.TASK_VECTORS_FILE,
                 a.TASK_VECTORS_INFO, a.TASK_VECTOR_PLOTS, a.TASK_VECTOR_METRICS, a.GENERATED_DIR, a.GENERATE_METRICS,
-                a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.BOOTSTRAP_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS, a.VERDICTS}
+                a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.BOOTSTRAP_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS, a.VERDICTS,
+                *(a.timing_file(s) for s in ("base_model", "task_vectors", "generate", "evaluate", "report"))}
     for task in tasks:
         for rank in ranks:
             for seed in seeds:

@@ -52,7 +52,8 @@ def test_profile_keeps_comments_and_untouched_lines(repo, tmp_path):
     comments = [line.strip() for line in original.splitlines() if line.strip().startswith("#")]
     assert comments and all(c in merged for c in comments)
     assert "  source: synthetic          # synthetic | florence_jsonl | voc | coco" in merged.splitlines()
-    assert "  root: null                 # folder of a real source (VOC2012 root, COCO root, JSONL folder)" in merged
+    assert "  root: data/source          # an imported source's folder (VOC2012 root, COCO root, JSONL folder): a DVC" in merged
+    assert "  revision: null" in merged  # a null stays null
     assert "    steps: 6                   # valid mAP50 0.99" in merged  # a changed value keeps its comment
     assert len(merged.splitlines()) == len(original.splitlines())
 
@@ -74,7 +75,7 @@ def _set(data, key, value):
         ("runtime.mixed_precision", "fp8", "runtime.mixed_precision: input should be 'no', 'bf16' or 'fp16', got 'fp8'"),
         ("data.synthetic.object_size", [40, 10], "data.synthetic.object_size: must be [min, max]"),
         ("data.tasks", [], "data.tasks: needs at least one task"),
-        ("data.source", "voc", "data.root: source 'voc' needs data.root"),
+        ("data.root", "", "data.root: string should have at least 1 character"),
         ("base.tiny.patch_strides", [4, 2], "base.tiny.patch_strides: must have 3 entries"),
         ("sede", 1, "sede: unknown key; allowed keys under the top level"),
         ("data.synthetic.grid", "yes", "data.synthetic.grid: input should be a valid boolean, got 'yes'"),

@@ -23,12 +23,14 @@ COMMANDS = {
     "generate": "sample PEFT adapters for every task, or for a new task vector/examples",
     "evaluate": "detection metrics of base, trained, generated and baseline adapters",
     "report": "summary metrics, plots and the MLflow summary run",
+    "score": "detection metrics of the base model, alone or with an adapter, on a Florence JSONL (not a stage)",
     "profile": "merge a params profile (profiles/*.yaml) into params.yaml (not a stage)",
 }
+COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "profile": "icmlora.profile"}
 
 
 def _module(name: str) -> str:
-    return "icmlora.profile" if name == "profile" else f"icmlora.stages.{name}"
+    return COMMANDS_OUTSIDE_STAGES.get(name, f"icmlora.stages.{name}")
 
 
 def _usage() -> str:

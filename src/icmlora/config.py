@@ -69,7 +69,7 @@ class SyntheticParams(Section):
 
 class DataParams(Section):
     source: Literal["synthetic", "florence_jsonl", "voc", "coco"]
-    root: str | None
+    root: Annotated[str, Field(min_length=1)]  # a DVC dependency of prepare: it must exist
     tasks: list[str]
     max_train_per_task: NonNegative
     max_valid_per_task: NonNegative
@@ -89,14 +89,6 @@ class DataParams(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return tasks
-
-    @field_validator("root")
-    @classmethod
-    def _root_for_real_sources(cls, root: str | None, info: ValidationInfo) -> str | None:
-        source = info.data.get("source")
-        if source not in (None, "synthetic") and not root:
-            raise ValueError(f"source {source!r} needs data.root, the folder to import from")
-        return root
 
     @field_validator("synthetic")
     @classmethod

@@ -16,7 +16,7 @@ import torch
 from icmlora.artifacts import PREPARED_DIR
 from icmlora.artifacts.annotations import read_split
 from icmlora.config import PredictParams
-from icmlora.florence.format import Box
+from icmlora.florence.format import Box, read_annotations
 from icmlora.florence.model import load_images
 from icmlora.florence.predict import predict
 from icmlora.metrics import detection_metrics
@@ -28,16 +28,20 @@ class Scorer:
         self.eval_images, self.prepared = eval_images, Path(prepared)
         self._valid: dict[str, tuple] = {}
 
-    def valid_split(self, task: str):
-        """(examples, PIL images) of the first ``eval_images`` (0 = all) valid examples of ``task``."""
+    def valid_split(self, task: str | Path):
+        """(examples, PIL images) of the first ``eval_images`` (0 = all) valid examples of ``task``,
+        or of the examples of an annotations file (a Path)."""
         if task not in self._valid:
-            examples, folder = read_split(task, "valid", self.prepared)
+            if isinstance(task, Path):
+                examples, folder = read_annotations(task), task.parent  # a user's file: its images are checked
+            else:
+                examples, folder = read_split(task, "valid", self.prepared)
             if self.eval_images:
                 examples = examples[: self.eval_images]
             self._valid[task] = (examples, load_images([folder / e.image for e in examples]))
         return self._valid[task]
 
-    def predictions(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
+    def predictions(self, task: str | Path, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
                     desc: str | None = None) -> list[list[Box]]:
         """Scored boxes per valid image of ``task``: of the model as it is, after loading these
         adapter ``weights`` into it, or with its adapter disabled (the base model)."""
@@ -51,12 +55,12 @@ class Scorer:
         with self.model.disable_adapter() if disable_adapter else nullcontext():
             return predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}")
 
-    def metrics(self, task: str, predictions: list[list[Box]], *, class_agnostic: bool = False) -> dict[str, float]:
+    def metrics(self, task: str | Path, predictions: list[list[Box]], *, class_agnostic: bool = False) -> dict[str, float]:
         examples, _ = self.valid_split(task)
         return detection_metrics([e.boxes for e in examples], predictions, [(e.width, e.height) for e in examples],
                                  class_agnostic=class_agnostic)
 
-    def score(self, task: str, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
+    def score(self, task: str | Path, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
               class_agnostic: bool = False, desc: str | None = None) -> dict[str, float]:
         """Detection metrics on ``task``'s valid split (see ``predictions``)."""
         preds = self.predictions(task, weights, disable_adapter=disable_adapter, desc=desc)

@@ -31,6 +31,13 @@ class StageParser(argparse.ArgumentParser):
         return args, load_params(args.params)
 
 
+def require(value, allowed, flag: str, key: str) -> None:
+    """Refuse a command-line value the pipeline never builds (a rank outside lora.ranks, ...)."""
+    if value not in allowed:
+        raise InputError(f"{flag} {value!r} is not in {key} ({', '.join(map(str, allowed))}): the pipeline never builds "
+                         f"it, so nothing downstream would use it; add it to {key} in params.yaml, then `dvc repro`")
+
+
 def stage_parser(stage: str, doc: str | None) -> StageParser:
     parser = StageParser(prog=f"icmlora {stage}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help=f"parameters file (default: {PARAMS_FILE})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 EXPERIMENT = "icmlora"
+WORKSPACE = "workspace"  # the dvc_exp tag of runs made outside `dvc exp run`
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is tagged as model
 # development: with this tag it opens on the runs table, where generated and trained compare.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -59,11 +60,34 @@ def git_commit() -> str:
 
 
 def base_tags(stage: str, **extra: Any) -> dict[str, str]:
-    tags = {"stage": stage, "git_commit": git_commit()}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    """``stage``, ``git_commit`` and ``dvc_exp``: the DVC experiment's name under `dvc exp run`,
+    "workspace" otherwise, so a filter on it separates an experiment's runs from the baseline's."""
+    tags = {"stage": stage, "git_commit": git_commit(), "dvc_exp": os.environ.get("DVC_EXP_NAME") or WORKSPACE}
     tags.update({k: str(v) for k, v in extra.items() if v is not None})
     return tags
+
+
+def stage_params(cfg: Any, stage: str, dvc_file: Path = Path("dvc.yaml")) -> dict[str, Any]:
+    """The params a stage reads, flattened to dotted keys: the sections its ``params`` list in
+    dvc.yaml names (so a run records exactly what DVC re-runs it for); all of them when the
+    stage or dvc.yaml is not there (a stage function called from elsewhere)."""
+    data = cfg.model_dump()
+    keys = None
+    if dvc_file.is_file():
+        from ruamel.yaml import YAML
+
+        spec = (YAML(typ="safe", pure=True).load(dvc_file.read_text()) or {}).get("stages", {}).get(stage)
+        if spec is not None:
+            keys = [k for k in spec.get("do", spec).get("params", []) if isinstance(k, str)]
+    if keys is None:
+        return flatten(data)
+    out: dict[str, Any] = {}
+    for key in keys:
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        out.update(flatten(node, f"{key}.") if isinstance(node, dict) else {key: node})
+    return out
 
 
 def _mlflow():

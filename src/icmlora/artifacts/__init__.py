@@ -55,11 +55,17 @@ CROSS_TASK_TABLE = METRICS_DIR / "cross_task.csv"
 BOOTSTRAP_TABLE = METRICS_DIR / "bootstrap.csv"
 EVALUATE_METRICS = METRICS_DIR / "evaluate.json"
 SUMMARY_METRICS = METRICS_DIR / "summary.json"
+# Wall-clock times, apart from the metrics: `dvc metrics diff` compares only what a run decides.
+TIMING_DIR = METRICS_DIR / "timing"
 VERDICTS = METRICS_DIR / "verdicts.txt"
 REPORT_PLOTS = METRICS_DIR / "plots" / "report"
 
 # --- work in progress ---------------------------------------------------------------------
 STATE_DIR = Path("state")
+
+
+def timing_file(stage: str, root: Path = TIMING_DIR) -> Path:
+    return Path(root) / f"{stage}.json"
 
 
 def split_dir(task: str, split: str, prepared: Path = PREPARED_DIR) -> Path:

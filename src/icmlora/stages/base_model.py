@@ -9,8 +9,8 @@
   (the only network access of the pipeline, for a hub id), optionally fine-tunes it
   class-agnostically for ``base.finetune_steps``, and saves it.
 Every later stage loads only models/base/ (``icmlora.artifacts.base_model``). Writes
-metrics/base_model.json (class-agnostic detection metrics on the valid split, train_seconds) and
-metrics/base_model_loss.csv.
+metrics/base_model.json (class-agnostic detection metrics on the valid split),
+metrics/base_model_loss.csv and metrics/timing/base_model.json (train and eval seconds).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from icmlora.artifacts import BASE_MODEL_DIR, BASE_MODEL_LOSS, BASE_MODEL_METRICS, BASE_SPLIT, PREPARED_DIR
+from icmlora.artifacts import BASE_MODEL_DIR, BASE_MODEL_LOSS, BASE_MODEL_METRICS, BASE_SPLIT, PREPARED_DIR, timing_file
 from icmlora.artifacts.annotations import AGNOSTIC_LABEL, read_split
 from icmlora.artifacts.base_model import write_base_model
 from icmlora.config import Params
@@ -26,7 +26,7 @@ from icmlora.files import write_json, write_text
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, start_run
+from icmlora.tracking import MetricBuffer, stage_params, start_run
 from icmlora.training import DetectionDataset, train
 
 
@@ -62,15 +62,19 @@ def _load_or_build(cfg: Params, train_examples):
 
 
 def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path = BASE_MODEL_DIR,
-                     metrics_file: Path = BASE_MODEL_METRICS, loss_file: Path = BASE_MODEL_LOSS) -> dict:
+                     metrics_file: Path = BASE_MODEL_METRICS, loss_file: Path = BASE_MODEL_LOSS,
+                     timing: Path = timing_file("base_model")) -> dict:
+    """Build (or fetch), train and score the base model; returns its metrics and timings."""
     set_threads(cfg.runtime)
     seed_everything(cfg.seed)
     train_examples, train_folder = read_split(BASE_SPLIT, "train", prepared)
     accelerator = make_accelerator(cfg.runtime)
     model, processor, optim = _load_or_build(cfg, train_examples)
     n_params = sum(p.numel() for p in model.parameters())
-    metrics: dict = {"model": cfg.base.model, "parameters": n_params, "train_steps": 0, "train_seconds": 0.0}
-    with start_run("base_model", f"base_model-{cfg.base.model.replace('/', '_')}", params=cfg, source="base") as mlflow:
+    metrics: dict = {"model": cfg.base.model, "parameters": n_params, "train_steps": 0}
+    seconds = {"train_seconds": 0.0}
+    with start_run("base_model", f"base_model-{cfg.base.model.replace('/', '_')}", params=stage_params(cfg, "base_model"),
+                   source="base") as mlflow:
         losses: list[float] = []
         if optim is not None:
             buffer = MetricBuffer()
@@ -83,17 +87,19 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
             buffer.flush()
             model = accelerator.unwrap_model(model)
             losses = result.losses
-            metrics.update(train_steps=result.steps, train_seconds=round(result.seconds, 2))
+            metrics["train_steps"] = result.steps
+            seconds["train_seconds"] = round(result.seconds, 2)
         start = time.perf_counter()
         scorer = Scorer(model, processor, cfg.predict, cfg.base.eval_images, prepared)
-        metrics.update(scorer.score(BASE_SPLIT, class_agnostic=True, desc="base_model: evaluate"),
-                       eval_seconds=round(time.perf_counter() - start, 2))
+        metrics.update(scorer.score(BASE_SPLIT, class_agnostic=True, desc="base_model: evaluate"))
+        seconds["eval_seconds"] = round(time.perf_counter() - start, 2)
         if accelerator.is_main_process:
             write_base_model(model, processor, out_dir)
             write_text(loss_file, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
             write_json(metrics_file, metrics)
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    return metrics
+            write_json(timing, seconds)
+            mlflow.log_metrics({k: float(v) for k, v in {**metrics, **seconds}.items() if isinstance(v, (int, float))})
+    return {**metrics, **seconds}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,7 +32,7 @@ from icmlora.artifacts.adapters import read_adapter, trajectory
 from icmlora.artifacts.lora_matrix import LoraMatrix, Manifest, flatten, write_lora_matrix
 from icmlora.config import Params
 from icmlora.errors import InputError
-from icmlora.stage_cli import run_stage, stage_parser
+from icmlora.stage_cli import require, run_stage, stage_parser
 
 EPS = 1e-8
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("collect_params", __doc__)
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
     args, cfg = parser.parse(argv)
+    require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     m = collect_params(cfg, args.rank)
     print(f"collect_params: wrote {lora_matrix_file(args.rank)} ({m['rows']} checkpoints x {m['dim']} values, "
           f"{m['normalization']['mode']} normalization) and its manifest r{args.rank}.json")

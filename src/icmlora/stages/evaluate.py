@@ -45,6 +45,7 @@ from icmlora.artifacts import (
     final_adapter_dir,
     generated_dir,
     samples,
+    timing_file,
 )
 from icmlora.artifacts.adapters import adapter_bytes, read_adapter, trajectory
 from icmlora.artifacts.base_model import read_base_model
@@ -58,7 +59,7 @@ from icmlora.files import atomic_path, write_json
 from icmlora.lora import peft_config
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
-from icmlora.tracking import base_tags
+from icmlora.tracking import MLFLOW_PARAM_LIMIT, base_tags, stage_params
 
 METRIC_KEYS = ("map50_95", "map50", "map75", "precision", "recall", "f1")
 
@@ -79,7 +80,7 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
              matrix_root: Path = LORA_MATRIX_DIR, cvae_root: Path = CVAE_DIR, generated_root: Path = GENERATED_DIR,
              vectors_file: Path = TASK_VECTORS_FILE, out_csv: Path = COMPARISON_TABLE,
              cross_csv: Path = CROSS_TASK_TABLE, bootstrap_csv: Path = BOOTSTRAP_TABLE,
-             out_json: Path = EVALUATE_METRICS) -> pd.DataFrame:
+             out_json: Path = EVALUATE_METRICS, timing: Path = timing_file("evaluate")) -> pd.DataFrame:
     from peft import get_peft_model
 
     seed0 = cfg.lora.seeds[0]
@@ -201,13 +202,13 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     with atomic_path(bootstrap_csv) as tmp:
         pd.DataFrame(paired).assign(resamples=cfg.evaluate.bootstrap_resamples, confidence=cfg.evaluate.confidence
                                     ).to_csv(tmp, index=False, float_format="%.6g")
-    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross),
-                          "seconds": round(time.perf_counter() - start, 2)})
-    _log_runs(frame)
+    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross)})
+    write_json(timing, {"seconds": round(time.perf_counter() - start, 2)})
+    _log_runs(frame, stage_params(cfg, "evaluate"))
     return frame
 
 
-def _log_runs(frame: pd.DataFrame) -> None:
+def _log_runs(frame: pd.DataFrame, params: dict) -> None:
     """One MLflow run per evaluated adapter, so the compare view puts sources side by side."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
@@ -225,7 +226,8 @@ def _log_runs(frame: pd.DataFrame) -> None:
                                                               "error_iou_checkpoints")
                    if k in r and pd.notna(r[k])]
         client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()],
-                         params=[Param("task", r["task"]), Param("rank", str(r["rank"])), Param("source", r["source"])])
+                         params=[Param(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in
+                                 {**params, "task": r["task"], "rank": r["rank"], "source": r["source"]}.items()])
         client.set_terminated(run.info.run_id)
 
 

@@ -16,6 +16,7 @@ any training.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +35,7 @@ from icmlora.artifacts import (
     generated_dir,
     generator_dir,
     sample_dir,
+    timing_file,
 )
 from icmlora.artifacts.generators import read_generator
 from icmlora.artifacts.lora_matrix import read_lora_matrix, read_manifest
@@ -41,8 +43,8 @@ from icmlora.artifacts.task_vectors import read_task_vector_file, read_task_vect
 from icmlora.config import Params
 from icmlora.cvae import Generator
 from icmlora.errors import InputError
-from icmlora.files import write_json
-from icmlora.stage_cli import run_stage, stage_parser
+from icmlora.files import atomic_dir, write_json
+from icmlora.stage_cli import require, run_stage, stage_parser
 
 
 def latents(seed: int, task: str, rank: int, samples: int, dim: int) -> dict[str, torch.Tensor]:
@@ -62,25 +64,27 @@ def readme(task: str, rank: int, sample: str, gen: Generator) -> str:
 
 def generate_all(cfg: Params, cvae_root: Path = CVAE_DIR, matrix_root: Path = LORA_MATRIX_DIR,
                  vectors_file: Path = TASK_VECTORS_FILE, out_root: Path = GENERATED_DIR,
-                 metrics_file: Path = GENERATE_METRICS) -> dict:
+                 metrics_file: Path = GENERATE_METRICS, timing: Path = timing_file("generate")) -> dict:
     vectors = read_task_vectors(vectors_file)
     timings, count = [], 0
-    for rank in cfg.lora.ranks:
-        gen = read_generator(rank, cvae_root)
-        matrix = read_lora_matrix(rank, matrix_root)
-        for task in tqdm(cfg.data.tasks, desc=f"generate r{rank}", unit="task"):
-            for name, z in latents(cfg.seed, task, rank, cfg.generate.samples, gen.model.config.latent_dim).items():
-                start = time.perf_counter()
-                row = gen.sample(vectors[task], z[None])[0]
-                matrix.manifest.write_adapter(sample_dir(generated_dir(task, rank, out_root), name), row,
-                                              matrix.task_stats(task), readme(task, rank, name, gen))
-                timings.append(time.perf_counter() - start)
-                count += 1
+    with atomic_dir(out_root) as tmp:  # the folder is replaced whole: no adapter of a task or rank no longer in params
+        for rank in cfg.lora.ranks:
+            gen = read_generator(rank, cvae_root)
+            matrix = read_lora_matrix(rank, matrix_root)
+            for task in tqdm(cfg.data.tasks, desc=f"generate r{rank}", unit="task"):
+                for name, z in latents(cfg.seed, task, rank, cfg.generate.samples, gen.model.config.latent_dim).items():
+                    start = time.perf_counter()
+                    row = gen.sample(vectors[task], z[None])[0]
+                    matrix.manifest.write_adapter(sample_dir(generated_dir(task, rank, tmp), name), row,
+                                                  matrix.task_stats(task), readme(task, rank, name, gen))
+                    timings.append(time.perf_counter() - start)
+                    count += 1
     timings.sort()
-    metrics = {"adapters": count, "generate_adapter_seconds": round(timings[len(timings) // 2], 5),
+    seconds = {"generate_adapter_seconds": round(timings[len(timings) // 2], 5),
                "generate_adapter_seconds_max": round(timings[-1], 5)}
-    write_json(metrics_file, metrics)
-    return metrics
+    write_json(metrics_file, {"adapters": count})
+    write_json(timing, seconds)
+    return {"adapters": count, **seconds}
 
 
 def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DIR) -> torch.Tensor:
@@ -94,6 +98,12 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
     examples = read_annotations(path)[: cfg.task_vectors.examples]
     if len(examples) < 2:
         raise InputError(f"{path}: needs at least 2 labelled examples to compute a task vector")
+    labels = sorted({b.label for e in examples for b in e.boxes})
+    if not set(labels) & set(cfg.training_tasks()):
+        print(f"icmlora generate: note: {path} labels its boxes {', '.join(map(repr, labels))}, which no training adapter "
+              f"writes (they write {', '.join(map(repr, cfg.training_tasks()))}). A generated adapter writes the labels of "
+              "the tasks it learned from, so scored on these examples its strict mAP is 0 (see README, 'Generating an "
+              "adapter for a new task').", file=sys.stderr)
     model, processor = read_base_model(base_dir)
     images = load_images([path.parent / e.image for e in examples])
     pooled = icl_vectors(model.eval(), processor, examples, images, cfg.predict.max_new_tokens)
@@ -133,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         return m
     if args.rank is None or args.out is None:
         parser.error("--task-vector/--examples need --rank and --out")
+    require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     if args.task_vector is not None:
         vector = read_task_vector_file(args.task_vector)
     else:

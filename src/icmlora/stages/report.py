@@ -3,10 +3,11 @@
     python -m icmlora.stages.report      # or: icmlora report
 
 Reads metrics/comparison.csv, metrics/cross_task.csv, metrics/bootstrap.csv,
-metrics/evaluate.json, metrics/generate.json, metrics/cvae/r*.csv and metrics/lora/*.json.
+metrics/evaluate.json, metrics/timing/generate.json, metrics/cvae/r*.csv and metrics/lora/*.json.
 Writes metrics/summary.json (per rank under ``ranks.<r>``: medians, and under ``comparisons``
 the paired-bootstrap difference of generated against each baseline, pooled over the training
-tasks, with its interval and verdict), metrics/verdicts.txt (those verdicts in words) and PNG plots under
+tasks, with its interval and verdict; storage), metrics/verdicts.txt (those verdicts in words),
+metrics/timing/report.json (one adapter generated against one trained) and PNG plots under
 metrics/plots/report/: generated vs trained per task and rank, the pooled differences with their
 intervals, the task x task heatmap of generated adapters, CVAE loss curves, and mAP50 vs novelty.
 """
@@ -24,18 +25,18 @@ from icmlora.artifacts import (
     CROSS_TASK_TABLE,
     CVAE_METRICS_DIR,
     EVALUATE_METRICS,
-    GENERATE_METRICS,
     LORA_METRICS_DIR,
     REPORT_PLOTS,
     SUMMARY_METRICS,
     VERDICTS,
     cvae_loss_file,
+    timing_file,
 )
 from icmlora.artifacts.tables import POOLED_HELDOUT, POOLED_TRAINING
 from icmlora.config import Params
-from icmlora.files import atomic_path, read_json, write_json, write_text
+from icmlora.files import atomic_dir, atomic_path, read_json, write_json, write_text
 from icmlora.stage_cli import run_stage, stage_parser
-from icmlora.tracking import start_run
+from icmlora.tracking import stage_params, start_run
 
 
 def _median(series) -> float | None:
@@ -66,8 +67,15 @@ def verdict_sentences(ranks: dict, confidence: float) -> list[str]:
     return out
 
 
-def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_json: dict, lora_metrics: list[dict],
-              paired: pd.DataFrame | None = None) -> dict:
+def timings(generate_timing: dict, lora_metrics: list[dict]) -> dict:
+    """Generating one adapter against training one (wall clock: kept apart from the metrics)."""
+    lora_seconds = [m["train_seconds"] for m in lora_metrics]
+    generate = generate_timing["generate_adapter_seconds"]
+    return {"generate_adapter_seconds": generate, "train_lora_seconds_median": _median(lora_seconds),
+            "speedup_median": round(_median(lora_seconds) / generate, 1) if lora_seconds and generate else None}
+
+
+def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.DataFrame | None = None) -> dict:
     ranks: dict = {}
     for rank, part in frame.groupby("rank"):
         def per_task(source: str, sample: str | None = None) -> pd.Series:
@@ -111,16 +119,11 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, generate_js
     gen_bytes = sum(s["generator_bytes"] for s in storage.values())
     ckpt_bytes = sum(s["checkpoint_bytes"] for s in storage.values())
     final_bytes = sum(s["final_adapter_bytes"] for s in storage.values())
-    lora_seconds = [m["train_seconds"] for m in lora_metrics]
     return {
         "ranks": ranks,
         "storage": {"generator_bytes": gen_bytes, "checkpoint_bytes": ckpt_bytes, "final_adapter_bytes": final_bytes,
                     "ratio": round(gen_bytes / ckpt_bytes, 4) if ckpt_bytes else None,
                     "ratio_to_final_adapters": round(gen_bytes / final_bytes, 4) if final_bytes else None},
-        "timing": {"generate_adapter_seconds": generate_json["generate_adapter_seconds"],
-                   "train_lora_seconds_median": _median(lora_seconds),
-                   "speedup_median": round(_median(lora_seconds) / generate_json["generate_adapter_seconds"], 1)
-                   if lora_seconds and generate_json["generate_adapter_seconds"] else None},
     }
 
 
@@ -220,20 +223,24 @@ def plots(frame: pd.DataFrame, cross: pd.DataFrame, cvae_dir: Path, out: Path) -
 
 def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = CROSS_TASK_TABLE,
            bootstrap_file: Path = BOOTSTRAP_TABLE, evaluate_file: Path = EVALUATE_METRICS,
-           generate_file: Path = GENERATE_METRICS, lora_metrics_dir: Path = LORA_METRICS_DIR,
+           generate_timing: Path = timing_file("generate"), lora_metrics_dir: Path = LORA_METRICS_DIR,
            cvae_metrics_dir: Path = CVAE_METRICS_DIR, summary_file: Path = SUMMARY_METRICS,
-           plots_dir: Path = REPORT_PLOTS, verdicts_file: Path = VERDICTS) -> dict:
+           plots_dir: Path = REPORT_PLOTS, verdicts_file: Path = VERDICTS,
+           timing: Path = timing_file("report")) -> dict:
     frame = pd.read_csv(comparison)
     cross = pd.read_csv(cross_file)
     paired = pd.read_csv(bootstrap_file)
     lora_metrics = [read_json(p) for p in sorted(Path(lora_metrics_dir).glob("*.json"))]
-    summary = summarize(frame, cfg, read_json(evaluate_file), read_json(generate_file), lora_metrics, paired)
-    written = plots(frame, cross, cvae_metrics_dir, plots_dir) + [comparison_plot(paired, plots_dir)]
+    summary = summarize(frame, cfg, read_json(evaluate_file), paired)
+    speed = timings(read_json(generate_timing), lora_metrics)
+    with atomic_dir(plots_dir) as tmp:  # the folder is replaced whole: no plot of a rank no longer in params
+        drawn = plots(frame, cross, cvae_metrics_dir, tmp) + [comparison_plot(paired, tmp)]
+    written = [Path(plots_dir) / p.name for p in drawn]
     write_json(summary_file, summary)
+    write_json(timing, speed)
     verdicts = verdict_sentences(summary["ranks"], cfg.evaluate.confidence)
     write_text(verdicts_file, "\n".join(verdicts) + "\n")
-    with start_run("report", "summary", params={"ranks": cfg.lora.ranks, "heldout_tasks": cfg.heldout_tasks,
-                                                 "task_vector_method": cfg.task_vectors.method}, source="summary") as mlflow:
+    with start_run("report", "summary", params=stage_params(cfg, "report"), source="summary") as mlflow:
         flat = {f"r{r}.{k}": v for r, vals in summary["ranks"].items() for k, v in vals.items()
                 if v is not None and not isinstance(v, dict)}
         for r, vals in summary["ranks"].items():
@@ -243,7 +250,7 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
                     flat.update({f"{key}.{k}": c[k] for k in ("difference", "ci_low", "ci_high")})
                     mlflow.set_tag(f"{key}.verdict", c["verdict"])
         flat.update({f"storage.{k}": v for k, v in summary["storage"].items() if v is not None})
-        flat.update({f"timing.{k}": v for k, v in summary["timing"].items() if v is not None})
+        flat.update({f"timing.{k}": v for k, v in speed.items() if v is not None})
         mlflow.log_metrics({k: float(v) for k, v in flat.items() if math.isfinite(float(v))})
         mlflow.log_table(frame, artifact_file="comparison.json")
         mlflow.log_table(paired, artifact_file="bootstrap.json")

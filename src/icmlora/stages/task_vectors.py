@@ -37,12 +37,13 @@ from icmlora.artifacts import (
     TASK_VECTORS_FILE,
     TASK_VECTORS_INFO,
     final_adapter_dir,
+    timing_file,
 )
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.task_vectors import write_task_vectors
 from icmlora.config import Params
-from icmlora.files import atomic_path, write_json
+from icmlora.files import atomic_dir, atomic_path, write_json
 from icmlora.florence.hidden_states import POOLINGS, icl_vectors, reference_vectors, text_vector
 from icmlora.florence.model import load_images
 from icmlora.stage_cli import run_stage, stage_parser
@@ -92,7 +93,7 @@ def plot_projection(vectors: dict[str, torch.Tensor], title: str, path: Path) ->
 def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR,
                          lora_root: Path = LORA_DIR, out_file: Path = TASK_VECTORS_FILE,
                          info_file: Path = TASK_VECTORS_INFO, metrics_file: Path = TASK_VECTOR_METRICS,
-                         plots_dir: Path = TASK_VECTOR_PLOTS) -> dict:
+                         plots_dir: Path = TASK_VECTOR_PLOTS, timing: Path = timing_file("task_vectors")) -> dict:
     from peft import PeftModel
 
     tv = cfg.task_vectors
@@ -116,19 +117,21 @@ def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: P
             model = tuned.unload()
     metrics: dict = {"method": tv.method, "pooling": tv.pooling, "examples": tv.examples, "silhouette": {},
                      "match_fraction": matched}
-    for name, vecs in per_example.items():
-        if len(vecs) == len(cfg.data.tasks):
-            metrics["silhouette"][name] = round(silhouette(vecs), 4)
-            plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", plots_dir / f"{name}.png")
+    with atomic_dir(plots_dir) as tmp:  # the folder is replaced whole: no plot of a method no longer computed
+        for name, vecs in per_example.items():
+            if len(vecs) == len(cfg.data.tasks):
+                metrics["silhouette"][name] = round(silhouette(vecs), 4)
+                plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", tmp / f"{name}.png")
     chosen_name = f"icl_{tv.pooling}" if tv.method == "icl" else tv.method
     vectors = torch.stack([per_example[chosen_name][t].mean(0) for t in cfg.data.tasks])
     metrics["default_silhouette"] = metrics["silhouette"].get(chosen_name)
-    metrics["seconds"] = round(time.perf_counter() - start, 2)
+
     complete = {name: torch.cat([v[t] for t in cfg.data.tasks]) for name, v in per_example.items()
                 if len(v) == len(cfg.data.tasks)}
     write_task_vectors(list(cfg.data.tasks), vectors, complete, {"method": tv.method, "pooling": tv.pooling},
                        out_file, info_file)
     write_json(metrics_file, metrics)
+    write_json(timing, {"seconds": round(time.perf_counter() - start, 2)})
     return metrics
 
 

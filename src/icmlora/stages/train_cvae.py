@@ -39,8 +39,8 @@ from icmlora.errors import InputError
 from icmlora.files import write_text
 from icmlora.resume import TrainingState, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
-from icmlora.stage_cli import run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, start_run
+from icmlora.stage_cli import require, run_stage, stage_parser
+from icmlora.tracking import MetricBuffer, stage_params, start_run
 
 
 def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vectors_file: Path = TASK_VECTORS_FILE,
@@ -82,8 +82,8 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
         start_epoch, history = extra["epoch"], extra["history"]
     else:
         state.clear()
-    with start_run("train_cvae", f"cvae-r{rank}", params={"cvae": cfg.cvae, "model": shape.to_json(), "rank": rank,
-                                                         "rows": len(x), "heldout_tasks": cfg.heldout_tasks},
+    with start_run("train_cvae", f"cvae-r{rank}", params={**stage_params(cfg, "train_cvae"), "model": shape.to_json(),
+                                                         "rank": rank, "rows": len(x)},
                    rank=rank, source="generator") as mlflow:
         start = time.perf_counter()
         model.train()
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("train_cvae", __doc__)
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
     args, cfg = parser.parse(argv)
+    require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     out = train_cvae(cfg, args.rank)
     if out:
         print(f"train_cvae: wrote {generator_dir(args.rank)} ({out['parameters']:,} parameters, {out['rows']} rows of "

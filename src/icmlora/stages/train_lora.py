@@ -34,14 +34,13 @@ from icmlora.artifacts import (
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
-from icmlora.errors import InputError
 from icmlora.files import atomic_dir, write_json
 from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
-from icmlora.stage_cli import run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, parent_run, start_run
+from icmlora.stage_cli import require, run_stage, stage_parser
+from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run
 from icmlora.training import DetectionDataset, train
 
 
@@ -79,7 +78,7 @@ def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PR
                 shutil.rmtree(old)
 
     with parent_run("train_lora", params=cfg.lora) as parent_id, start_run(
-        "train_lora", name, params=cfg, parent_run_id=parent_id,
+        "train_lora", name, params=stage_params(cfg, "train_lora"), parent_run_id=parent_id,
         task=task, rank=rank, seed=seed, source="trained",
     ) as mlflow:
         buffer = MetricBuffer()
@@ -118,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
     parser.add_argument("--seed", type=int, default=0, help="LoRA seed, from lora.seeds (default 0)")
     args, cfg = parser.parse(argv)
-    if args.task not in cfg.data.tasks:
-        raise InputError(f"--task {args.task!r} is not in data.tasks ({', '.join(cfg.data.tasks)})")
+    require(args.task, cfg.data.tasks, "--task", "data.tasks")
+    require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
+    require(args.seed, cfg.lora.seeds, "--seed", "lora.seeds")
     metrics = train_lora(cfg, args.task, args.rank, args.seed)
     if metrics:
         print(f"train_lora: wrote {lora_dir(args.task, args.rank, args.seed)} ({cfg.lora.keep_checkpoints} checkpoints "

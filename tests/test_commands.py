@@ -1,0 +1,62 @@
+"""Commands a user runs by hand: `icmlora score`, and refusals of what the pipeline never builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from icmlora.cli import main as cli
+
+
+def test_score_an_adapter_on_a_florence_jsonl(setting, tmp_path, capsys, monkeypatch):
+    """The same numbers as the pipeline's own scorer, from the command line."""
+    from icmlora.artifacts.base_model import read_base_model
+    from icmlora.scoring import Scorer
+
+    cfg, root, _ = setting
+    monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
+    adapter = root / "lora" / "circle-r1-s0" / "checkpoints" / "step-6"
+    annotations = root / "prepared" / "circle" / "valid" / "annotations.jsonl"
+    status = cli(["score", "--annotations", str(annotations), "--adapter", str(adapter), "--base", str(root / "base"),
+                  "--out", str(tmp_path / "score.json"), "--mlflow"])
+    assert status == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "score.json").read_text())
+    from peft import PeftModel
+
+    base, processor = read_base_model(root / "base")
+    expected = Scorer(PeftModel.from_pretrained(base, adapter).eval(), processor, cfg.predict, 0, root / "prepared")
+    assert printed == expected.score("circle")
+    assert cli(["score", "--annotations", str(annotations), "--adapter", str(tmp_path), "--base", str(root / "base")]) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train_lora", "--task", "circle", "--rank", "3"], "--rank 3 is not in lora.ranks (1, 2)"),
+    (["train_lora", "--task", "dog", "--rank", "1"], "--task 'dog' is not in data.tasks"),
+    (["train_lora", "--task", "circle", "--rank", "1", "--seed", "5"], "--seed 5 is not in lora.seeds (0)"),
+    (["collect_params", "--rank", "3"], "--rank 3 is not in lora.ranks"),
+    (["train_cvae", "--rank", "16"], "--rank 16 is not in lora.ranks"),
+    (["generate", "--task-vector", "v.safetensors", "--rank", "3", "--out", "x"], "--rank 3 is not in lora.ranks"),
+])
+def test_commands_refuse_what_the_pipeline_never_builds(setting, monkeypatch, capsys, argv, message):
+    cfg, _, _ = setting
+    monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "add it to" in err
+
+
+def test_generate_from_examples_says_when_no_training_adapter_writes_their_labels(setting, tmp_path, capsys):
+    from icmlora.florence.format import Example, read_annotations, write_annotations
+    from icmlora.stages.generate import vector_from_examples
+
+    cfg, root, _ = setting
+    source = root / "prepared" / "circle" / "valid" / "annotations.jsonl"
+    examples = read_annotations(source)[:3]
+    dogs = [Example(str(source.parent / e.image), e.width, e.height,
+                    [b.__class__("dog", b.x1, b.y1, b.x2, b.y2) for b in e.boxes]) for e in examples]
+    write_annotations(tmp_path / "dogs.jsonl", dogs)
+    vector = vector_from_examples(cfg, tmp_path / "dogs.jsonl", root / "base")
+    assert vector.shape == (cfg.base.tiny.d_model,)
+    assert "labels its boxes 'dog', which no training adapter writes" in capsys.readouterr().err
