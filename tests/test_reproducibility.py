@@ -214,23 +214,26 @@ def assert_runs_logged(repo: Path, name: str, rows: int) -> list[dict]:
 
 
 def test_dvc_exp_run_in_the_workspace(exp_repo, e2e_env):
-    """`dvc exp run -S evaluate.noise_seed=1`: only evaluate and report run; the experiment is
-    listed with its params and summary metrics; its MLflow runs are tagged with its name."""
-    out = run([DVC, "exp", "run", "-S", "evaluate.noise_seed=1"], exp_repo, e2e_env).stdout
+    """`dvc exp run -S evaluate.confidence=0.9`: only evaluate and report run (the two stages that
+    read it); the experiment is listed with its params and summary metrics; its MLflow runs are
+    tagged with its name. (A knob whose change leaves evaluate's outputs as they were, as
+    evaluate.noise_seed can on the untrained micro models, runs evaluate alone: DVC then skips
+    report, whose inputs did not change.)"""
+    out = run([DVC, "exp", "run", "-S", "evaluate.confidence=0.9"], exp_repo, e2e_env).stdout
     assert ran_stages(out) == ["evaluate", "report"], out
     name = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
     assert name in run([DVC, "exp", "list", "--name-only"], exp_repo, e2e_env).stdout.split()
 
     row = exp_show_row(exp_repo, e2e_env, name)
-    assert row["evaluate.noise_seed"] == "1"
+    assert row["evaluate.confidence"] == "0.9"
     keys = summary_keys(exp_repo)
     assert keys and keys <= set(row), sorted(keys - set(row))
     assert row["ranks.2.generated_over_trained_median"] not in ("", "-")
 
     # The workspace holds the experiment's results: against HEAD, the params and metrics diffs.
     params = json.loads(run([DVC, "params", "diff", "--json"], exp_repo, e2e_env).stdout)
-    noise_seed = params["params.yaml"]["evaluate.noise_seed"]
-    assert (noise_seed["old"], noise_seed["new"]) == (0, 1), noise_seed
+    confidence = params["params.yaml"]["evaluate.confidence"]
+    assert (confidence["old"], confidence["new"]) == (0.95, 0.9), confidence
     diff = json.loads(run([DVC, "metrics", "diff", "--all", "--json"], exp_repo, e2e_env).stdout)
     assert keys <= set(diff["metrics/summary.json"]), sorted(keys - set(diff["metrics/summary.json"]))
 
@@ -275,7 +278,7 @@ def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
     the absolute tracking URI built from DVC_ROOT, tagged dvc_exp = its name."""
     run(["git", "checkout", "-q", "--", "."], exp_repo)  # back to HEAD if the workspace test ran
     assert "up to date" in run([DVC, "status"], exp_repo, e2e_env).stdout
-    out = run([DVC, "exp", "run", "--queue", "-S", "evaluate.noise_seed=2"], exp_repo, e2e_env).stdout
+    out = run([DVC, "exp", "run", "--queue", "-S", "evaluate.confidence=0.8"], exp_repo, e2e_env).stdout
     name = re.search(r"Queued experiment '([^']+)'", out).group(1)
     state = "?"
     try:
@@ -294,7 +297,7 @@ def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
     assert ran_stages(log) == ["evaluate", "report"], log[-3000:]
     assert name in run([DVC, "exp", "list", "--name-only"], exp_repo, e2e_env).stdout.split()
     row = exp_show_row(exp_repo, e2e_env, name)
-    assert row["evaluate.noise_seed"] == "2" and summary_keys(exp_repo) <= set(row)
+    assert row["evaluate.confidence"] == "0.8" and summary_keys(exp_repo) <= set(row)
 
     rows = len(list(csv.DictReader((exp_repo / "metrics/comparison.csv").open())))
     runs = assert_runs_logged(exp_repo, name, rows)
