@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
-# Stage commands in dvc.yaml call `python -m icmlora`: put the venv first on PATH for them.
+# Stage commands in dvc.yaml call `python -m icmlora.stages.<stage>`: put the venv first on PATH for them.
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
