@@ -51,7 +51,7 @@ def evaluation_runs(store: Path, rank: int, tasks: int, sources: list[str]) -> t
     picked = [runs[(t, s)] for t in order[:tasks] for s in sources if (t, s) in runs]
     if not picked:
         raise SystemExit(f"{store}: no evaluate runs of rank {rank}; run `make repro` first")
-    return picked[0][0], [run for _, run in picked]
+    return str(picked[0][0]), [run for _, run in picked]
 
 
 def main() -> None:
