@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from icmlora.artifacts import BASE_MODEL_DIR
+from icmlora.artifacts.adapters import CONFIG_FILE as ADAPTER_CONFIG
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.errors import InputError
 from icmlora.files import write_json
@@ -32,8 +33,8 @@ def score(cfg, annotations: Path, adapter: Path | None = None, base_dir: Path = 
     if adapter is not None:
         from peft import PeftModel
 
-        if not (adapter / "adapter_config.json").is_file():
-            raise InputError(f"{adapter}: not a PEFT adapter folder (adapter_config.json missing)")
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise InputError(f"{adapter}: not a PEFT adapter folder ({ADAPTER_CONFIG} missing)")
         model = PeftModel.from_pretrained(model, adapter)
     scorer = Scorer(model.eval(), processor, cfg.predict, eval_images)
     return scorer.score(annotations, desc=f"score {annotations.name}")
