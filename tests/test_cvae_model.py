@@ -8,7 +8,7 @@ from params_helpers import micro_params
 from icmlora.cvae import CVAE, PAPER_CHANNELS, CVAEArchitecture, architecture, default_channels
 
 
-def CVAEConfig(**fields) -> CVAEArchitecture:
+def arch(**fields) -> CVAEArchitecture:
     """An architecture with the paper's values for what a test leaves out (latent 256, kernel 7, ...)."""
     paper = dict(kernel_size=7, latent_dim=256, pad_multiple=4096, kl_weight=0.005, hidden_dim=None, norm="group")
     return CVAEArchitecture(**{**paper, **fields})
@@ -38,7 +38,7 @@ SHAPES = [
 @pytest.mark.parametrize("D,channels,pad,padded", SHAPES)
 def test_shapes_and_padding(D, channels, pad, padded):
     torch.manual_seed(0)
-    cfg = CVAEConfig(input_dim=D, condition_dim=3, channels=channels, latent_dim=16, pad_multiple=pad)
+    cfg = arch(input_dim=D, condition_dim=3, channels=channels, latent_dim=16, pad_multiple=pad)
     assert cfg.padded_dim == padded
     assert cfg.bottleneck_length == padded // 2 ** len(channels)
     model = CVAE(cfg)
@@ -55,7 +55,7 @@ def test_shapes_and_padding(D, channels, pad, padded):
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
 def test_batch_of_one_trains_with_batchnorm_and_groupnorm(norm):
     torch.manual_seed(0)
-    cfg = CVAEConfig(input_dim=300, condition_dim=2, channels=[4, 8], latent_dim=8, pad_multiple=4, norm=norm)
+    cfg = arch(input_dim=300, condition_dim=2, channels=[4, 8], latent_dim=8, pad_multiple=4, norm=norm)
     model = CVAE(cfg).train()
     recon, mu, logvar = model(torch.randn(1, 300), torch.randn(1, 2))
     total = model.loss(torch.randn(1, 300), recon, mu, logvar)[0]
@@ -67,7 +67,7 @@ def test_batch_of_one_trains_with_batchnorm_and_groupnorm(norm):
 
 
 def test_bad_input_shapes_raise():
-    model = CVAE(CVAEConfig(input_dim=50, condition_dim=3, channels=[4], latent_dim=8, pad_multiple=2))
+    model = CVAE(arch(input_dim=50, condition_dim=3, channels=[4], latent_dim=8, pad_multiple=2))
     with pytest.raises(ValueError, match="x must have shape"):
         model(torch.randn(2, 51), torch.randn(2, 3))
     with pytest.raises(ValueError, match="cond must have shape"):
@@ -77,7 +77,7 @@ def test_bad_input_shapes_raise():
 
 
 def test_reconstruction_loss_is_per_sample():
-    model = CVAE(CVAEConfig(input_dim=64, condition_dim=2, channels=[4], latent_dim=4, pad_multiple=2))
+    model = CVAE(arch(input_dim=64, condition_dim=2, channels=[4], latent_dim=4, pad_multiple=2))
     x = torch.randn(4, 64) * torch.arange(1, 5).unsqueeze(1)  # rows clearly different
     mu, logvar = torch.zeros(4, 4), torch.zeros(4, 4)
     total, mse, kl = model.loss(x, x.clone(), mu, logvar)
@@ -92,7 +92,7 @@ def test_reconstruction_loss_is_per_sample():
 
 
 def test_kl_is_averaged_per_sample():
-    model = CVAE(CVAEConfig(input_dim=8, condition_dim=1, channels=[2], latent_dim=3, pad_multiple=2))
+    model = CVAE(arch(input_dim=8, condition_dim=1, channels=[2], latent_dim=3, pad_multiple=2))
     x = torch.zeros(1, 8)
     one = model.loss(x, x, torch.ones(1, 3), torch.zeros(1, 3))[2]
     many = model.loss(x.repeat(5, 1), x.repeat(5, 1), torch.ones(5, 3), torch.zeros(5, 3))[2]
@@ -101,7 +101,7 @@ def test_kl_is_averaged_per_sample():
 
 def test_config_json_round_trip_rebuilds_identical_model():
     torch.manual_seed(1)
-    cfg = CVAEConfig(
+    cfg = arch(
         input_dim=777, condition_dim=5, channels=[4, 8, 4], kernel_size=5, latent_dim=12,
         pad_multiple=8, kl_weight=0.01, hidden_dim=20, norm="batch",
     )
@@ -122,7 +122,7 @@ def test_config_json_round_trip_rebuilds_identical_model():
 
 
 def test_from_json_rejects_unknown_and_missing_keys():
-    d = CVAEConfig(input_dim=10, condition_dim=2, channels=[4], pad_multiple=2).to_json()
+    d = arch(input_dim=10, condition_dim=2, channels=[4], pad_multiple=2).to_json()
     with pytest.raises(ValueError, match="unknown keys.*'chanels'"):
         CVAEArchitecture.from_json({**d, "chanels": [4]})
     del d["condition_dim"]
@@ -136,7 +136,7 @@ def test_loss_falls_on_toy_set():
     protos = torch.randn(2, D)
     x = protos.repeat_interleave(4, dim=0) + 0.1 * torch.randn(8, D)
     cond = torch.eye(2).repeat_interleave(4, dim=0)
-    cfg = CVAEConfig(input_dim=D, condition_dim=2, channels=[8], latent_dim=16, pad_multiple=2)
+    cfg = arch(input_dim=D, condition_dim=2, channels=[8], latent_dim=16, pad_multiple=2)
     model = CVAE(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
 
@@ -177,14 +177,14 @@ def test_bad_config_raises_naming_the_field(override, field):
     kwargs = dict(input_dim=100, condition_dim=4, channels=[4, 8], pad_multiple=4)
     kwargs.update(override)
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
-        CVAEConfig(**kwargs)
+        arch(**kwargs)
 
 
 def test_paper_defaults_and_pad_message():
-    cfg = CVAEConfig(input_dim=1_929_928, condition_dim=768, channels=PAPER_CHANNELS)
+    cfg = arch(input_dim=1_929_928, condition_dim=768, channels=PAPER_CHANNELS)
     assert cfg.padded_dim == 472 * 4096 and cfg.bottleneck_length == 472
     with pytest.raises(ValueError, match=r"pad_multiple: 2048 is not a multiple of 2\*\*len\(channels\) = 4096"):
-        CVAEConfig(input_dim=10, condition_dim=1, channels=PAPER_CHANNELS, pad_multiple=2048)
+        arch(input_dim=10, condition_dim=1, channels=PAPER_CHANNELS, pad_multiple=2048)
 
 
 @pytest.mark.parametrize(

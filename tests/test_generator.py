@@ -78,7 +78,7 @@ def test_generate_cli_from_a_vector_file(trained, tmp_path, monkeypatch):
 
     cfg, _, _, out, _ = trained
     save_file({"vector": torch.randn(cfg.base.tiny.d_model)}, str(tmp_path / "vec.safetensors"))
-    monkeypatch.setattr(generate.generate_one, "__defaults__", (out / "cvae", out / "matrix"))
+    monkeypatch.setattr(generate.generate_one, "__defaults__", (out / "cvae", out / "matrix", None))
     monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
     result = generate.main(["--task-vector", str(tmp_path / "vec.safetensors"), "--rank", "2", "--out",
                             str(tmp_path / "adapters"), "--samples", "1"])
@@ -140,3 +140,26 @@ def test_evaluate_refuses_a_task_without_its_z0_sample(trained, tmp_path):
         evaluate(cfg, root / "prepared", root / "base", lora, out / "matrix", out / "cvae", tmp_path / "generated",
                  out / "tv.safetensors", tmp_path / "c.csv", tmp_path / "x.csv", tmp_path / "e.json")
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_one_training_task_gets_a_unit_condition_scale():
+    from icmlora.cvae import Generator
+
+    mean, scale = Generator.standardization(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert torch.equal(mean, torch.tensor([1.0, 2.0, 3.0])) and torch.equal(scale, torch.ones(3))
+
+
+def test_examples_are_refused_by_a_generator_of_another_vector_kind(trained, tmp_path):
+    cfg, _, _, out, _ = trained
+    vec = torch.randn(cfg.base.tiny.d_model)
+    with pytest.raises(InputError, match="conditioned on 'icl' task vectors, and --examples computes 'text' ones"):
+        generate_one(cfg, 1, tmp_path / "x", vec, samples=0, cvae_root=out / "cvae", matrix_root=out / "matrix",
+                     method="text")
+
+
+def test_reference_method_without_trained_adapters_is_a_clear_error(setting, tmp_path):
+    cfg, root, _ = setting
+    cfg = cfg.model_copy(update={"task_vectors": cfg.task_vectors.model_copy(update={"method": "reference"})})
+    with pytest.raises(InputError, match="method 'reference' needs the trained adapter"):
+        compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
+                             tmp_path / "tv.json", tmp_path / "m.json", tmp_path / "plots")

@@ -273,12 +273,14 @@ def test_unknown_kind_and_missing_root(tmp_path):
 def test_zero_area_boxes_are_dropped_and_listed(tmp_path):
     """COCO w = 0, VOC xmin == xmax and equal <loc_N> bins: no prediction can match such a box."""
     coco_source(tmp_path / "coco", "train2017", [(1, "a.jpg", 64, 48)], [
-        (11, 1, 18, [10, 5, 0, 30], 0), (12, 1, 18, [10, 5, 20, 30], 0)])  # fmt: skip
+        (11, 1, 18, [10, 5, 0, 30], 0), (12, 1, 18, [10, 5, 20, 30], 0),
+        (14, 1, 18, [64.5, 5, 0.4, 30], 0)])  # fmt: skip  (a sliver past the edge: clipped to nothing)
     coco_source(tmp_path / "coco", "val2017", [(2, "v.jpg", 64, 48)], [(13, 2, 18, [1, 1, 5, 5], 0)])
     coco = load_coco(tmp_path / "coco", ["dog"])
     assert [len(im.boxes) for im in coco["train"]] == [1]
-    assert coco.dropped == [f"{tmp_path / 'coco' / 'annotations' / 'instances_train2017.json'}: annotation id 11: "
-                            "box 'dog' has zero width or height"]
+    where = tmp_path / "coco" / "annotations" / "instances_train2017.json"
+    assert coco.dropped == [f"{where}: annotation id 11: box 'dog' has zero width or height",
+                            f"{where}: annotation id 14: box 'dog' has zero width or height inside the image"]
     voc = voc_source(tmp_path / "voc", {"a": [("dog", 7, 1, 7, 40, False), ("dog", 1, 1, 5, 5, False)]},
                      {"b": [("dog", 1, 1, 5, 5, False)]})
     out = load_voc(voc, ["dog"])

@@ -132,3 +132,17 @@ def test_state_that_json_cannot_hold_is_an_error_not_a_null(tmp_path):
     with pytest.raises(TypeError, match=r"optimizer.param_groups\[0\].odd is a set"):
         TrainingState(tmp_path / "s", "fp").save(model, optimizer, scheduler, gen, step=1)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_state_of_other_inputs_is_not_resumed(tmp_path):
+    """The fingerprint covers the inputs' bytes: a changed base model or training split starts over."""
+    from icmlora.resume import content_digest, fingerprint
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"weights")
+    split = tmp_path / "annotations.jsonl"
+    split.write_text("a\n")
+    before = fingerprint("params", content_digest(tmp_path / "base", split))
+    assert before == fingerprint("params", content_digest(tmp_path / "base", split))
+    split.write_text("b\n")
+    assert fingerprint("params", content_digest(tmp_path / "base", split)) != before

@@ -82,10 +82,11 @@ class DataParams(Section):
         problems = [] if tasks else ["needs at least one task (a category name)"]
         if len(set(tasks)) != len(tasks):
             problems.append("has duplicates")
-        # A task name is a folder name, part of a DVC stage name and a quoted shell argument.
-        problems += [f"{t!r} is not usable as a folder and stage name (no / \\ @ quotes $ or backquote, no leading "
-                     "_ . or space)" for t in tasks
-                     if not t or t != t.strip() or t.startswith(("_", ".")) or set(t) & set("/\\@\"'$`")]
+        # A task name is a folder name, part of a DVC stage name, a quoted shell argument and an
+        # item of the comma-separated task list in the task-vector file's metadata.
+        problems += [f"{t!r} is not usable as a folder and stage name (no / \\ @ , quotes $ or backquote, no "
+                     "leading _ . or space)" for t in tasks
+                     if not t or t != t.strip() or t.startswith(("_", ".")) or set(t) & set("/\\@,\"'$`")]
         if problems:
             raise ValueError("; ".join(problems))
         return tasks

@@ -269,8 +269,12 @@ class Generator:
 
     @staticmethod
     def standardization(train_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, scale) of the training tasks' vectors [tasks, d]: one scale for every dimension."""
+        """(mean, scale) of the training tasks' vectors [tasks, d]: one scale for every dimension.
+        With one training task there is no spread to measure: scale 1 (not 0, which would blow
+        any other task's vector up)."""
         mean = train_vectors.mean(0)
+        if len(train_vectors) < 2:
+            return mean, torch.ones_like(mean)
         return mean, (train_vectors - mean).std().clamp_min(1e-8).expand_as(mean).clone()
 
     def condition(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -12,24 +12,46 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries: give the output the mode a plain
+    open()/mkdir() would have, so a shared checkout can read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``."""
+    """Yield a fresh temporary folder beside ``target``; on success it replaces ``target``.
+    On failure (in the body or in the swap) the temporary folder is removed and ``target``
+    is as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
     try:
         yield tmp
-    except BaseException:
+        _as_created(tmp, directory=True)
+        moved = None
+        if target.exists():
+            # A unique name: a leftover of a killed run (or another process) cannot be in the way.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            moved = old / target.name
+            os.replace(target, moved)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if moved is not None:
+                os.replace(moved, target)  # put the previous output back
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -42,10 +64,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-    except BaseException:
+        _as_created(tmp, directory=False)
+        os.replace(tmp, target)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, target)
 
 
 def write_text(target: str | Path, text: str) -> Path:

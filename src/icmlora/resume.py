@@ -33,6 +33,20 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def content_digest(*paths: Path) -> str:
+    """sha256 of the bytes of these files (a folder: every file under it, by relative path), so a
+    run's fingerprint changes when its inputs do, not only its parameters."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _torch_optimizer(optimizer):
     # Accelerate wraps an optimizer; the torch object is one attribute down.
     return getattr(optimizer, "optimizer", optimizer)

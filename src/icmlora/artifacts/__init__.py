@@ -15,8 +15,8 @@ reader and writer lives in the module of this package named for it:
 | generated adapters                         | models/generated/<task>-r<rank>/sample-<name>/         | adapters       |
 | metrics (JSON, CSV) and PNG plots          | metrics/...                                            | icmlora.files  |
 
-Work in progress of the resumable stages lives under state/ (ignored by git and DVC: DVC
-deletes a stage's outputs before it runs, so a state kept there would not survive a restart).
+Work in progress of the resumable stages lives under state/ (ignored by git and DVC): outputs
+are replaced whole when a stage completes, and a half-done run must not be taken for one.
 """
 
 from __future__ import annotations

@@ -129,7 +129,11 @@ def _pixel_box(label, x1, y1, x2, y2, width, height, where, problems, *, ignore=
             f"{width}x{height} image by more than {tol:g} px; fix the box or the image size"
         )
         return None
-    return Box(label, max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)), ignore=ignore)
+    box = Box(label, max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)), ignore=ignore)
+    if box.x2 <= box.x1 or box.y2 <= box.y1:  # a sliver just outside the image, clipped to nothing
+        dropped.append(f"{where}: box {label!r} has zero width or height inside the image")
+        return None
+    return box
 
 
 def _check_categories(categories: list[str], seen: set[str], root: Path, problems: list[str]) -> None:

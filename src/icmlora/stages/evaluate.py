@@ -13,10 +13,16 @@ training task whose vector is nearest). Each generated adapter gets its paramete
 novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
 among that task's checkpoints, and the cosine similarity to it.
 
-Writes metrics/comparison.csv (one row per task x rank x source x sample), metrics/cross_task.csv
-(generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``) and
-metrics/evaluate.json (storage and timing). One MLflow run per evaluated adapter, tagged task,
-rank, source, sample.
+Each generated adapter also gets its function-space novelty (``icmlora.comparison``): the IoU
+of its errors with those of its nearest training checkpoint (``error_iou``), beside the same
+between two checkpoints of the task itself (``error_iou_checkpoints``). Every comparison of
+generated against another source gets a paired bootstrap over the valid images.
+
+Writes metrics/comparison.csv (one row per task x rank x source x sample), metrics/bootstrap.csv
+(difference, interval and verdict per rank, task and comparison; pooled rows), metrics/cross_task.csv
+(generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``), metrics/evaluate.json
+(storage) and metrics/timing/evaluate.json. One MLflow run per evaluated adapter, tagged task,
+rank, source, sample, with the params evaluate reads.
 """
 
 from __future__ import annotations

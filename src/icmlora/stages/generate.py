@@ -111,9 +111,14 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
 
 
 def generate_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, samples: int, cvae_root: Path = CVAE_DIR,
-                 matrix_root: Path = LORA_MATRIX_DIR) -> list[Path]:
+                 matrix_root: Path = LORA_MATRIX_DIR, method: str | None = None) -> list[Path]:
+    """Adapters for one task vector under ``out``; ``method``: the kind of vector it is (checked
+    against the generator's) when known."""
     gen = read_generator(rank, cvae_root)
     manifest = read_manifest(rank, matrix_root)
+    if method is not None and gen.meta.get("task_vector_method") != method:
+        raise InputError(f"{generator_dir(rank, cvae_root)} was conditioned on {gen.meta.get('task_vector_method')!r} task "
+                         f"vectors, and --examples computes {method!r} ones: a vector of another kind means nothing to it")
     if manifest.mode == "per_checkpoint":
         raise InputError("generating for a new task needs cvae.normalization: centered or train_tasks (per_checkpoint "
                          "normalization de-normalizes with a trained checkpoint of the task)")
@@ -145,10 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--task-vector/--examples need --rank and --out")
     require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     if args.task_vector is not None:
-        vector = read_task_vector_file(args.task_vector)
+        vector, method = read_task_vector_file(args.task_vector), None
     else:
-        vector = vector_from_examples(cfg, args.examples, args.base)
-    written = generate_one(cfg, args.rank, args.out, vector, cfg.generate.samples if args.samples is None else args.samples)
+        vector, method = vector_from_examples(cfg, args.examples, args.base), "icl"
+    written = generate_one(cfg, args.rank, args.out, vector, cfg.generate.samples if args.samples is None else args.samples,
+                           method=method)
     print(f"generate: wrote {len(written)} adapters under {args.out} (load one with PeftModel.from_pretrained(base, folder))")
     return {"adapters": [str(p) for p in written]}
 

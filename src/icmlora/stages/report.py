@@ -30,6 +30,7 @@ from icmlora.artifacts import (
     SUMMARY_METRICS,
     VERDICTS,
     cvae_loss_file,
+    lora_metrics_file,
     timing_file,
 )
 from icmlora.artifacts.tables import POOLED_HELDOUT, POOLED_TRAINING
@@ -149,7 +150,8 @@ def comparison_plot(paired: pd.DataFrame, out: Path) -> Path:
         labels = [f"{c.removeprefix('generated - ')}{' (held out)' if t == POOLED_HELDOUT else ''}"
                   for t, c in zip(rows["task"], rows["comparison"])]
         y = range(len(rows))
-        errors = [rows["difference"] - rows["ci_low"], rows["ci_high"] - rows["difference"]]
+        # Clipped at 0: a percentile interval need not contain the full-set difference.
+        errors = [(rows["difference"] - rows["ci_low"]).clip(lower=0), (rows["ci_high"] - rows["difference"]).clip(lower=0)]
         ax.barh(y, rows["difference"], xerr=errors, color=[colours[v] for v in rows["verdict"]], capsize=3)
         ax.set_yticks(list(y), labels, fontsize=7)
         ax.axvline(0.0, color="black", lw=0.8)
@@ -230,7 +232,9 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
     frame = pd.read_csv(comparison)
     cross = pd.read_csv(cross_file)
     paired = pd.read_csv(bootstrap_file)
-    lora_metrics = [read_json(p) for p in sorted(Path(lora_metrics_dir).glob("*.json"))]
+    # The adapters params.yaml names: a file left by a task or rank no longer in it does not count.
+    lora_metrics = [read_json(lora_metrics_file(t, r, s, lora_metrics_dir))
+                    for t in cfg.data.tasks for r in cfg.lora.ranks for s in cfg.lora.seeds]
     summary = summarize(frame, cfg, read_json(evaluate_file), paired)
     speed = timings(read_json(generate_timing), lora_metrics)
     with atomic_dir(plots_dir) as tmp:  # the folder is replaced whole: no plot of a rank no longer in params

@@ -43,6 +43,7 @@ from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.task_vectors import write_task_vectors
 from icmlora.config import Params
+from icmlora.errors import InputError
 from icmlora.files import atomic_dir, atomic_path, write_json
 from icmlora.florence.hidden_states import POOLINGS, icl_vectors, reference_vectors, text_vector
 from icmlora.florence.model import load_images
@@ -110,7 +111,10 @@ def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: P
         matched[task] = round(float(icl["matched"]), 4)
         per_example["text"][task] = text_vector(model, processor, task)
         adapter = final_adapter_dir(task, tv.reference_rank, cfg.lora.seeds[0], lora_root)
-        if "reference" in tv.compare and adapter.is_dir():
+        if tv.method == "reference" and not adapter.is_dir():
+            raise InputError(f"{adapter}: task_vectors.method 'reference' needs the trained adapter of every task "
+                             f"(run `dvc repro train_lora` first, or use method icl)")
+        if ("reference" in tv.compare or tv.method == "reference") and adapter.is_dir():
             tuned = PeftModel.from_pretrained(model, adapter)
             per_example["reference"][task] = reference_vectors(
                 tuned, processor, *_examples(prepared, task, tv.reference_examples), cfg.predict.max_new_tokens)

@@ -29,6 +29,8 @@ from icmlora.artifacts import (
     cvae_loss_file,
     cvae_state_dir,
     generator_dir,
+    lora_manifest_file,
+    lora_matrix_file,
 )
 from icmlora.artifacts.generators import write_generator
 from icmlora.artifacts.lora_matrix import read_lora_matrix
@@ -37,7 +39,7 @@ from icmlora.config import Params
 from icmlora.cvae import CVAE, Generator, architecture
 from icmlora.errors import InputError
 from icmlora.files import write_text
-from icmlora.resume import TrainingState, fingerprint
+from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.stage_cli import require, run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, stage_params, start_run
@@ -74,8 +76,9 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs * len(loader))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
+    inputs = content_digest(lora_matrix_file(rank, matrix_root), lora_manifest_file(rank, matrix_root), vectors_file)
     state = TrainingState(cvae_state_dir(rank, state_root),
-                          fingerprint(cfg.cvae, cfg.seed, rank, len(x), cfg.heldout_tasks))
+                          fingerprint(cfg.cvae, cfg.runtime, cfg.seed, rank, cfg.heldout_tasks, inputs))
     start_epoch, history = 0, []
     if state.resumable():
         extra = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)

@@ -7,9 +7,9 @@ Writes models/lora/<task>-r<rank>-s<seed>/{checkpoints/step-<n>/, final/} (PEFT 
 last ``lora.keep_checkpoints`` checkpoints, one every ``lora.checkpoint_every`` steps, are the
 generator's training data) and metrics/lora/<task>-r<rank>-s<seed>.json: strict detection
 metrics on the task's valid split, the base model's there, and for ``lora.cross_task_ranks``
-on every other task. Work in progress lives in state/lora/<name>/ (outside DVC outputs, which
-DVC deletes before a stage runs): a killed run restarted with `dvc repro` continues from its
-last saved training state (``icmlora.resume``).
+on every other task. Work in progress lives in state/lora/<name>/, outside the outputs (which
+are replaced whole when the run completes): a killed run restarted with `dvc repro` continues
+from its last saved training state (``icmlora.resume``) if its params and inputs are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from icmlora.artifacts import (
     PREPARED_DIR,
     STATE_DIR,
     adapter_name,
+    annotations_file,
     checkpoint_name,
     checkpoint_steps,
     lora_dir,
@@ -36,7 +37,7 @@ from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
 from icmlora.files import atomic_dir, write_json
 from icmlora.lora import peft_config
-from icmlora.resume import TrainingState, fingerprint
+from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import require, run_stage, stage_parser
@@ -58,7 +59,10 @@ def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PR
     run_seed = cfg.seed + 7919 * seed
     seed_everything(run_seed)
     work = lora_state_dir(task, rank, seed, state_root)
-    state = TrainingState(work / "train", fingerprint(cfg.lora, cfg.seed, task, rank, seed))
+    # The state belongs to these params and these inputs: a changed base model or training split
+    # (or runtime) starts the run over instead of resuming weights trained on the old ones.
+    inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
+    state = TrainingState(work / "train", fingerprint(cfg.lora, cfg.runtime, cfg.seed, task, rank, seed, inputs))
     if not state.resumable() and work.exists():
         shutil.rmtree(work)  # a state from other params or a different run: start over
     trajectory = work / "checkpoints"
