@@ -80,7 +80,8 @@ def main() -> dict:
     args = parser.parse_args()
     cfg = load_params(ROOT / "params.yaml")
     per_rank = time_generation(cfg, args.repeats)
-    lora = [json.loads(p.read_text())["train_seconds"] for p in sorted((ROOT / artifacts.LORA_METRICS_DIR).glob("*.json"))]
+    lora = [json.loads((ROOT / artifacts.lora_metrics_file(t, r, s)).read_text())["train_seconds"]
+            for t in cfg.data.tasks for r in cfg.lora.ranks for s in cfg.lora.seeds]
     gen_median = statistics.median(r["median_seconds"] for r in per_rank.values())
     result = {
         "threads": torch.get_num_threads(),

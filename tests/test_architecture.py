@@ -157,9 +157,11 @@ def test_dvc_outputs_are_the_data_contract_paths():
                 a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.BOOTSTRAP_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS, a.VERDICTS,
                 *(a.timing_file(s) for s in ("base_model", "task_vectors", "generate", "evaluate", "report"))}
     for task in tasks:
-        for rank in ranks:
-            for seed in seeds:
-                expected |= {a.lora_dir(task, rank, seed), a.lora_metrics_file(task, rank, seed)}
+        for seed in seeds:
+            expected |= {a.lora_group_dir(task, seed), a.lora_metrics_group_dir(task, seed)}
+            # every adapter and its metrics file inside them
+            assert all(a.lora_dir(task, r, seed).parent == a.lora_group_dir(task, seed) for r in ranks)
+            assert all(a.lora_metrics_file(task, r, seed).parent == a.lora_metrics_group_dir(task, seed) for r in ranks)
     for rank in ranks:
         expected |= {a.lora_matrix_file(rank), a.lora_manifest_file(rank), a.generator_dir(rank), a.cvae_loss_file(rank)}
     declared = _expanded_outputs(params)

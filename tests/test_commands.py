@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from icmlora.artifacts import checkpoints_dir
 from icmlora.cli import main as cli
 
 
@@ -16,7 +17,7 @@ def test_score_an_adapter_on_a_florence_jsonl(setting, tmp_path, capsys, monkeyp
 
     cfg, root, _ = setting
     monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
-    adapter = root / "lora" / "circle-r1-s0" / "checkpoints" / "step-6"
+    adapter = checkpoints_dir("circle", 1, 0, root / "lora") / "step-6"
     annotations = root / "prepared" / "circle" / "valid" / "annotations.jsonl"
     status = cli(["score", "--annotations", str(annotations), "--adapter", str(adapter), "--base", str(root / "base"),
                   "--out", str(tmp_path / "score.json"), "--mlflow"])
@@ -32,10 +33,9 @@ def test_score_an_adapter_on_a_florence_jsonl(setting, tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train_lora", "--task", "circle", "--rank", "3"], "--rank 3 is not in lora.ranks (1, 2)"),
-    (["train_lora", "--task", "dog", "--rank", "1"], "--task 'dog' is not in data.tasks"),
-    (["train_lora", "--task", "circle", "--rank", "1", "--seed", "5"], "--seed 5 is not in lora.seeds (0)"),
-    (["collect_params", "--rank", "3"], "--rank 3 is not in lora.ranks"),
+    (["train_lora", "--task", "dog"], "--task 'dog' is not in data.tasks"),
+    (["train_lora", "--task", "circle", "--seed", "5"], "--seed 5 is not in lora.seeds (0)"),
+    (["collect_params", "--rank", "3"], "--rank 3 is not in lora.ranks (1, 2)"),
     (["train_cvae", "--rank", "16"], "--rank 16 is not in lora.ranks"),
     (["generate", "--task-vector", "v.safetensors", "--rank", "3", "--out", "x"], "--rank 3 is not in lora.ranks"),
 ])

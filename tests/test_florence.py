@@ -98,3 +98,29 @@ def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
     reloaded, _ = read_base_model(tmp_path / "base")
     for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cached_images", [0, 2, 5])
+def test_cached_encodings_batch_exactly_as_the_processor_encodes_a_batch(tiny, tmp_path, cached_images):
+    """Training decodes and preprocesses each image once (DetectionDataset's cache): its batches
+    equal the processor's own batch encoding bit for bit, targets of different lengths padded
+    the same way, with the cache on, off, or full after a few images."""
+    from icmlora.florence.format import Example
+    from icmlora.training import Collate, DetectionDataset
+
+    _, processor = tiny
+    examples = []
+    for i in range(5):
+        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"{i}.png")
+        boxes = [Box("circle" if j % 2 else "square", 2 + j, 3, 20 + 5 * j, 30) for j in range(1 + i % 3)]
+        examples.append(Example(image=f"{i}.png", width=64, height=64, boxes=boxes))
+    dataset = DetectionDataset(examples, tmp_path, processor, cache_mb=1)
+    dataset.cache_bytes = cached_images * 3 * 64 * 64 * 4  # room for this many images' pixels
+    expected = encode(processor, [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(5)],
+                      [e.prefix for e in examples], [e.suffix for e in examples])
+    for _ in range(2):  # the second pass reads what the first cached
+        batch = Collate(processor)([dataset[i] for i in range(5)])
+        assert batch.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key
+    assert sorted(dataset.cache) == list(range(cached_images))

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
+from icmlora.artifacts import checkpoints_dir, final_adapter_dir
 from icmlora.artifacts.adapters import read_adapter
 from icmlora.artifacts.generators import read_generator
 from icmlora.errors import InputError
@@ -135,7 +136,7 @@ def test_evaluate_refuses_a_task_without_its_z0_sample(trained, tmp_path):
     lora = tmp_path / "lora"
     shutil.copytree(root / "lora", lora)
     for task in cfg.data.tasks:  # the stand-in trajectories have no final adapter: use the last checkpoint
-        shutil.copytree(lora / f"{task}-r1-s0" / "checkpoints" / "step-6", lora / f"{task}-r1-s0" / "final")
+        shutil.copytree(checkpoints_dir(task, 1, 0, lora) / "step-6", final_adapter_dir(task, 1, 0, lora))
     with pytest.raises(InputError, match=r"generated/square-r1: no sample-z0"):
         evaluate(cfg, root / "prepared", root / "base", lora, out / "matrix", out / "cvae", tmp_path / "generated",
                  out / "tv.safetensors", tmp_path / "c.csv", tmp_path / "x.csv", tmp_path / "e.json")

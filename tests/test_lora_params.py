@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from params_helpers import micro_params
 
-from icmlora.artifacts import adapter_name
+from icmlora.artifacts import checkpoints_dir
 from icmlora.artifacts.adapters import read_adapter
 from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, read_manifest, unflatten
 from icmlora.errors import InputError
@@ -51,7 +51,7 @@ def test_row_to_adapter_round_trip_gives_the_same_outputs(setting, tmp_path):
     collect_params(cfg, 1, root / "lora", tmp_path)
     matrix = read_lora_matrix(1, tmp_path)
     row = 4  # square, step 4
-    original = root / "lora" / adapter_name("square", 1, 0) / "checkpoints" / "step-4"
+    original = checkpoints_dir("square", 1, 0, root / "lora") / "step-4"
     matrix.manifest.write_adapter(tmp_path / "rebuilt", matrix.rows[row])
     a, _ = read_adapter(original)
     b, cfg_b = read_adapter(tmp_path / "rebuilt")
@@ -76,7 +76,7 @@ def test_per_checkpoint_normalization_stores_row_statistics(setting, tmp_path):
     assert manifest["normalization"]["mode"] == "per_checkpoint"
     assert matrix.row_mean.shape == (9, len(manifest["names"]))
     rebuilt = matrix.manifest.to_tensors(matrix.rows[0], matrix.row_stats(0))
-    original, _ = read_adapter(root / "lora" / adapter_name("circle", 1, 0) / "checkpoints" / "step-2")
+    original, _ = read_adapter(checkpoints_dir("circle", 1, 0, root / "lora") / "step-2")
     assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
 
 
@@ -99,7 +99,7 @@ def test_centered_normalization_removes_the_shared_checkpoint(setting, tmp_path,
         assert per_element_mean < 1e-4
     else:
         assert manifest.center is None and "center" not in tensors and per_element_mean > 0.1
-    original, _ = read_adapter(root / "lora" / adapter_name("triangle", 1, 0) / "checkpoints" / "step-6")
+    original, _ = read_adapter(checkpoints_dir("triangle", 1, 0, root / "lora") / "step-6")
     rebuilt = manifest.to_tensors(matrix.rows[-1])
     assert all(torch.allclose(rebuilt[n], original[n], atol=1e-6) for n in original)
 
@@ -130,7 +130,7 @@ def _copy_lora(root, tmp_path):
 def test_bad_checkpoints_name_the_file(setting, tmp_path, damage, message):
     cfg, root, _ = setting
     lora = _copy_lora(root, tmp_path)
-    bad = lora / adapter_name("square", 1, 0) / "checkpoints" / "step-4"
+    bad = checkpoints_dir("square", 1, 0, lora) / "step-4"
     weights = bad / "adapter_model.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])

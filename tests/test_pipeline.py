@@ -50,7 +50,7 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
     then holds trained and generated runs side by side."""
     for rank in (1, 2):
         for task in ("circle", "square", "triangle"):
-            lora = micro_repo / f"models/lora/{task}-r{rank}-s0"
+            lora = micro_repo / f"models/lora/{task}-s0/r{rank}"
             assert sorted(p.name for p in (lora / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
             assert (lora / "final" / "adapter_model.safetensors").is_file()
             samples = sorted(p.name for p in (micro_repo / f"models/generated/{task}-r{rank}").iterdir())

@@ -12,6 +12,7 @@ import pytest
 from e2e_helpers import DVC, commit_all, micro_copy, run
 from params_helpers import micro_params
 
+from icmlora.artifacts import final_adapter_dir, lora_metrics_file
 from icmlora.data.synthetic import generate_split
 
 pytestmark = pytest.mark.slow
@@ -65,9 +66,9 @@ def spaced_repo(repo, tmp_path_factory, e2e_env):
 def test_two_word_task_names_work_end_to_end(spaced_repo, e2e_env):
     repo, counts = spaced_repo
     for task in NAMES.values():
-        assert (repo / "models" / "lora" / f"{task}-r1-s0" / "final" / "adapter_model.safetensors").is_file()
+        assert (final_adapter_dir(task, 1, 0, repo / "models" / "lora") / "adapter_model.safetensors").is_file()
         assert (repo / "models" / "generated" / f"{task}-r1" / "sample-z0" / "adapter_config.json").is_file()
-        assert json.loads((repo / "metrics" / "lora" / f"{task}-r1-s0.json").read_text())["task"] == task
+        assert json.loads(lora_metrics_file(task, 1, 0, repo / "metrics" / "lora").read_text())["task"] == task
     rows = list(csv.DictReader((repo / "metrics" / "comparison.csv").open()))
     assert {r["task"] for r in rows} == set(NAMES.values())
     with sqlite3.connect(repo / "mlflow.db") as db:

@@ -41,7 +41,7 @@ NOT_BIT_IDENTICAL: list[tuple[str, str, str]] = [
     # Legitimate: wall-clock times. Every declared metrics file is bit-identical: the stages
     # write their timings apart, under metrics/timing/ (and a LoRA's beside its metrics).
     ("metrics/timing/*.json", "metrics", "seconds, and speedup_median computed from them"),
-    ("metrics/lora/*.json", "metrics", "train_seconds, eval_seconds"),
+    ("metrics/lora/*/*.json", "metrics", "train_seconds, eval_seconds"),
 ]
 
 

@@ -16,14 +16,19 @@ class Killed(Exception):
 
 @pytest.fixture
 def kill_after(monkeypatch):
-    """Make TrainingState.save raise right after it saved the state of a given step/epoch."""
+    """Make TrainingState.save raise right after it saved the state of a given step/epoch (its
+    ``occurrence``-th such save: later ranks of one train_lora process save the same steps)."""
     real = TrainingState.save
 
-    def arm(key: str, value: int):
+    def arm(key: str, value: int, occurrence: int = 1):
+        seen = []
+
         def save_then_die(self, model, optimizer, scheduler, generator, **extra):
             real(self, model, optimizer, scheduler, generator, **extra)
             if extra.get(key) == value:
-                raise Killed(f"simulated kill after {key} {value}")
+                seen.append(self.folder)
+                if len(seen) == occurrence:
+                    raise Killed(f"simulated kill after {key} {value} ({self.folder})")
 
         monkeypatch.setattr(TrainingState, "save", save_then_die)
         return lambda: monkeypatch.setattr(TrainingState, "save", real)
@@ -31,29 +36,37 @@ def kill_after(monkeypatch):
     return arm
 
 
-def test_killed_lora_run_resumes_from_its_last_state(setting, tmp_path, monkeypatch, kill_after):
+def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(setting, tmp_path, monkeypatch,
+                                                                               kill_after):
     cfg, root, _ = setting
+    assert cfg.lora.ranks == [1, 2]
+    steps = cfg.lora.train.steps
     paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
                  state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
-    disarm = kill_after("step", 4)
+    disarm = kill_after("step", 4, occurrence=2)  # rank 2 at step 4, rank 1 finished
     with pytest.raises(Killed):
-        train_lora_stage.train_lora(cfg, "circle", 1, 0, **paths)
-    state = tmp_path / "state" / "lora" / "circle-r1-s0"
-    assert json.loads((state / "train" / "state.json").read_text())["extra"]["step"] == 4
-    assert not list((state / "train").glob("*.bin")) and not list((state / "train").glob("*.pkl"))  # no pickles
-    assert not (tmp_path / "lora" / "circle-r1-s0").exists()  # nothing half-written in the output
+        train_lora_stage.train_lora(cfg, "circle", 0, **paths)
+    done, killed = (tmp_path / "state" / "lora" / f"circle-r{r}-s0" for r in (1, 2))
+    assert (done / "metrics.json").is_file() and (done / "done" / "final" / "adapter_model.safetensors").is_file()
+    assert json.loads((killed / "train" / "state.json").read_text())["extra"]["step"] == 4
+    assert not list((killed / "train").glob("*.bin")) and not list((killed / "train").glob("*.pkl"))  # no pickles
+    # nothing half-written in the outputs
+    assert not (tmp_path / "lora" / "circle-s0").exists() and not (tmp_path / "metrics" / "circle-s0").exists()
 
     disarm()
     results = []
     real_train = train_lora_stage.train
     monkeypatch.setattr(train_lora_stage, "train", lambda *a, **k: results.append(real_train(*a, **k)) or results[-1])
-    metrics = train_lora_stage.train_lora(cfg, "circle", 1, 0, **paths)
-    assert len(results[0].losses) == cfg.lora.train.steps - 4  # only the steps after the saved state ran
-    assert metrics["train_steps"] == cfg.lora.train.steps
-    out = tmp_path / "lora" / "circle-r1-s0"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
-    assert (out / "final" / "adapter_model.safetensors").is_file()
-    assert not state.exists()
+    metrics = train_lora_stage.train_lora(cfg, "circle", 0, **paths)
+    assert len(results) == 1  # rank 1 is not trained again ...
+    assert len(results[0].losses) == steps - 4  # ... rank 2 runs only the steps after its saved state
+    assert [m["train_steps"] for m in metrics.values()] == [steps, steps]
+    for rank in (1, 2):
+        out = tmp_path / "lora" / "circle-s0" / f"r{rank}"
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+        assert (out / "final" / "adapter_model.safetensors").is_file()
+        assert json.loads((tmp_path / "metrics" / "circle-s0" / f"r{rank}.json").read_text()) == metrics[rank]
+    assert not done.exists() and not killed.exists()
 
 
 def test_state_from_other_params_is_discarded(setting, tmp_path):
@@ -61,9 +74,10 @@ def test_state_from_other_params_is_discarded(setting, tmp_path):
     train_state = tmp_path / "state" / "lora" / "circle-r1-s0" / "train"
     train_state.mkdir(parents=True)
     (train_state / "state.json").write_text(json.dumps({"extra": {"fingerprint": "other-params", "step": 4}}))
-    metrics = train_lora_stage.train_lora(cfg, "circle", 1, 0, root / "prepared", root / "base", tmp_path / "lora",
+    (train_state.parent / "metrics.json").write_text(json.dumps({"map50": -1}))  # "done" by other params
+    metrics = train_lora_stage.train_lora(cfg, "circle", 0, root / "prepared", root / "base", tmp_path / "lora",
                                           tmp_path / "state", tmp_path / "metrics")
-    assert metrics["train_steps"] == cfg.lora.train.steps
+    assert metrics[1]["train_steps"] == cfg.lora.train.steps and metrics[1]["map50"] >= 0
     assert not (tmp_path / "state" / "lora" / "circle-r1-s0").exists()
 
 

@@ -142,8 +142,11 @@ def sshd(tmp_path_factory):
     sshd_bin = SSHD if SSHD.is_file() else (Path(shutil.which("sshd")) if shutil.which("sshd") else None)
     keygen = shutil.which("ssh-keygen")
     if sshd_bin is None or keygen is None:
-        pytest.fail("OpenSSH server not found (/usr/sbin/sshd, ssh-keygen): install it with "
-                    "`apt-get install openssh-server` (.ci/run does)", pytrace=False)
+        why = ("OpenSSH server not found (/usr/sbin/sshd, ssh-keygen): install it with "
+               "`apt-get install openssh-server` (.ci/run does)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{why}; CI must run this test", pytrace=False)  # CI installs it: missing is a failure
+        pytest.skip(why)
     tmp = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "client_key"):
         run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", tmp / name], tmp)

@@ -160,6 +160,7 @@ class RuntimeParams(Section):
     mixed_precision: Literal["no", "bf16", "fp16"]
     launcher: str
     threads: NonNegative
+    image_cache_mb: NonNegative
 
 
 class PredictParams(Section):

@@ -23,27 +23,70 @@ from icmlora.runtime import make_accelerator, seed_everything
 
 
 class DetectionDataset(Dataset):
-    """Examples of one annotations file; images are resolved against ``root`` (its folder)."""
+    """The examples of one annotations file (images resolved against ``root``, its folder), as
+    model inputs: image decoded and preprocessed, prompt and target tokenized.
 
-    def __init__(self, examples: list[Example], root: Path):
+    An example is encoded on first use and kept while the kept pixels fit ``cache_mb``, so later
+    epochs, and later adapters trained on the same dataset in the same process, never decode or
+    preprocess it again (the image processor works image by image, so a cached example equals a
+    freshly encoded one bit for bit). ``cache_mb=0`` encodes every example each time it is drawn.
+    """
+
+    def __init__(self, examples: list[Example], root: Path, processor, cache_mb: int = 0):
         self.examples = examples
         self.root = Path(root)
+        self.processor = processor
+        self.cache_bytes = cache_mb * 2**20
+        self.cached_bytes = 0
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> tuple[Path, str, str]:
+    def encode(self, i: int) -> dict[str, torch.Tensor]:
         ex = self.examples[i]
-        return self.root / ex.image, ex.prefix, ex.suffix
+        inputs = encode(self.processor, load_images([self.root / ex.image]), [ex.prefix], [ex.suffix])
+        return {k: v[0] for k, v in inputs.items()}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.cache.get(i)
+        if item is None:
+            item = self.encode(i)
+            size = item["pixel_values"].numel() * item["pixel_values"].element_size()
+            if self.cached_bytes + size <= self.cache_bytes:
+                self.cache[i] = item
+                self.cached_bytes += size
+        return item
 
 
 class Collate:
-    def __init__(self, processor):
-        self.processor = processor
+    """Stack encoded examples into a batch, padded as the processor pads a batch: token ids with
+    the pad token on the tokenizer's padding side (attention mask 0), labels with -100."""
 
-    def __call__(self, batch):
-        paths, prompts, targets = zip(*batch)
-        return encode(self.processor, load_images(list(paths)), list(prompts), list(targets))
+    def __init__(self, processor):
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.left = processor.tokenizer.padding_side == "left"
+
+    def _pad(self, rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), value, dtype=rows[0].dtype)
+        for j, row in enumerate(rows):
+            if self.left:
+                out[j, width - len(row):] = row
+            else:
+                out[j, : len(row)] = row
+        return out
+
+    def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in batch[0]:
+            rows = [item[key] for item in batch]
+            if key == "pixel_values":
+                out[key] = torch.stack(rows)
+            else:
+                fill = {"input_ids": self.pad_id, "attention_mask": 0, "labels": -100}.get(key)
+                out[key] = torch.stack(rows) if fill is None else self._pad(rows, fill)
+        return out
 
 
 @dataclass

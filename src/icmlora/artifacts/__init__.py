@@ -8,7 +8,7 @@ reader and writer lives in the module of this package named for it:
 | ------------------------------------------ | ------------------------------------------------------ | -------------- |
 | prepared datasets (Florence JSONL + images) | data/prepared/<task>/{train,valid}/annotations.jsonl   | annotations    |
 | base model + processor                     | models/base/                                           | base_model     |
-| LoRA trajectories and final adapters       | models/lora/<task>-r<rank>-s<seed>/{checkpoints/step-<n>,final}/ | adapters |
+| LoRA trajectories and final adapters       | models/lora/<task>-s<seed>/r<rank>/{checkpoints/step-<n>,final}/ | adapters |
 | LoRA weight matrix + manifest, per rank    | data/lora_matrix/r<rank>.{safetensors,json}            | lora_matrix    |
 | task vectors                               | data/task_vectors.{safetensors,json}                   | task_vectors   |
 | generators (CVAE), per rank                | models/cvae/r<rank>/                                   | generators     |
@@ -78,11 +78,22 @@ def annotations_file(task: str, split: str, prepared: Path = PREPARED_DIR) -> Pa
 
 
 def adapter_name(task: str, rank: int, seed: int) -> str:
+    """The adapter's name in logs, MLflow runs and state folders."""
     return f"{task}-r{rank}-s{seed}"
 
 
+def lora_group_name(task: str, seed: int) -> str:
+    """One train_lora item: every rank of one task and seed, trained in one process."""
+    return f"{task}-s{seed}"
+
+
+def lora_group_dir(task: str, seed: int, root: Path = LORA_DIR) -> Path:
+    """models/lora/<task>-s<seed>/: the DVC output of one train_lora item, a folder per rank."""
+    return Path(root) / lora_group_name(task, seed)
+
+
 def lora_dir(task: str, rank: int, seed: int, root: Path = LORA_DIR) -> Path:
-    return Path(root) / adapter_name(task, rank, seed)
+    return lora_group_dir(task, seed, root) / f"r{rank}"
 
 
 def checkpoints_dir(task: str, rank: int, seed: int, root: Path = LORA_DIR) -> Path:
@@ -106,8 +117,13 @@ def final_adapter_dir(task: str, rank: int, seed: int, root: Path = LORA_DIR) ->
     return lora_dir(task, rank, seed, root) / "final"
 
 
+def lora_metrics_group_dir(task: str, seed: int, root: Path = LORA_METRICS_DIR) -> Path:
+    """metrics/lora/<task>-s<seed>/: one train_lora item's metrics, a file per rank."""
+    return Path(root) / lora_group_name(task, seed)
+
+
 def lora_metrics_file(task: str, rank: int, seed: int, root: Path = LORA_METRICS_DIR) -> Path:
-    return Path(root) / f"{adapter_name(task, rank, seed)}.json"
+    return lora_metrics_group_dir(task, seed, root) / f"r{rank}.json"
 
 
 def lora_state_dir(task: str, rank: int, seed: int, root: Path = STATE_DIR) -> Path:

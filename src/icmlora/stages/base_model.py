@@ -82,7 +82,8 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
             def on_step(step: int, loss: float) -> None:
                 buffer.add("train_loss", loss, step)
 
-            result = train(model, processor, DetectionDataset(train_examples, train_folder), optim, cfg.runtime,
+            result = train(model, processor, DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb),
+                           optim, cfg.runtime,
                            cfg.seed, accelerator=accelerator, desc="base_model: train", on_step=on_step)
             buffer.flush()
             model = accelerator.unwrap_model(model)

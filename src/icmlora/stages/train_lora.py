@@ -1,20 +1,24 @@
-"""Stage `train_lora`: one PEFT LoRA per (task, rank, seed) on models/base, keeping its trajectory.
+"""Stage `train_lora`: the PEFT LoRAs of one task and seed, one per rank in ``lora.ranks``, each
+keeping its trajectory. One process trains every rank: the base model, the task's images (decoded
+once, ``runtime.image_cache_mb``) and the base's score are loaded once, not once per adapter.
 
-    python -m icmlora.stages.train_lora --task circle --rank 4 --seed 0     # or: icmlora train_lora ...
-    accelerate launch -m icmlora.stages.train_lora --task dog --rank 8      # GPUs (runtime.launcher)
+    python -m icmlora.stages.train_lora --task circle --seed 0     # or: icmlora train_lora ...
+    accelerate launch -m icmlora.stages.train_lora --task dog      # GPUs (runtime.launcher)
 
-Writes models/lora/<task>-r<rank>-s<seed>/{checkpoints/step-<n>/, final/} (PEFT folders: the
+Writes models/lora/<task>-s<seed>/r<rank>/{checkpoints/step-<n>/, final/} (PEFT folders: the
 last ``lora.keep_checkpoints`` checkpoints, one every ``lora.checkpoint_every`` steps, are the
-generator's training data) and metrics/lora/<task>-r<rank>-s<seed>.json: strict detection
+generator's training data) and metrics/lora/<task>-s<seed>/r<rank>.json: strict detection
 metrics on the task's valid split, the base model's there, and for ``lora.cross_task_ranks``
-on every other task. Work in progress lives in state/lora/<name>/, outside the outputs (which
-are replaced whole when the run completes): a killed run restarted with `dvc repro` continues
-from its last saved training state (``icmlora.resume``) if its params and inputs are the same.
+on every other task. Work in progress lives in state/lora/<task>-r<rank>-s<seed>/, outside the
+outputs (which are replaced whole when every rank is done): a killed run restarted with
+`dvc repro` keeps the ranks it finished and continues the interrupted one from its last saved
+training state (``icmlora.resume``) if its params and inputs are the same.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -29,13 +33,15 @@ from icmlora.artifacts import (
     checkpoint_name,
     checkpoint_steps,
     lora_dir,
+    lora_group_dir,
     lora_metrics_file,
+    lora_metrics_group_dir,
     lora_state_dir,
 )
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
-from icmlora.files import atomic_dir, write_json
+from icmlora.files import atomic_dir, read_json, write_json
 from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
@@ -45,13 +51,17 @@ from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run
 from icmlora.training import DetectionDataset, train
 
 
-def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PREPARED_DIR,
-               base_dir: Path = BASE_MODEL_DIR, out_root: Path = LORA_DIR, state_root: Path = STATE_DIR,
-               metrics_dir: Path = LORA_METRICS_DIR) -> dict:
-    """Train, score and write one adapter; returns its metrics ({} on processes other than rank 0)."""
+DONE = "done"  # in a rank's state folder: its finished adapter (checkpoints/, final/) ...
+DONE_METRICS = "metrics.json"  # ... and its metrics, written last
+
+
+def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, dataset: DetectionDataset,
+               inputs: str, base_map50: float | None, parent_id: str | None, prepared: Path = PREPARED_DIR,
+               base_dir: Path = BASE_MODEL_DIR, state_root: Path = STATE_DIR) -> dict:
+    """Train and score one adapter into its state folder (``DONE``); returns its metrics ({} on
+    processes other than rank 0). A rank an interrupted run finished is not trained again."""
     from peft import get_peft_model
 
-    set_threads(cfg.runtime)
     name = adapter_name(task, rank, seed)
     # The seed does not depend on the task or rank's data: every task starts from the same
     # Gaussian A (B = 0), so adapters of different tasks live in one aligned parameter space
@@ -61,18 +71,18 @@ def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PR
     work = lora_state_dir(task, rank, seed, state_root)
     # The state belongs to these params and these inputs: a changed base model or training split
     # (or runtime) starts the run over instead of resuming weights trained on the old ones.
-    inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
     state = TrainingState(work / "train", fingerprint(cfg.lora, cfg.runtime, cfg.seed, task, rank, seed, inputs))
+    if state.resumable() and (work / DONE_METRICS).is_file():
+        print(f"train_lora: {name} was finished by an interrupted run; kept")
+        return read_json(work / DONE_METRICS) if accelerator.is_main_process else {}
     if not state.resumable() and work.exists():
         shutil.rmtree(work)  # a state from other params or a different run: start over
     trajectory = work / "checkpoints"
     trajectory.mkdir(parents=True, exist_ok=True)
 
-    accelerator = make_accelerator(cfg.runtime)
     base, processor = read_base_model(base_dir)
     model = get_peft_model(base, peft_config(cfg.lora, rank))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_examples, train_folder = read_split(task, "train", prepared)
     keep = cfg.lora.keep_checkpoints
 
     def on_checkpoint(step: int) -> None:
@@ -81,17 +91,15 @@ def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PR
             for _, old in checkpoint_steps(trajectory)[:-keep]:
                 shutil.rmtree(old)
 
-    with parent_run("train_lora", params=cfg.lora) as parent_id, start_run(
-        "train_lora", name, params=stage_params(cfg, "train_lora"), parent_run_id=parent_id,
-        task=task, rank=rank, seed=seed, source="trained",
-    ) as mlflow:
+    with start_run("train_lora", name, params=stage_params(cfg, "train_lora"), parent_run_id=parent_id,
+                   task=task, rank=rank, seed=seed, source="trained") as mlflow:
         buffer = MetricBuffer()
-        result = train(model, processor, DetectionDataset(train_examples, train_folder), cfg.lora.train, cfg.runtime,
-                       run_seed, accelerator=accelerator, desc=f"train_lora {name}",
-                       on_step=lambda step, loss: buffer.add("train_loss", loss, step),
+        result = train(model, processor, dataset, cfg.lora.train, cfg.runtime, run_seed, accelerator=accelerator,
+                       desc=f"train_lora {name}", on_step=lambda step, loss: buffer.add("train_loss", loss, step),
                        on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every, state=state)
         buffer.flush()
         model = accelerator.unwrap_model(model)
+        accelerator.free_memory()  # the next rank prepares its own model and optimizer
         if not accelerator.is_main_process:
             return {}
         start = time.perf_counter()
@@ -99,37 +107,74 @@ def train_lora(cfg: Params, task: str, rank: int, seed: int, prepared: Path = PR
                    "train_steps": result.steps, "train_seconds": round(result.seconds, 2)}
         scorer = Scorer(model, processor, cfg.predict, cfg.lora.eval_images, prepared)
         metrics.update(scorer.score(task, desc=f"{name}: evaluate"))
-        metrics["base_map50"] = scorer.score(task, disable_adapter=True, desc=f"{name}: base")["map50"]
+        metrics["base_map50"] = base_map50
         if rank in cfg.lora.cross_task_ranks:
             metrics["cross_task"] = {other: scorer.score(other, desc=f"{name} on {other}")
                                      for other in cfg.data.tasks if other != task}
         metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
-        with atomic_dir(lora_dir(task, rank, seed, out_root)) as tmp:
+        with atomic_dir(work / DONE) as tmp:
             shutil.copytree(trajectory, tmp / "checkpoints")
             model.save_pretrained(tmp / "final")
-        write_json(lora_metrics_file(task, rank, seed, metrics_dir), metrics)
+        write_json(work / DONE_METRICS, metrics)
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("rank", "seed")}
         flat.update({f"cross.{o}.map50": m["map50"] for o, m in metrics.get("cross_task", {}).items()})
         mlflow.log_metrics(flat)
-    shutil.rmtree(work, ignore_errors=True)  # finished: nothing to resume
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
+def train_lora(cfg: Params, task: str, seed: int, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR,
+               out_root: Path = LORA_DIR, state_root: Path = STATE_DIR,
+               metrics_dir: Path = LORA_METRICS_DIR) -> dict[int, dict]:
+    """Train, score and write every rank's adapter of (task, seed); returns {rank: metrics}
+    ({} on processes other than rank 0)."""
+    set_threads(cfg.runtime)
+    accelerator = make_accelerator(cfg.runtime)
+    train_examples, train_folder = read_split(task, "train", prepared)
+    inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
+    base, processor = read_base_model(base_dir)
+    # The base's score on the task, once for every rank (the adapters only add to the base).
+    base_map50 = None
+    if accelerator.is_main_process:
+        scorer = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared)
+        base_map50 = scorer.score(task, desc=f"{task}: base")["map50"]
+        del scorer
+    del base  # each rank loads its own copy to add its adapter to
+    dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
+    with parent_run("train_lora", params=cfg.lora) as parent_id:
+        results = {rank: train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, base_map50, parent_id,
+                                    prepared, base_dir, state_root) for rank in cfg.lora.ranks}
+    if not accelerator.is_main_process:
+        return {}
+    works = [lora_state_dir(task, rank, seed, state_root) for rank in cfg.lora.ranks]
+    # Metrics first, then the adapters (moved out of the state folders), then the state: a run
+    # killed between them finds every rank done and only assembles the outputs again.
+    with atomic_dir(lora_metrics_group_dir(task, seed, metrics_dir)) as tmp:
+        for rank in cfg.lora.ranks:
+            write_json(tmp / lora_metrics_file(task, rank, seed, metrics_dir).name, results[rank])
+    with atomic_dir(lora_group_dir(task, seed, out_root)) as tmp:
+        for rank, work in zip(cfg.lora.ranks, works):
+            (work / DONE).rename(tmp / lora_dir(task, rank, seed, out_root).name)
+    for work in works:
+        shutil.rmtree(work, ignore_errors=True)  # finished: nothing to resume
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict]:
     parser = stage_parser("train_lora", __doc__)
     parser.add_argument("--task", required=True, help="task (category) name from data.tasks")
-    parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
     parser.add_argument("--seed", type=int, default=0, help="LoRA seed, from lora.seeds (default 0)")
     args, cfg = parser.parse(argv)
     require(args.task, cfg.data.tasks, "--task", "data.tasks")
-    require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     require(args.seed, cfg.lora.seeds, "--seed", "lora.seeds")
-    metrics = train_lora(cfg, args.task, args.rank, args.seed)
-    if metrics:
-        print(f"train_lora: wrote {lora_dir(args.task, args.rank, args.seed)} ({cfg.lora.keep_checkpoints} checkpoints "
-              f"+ final, {metrics['train_seconds']:.0f} s; valid mAP50 {metrics['map50']:.3f} vs base "
-              f"{metrics['base_map50']:.3f}) and {lora_metrics_file(args.task, args.rank, args.seed)}")
-    return metrics
+    results = train_lora(cfg, args.task, args.seed)
+    if results:
+        ranks = ", ".join(f"r{r} {m['map50']:.3f}" for r, m in results.items())
+        seconds = statistics.median(m["train_seconds"] for m in results.values())
+        print(f"train_lora: wrote {lora_group_dir(args.task, args.seed)} ({len(results)} adapters, "
+              f"{cfg.lora.keep_checkpoints} checkpoints + final each, {seconds:.0f} s training median; valid mAP50 "
+              f"{ranks} vs base {next(iter(results.values()))['base_map50']:.3f}) and "
+              f"{lora_metrics_group_dir(args.task, args.seed)}/")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""Benchmark (not a test): a newcomer's first `dvc repro` from a fresh clone, per stage, and a no-op repro.
+
+    .venv/bin/python bench/repro_time.py --label after            # this checkout's HEAD
+    .venv/bin/python bench/repro_time.py --label before --rev 6bf29a0
+
+Clones this repository at --rev into a temporary folder, runs `dvc repro` there (stage commands
+import the clone's own src/, MLflow logs to the clone's store), timestamps each "Running stage"
+line, then runs `dvc repro` again (nothing to do) and times it. Stage times are wall clock from one
+stage's start to the next's, so a stage's process start-up (imports) is counted in it; the 24
+`train_lora@...` items are summed into `train_lora`. Writes the run under --label in
+metrics/repro_time.json (other labels kept), with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
+
+
+def timed_repro(repo: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
+    """Run `dvc repro` in repo; return (total seconds, [(stage, start offset)])."""
+    starts = []
+    begin = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = STAGE_LINE.match(line)
+        if match:
+            starts.append((match.group(1), time.perf_counter() - begin))
+    if proc.wait() != 0:
+        raise SystemExit(f"repro_time: `dvc repro` failed in {repo} (exit {proc.returncode})")
+    return time.perf_counter() - begin, starts
+
+
+def per_stage(total: float, starts: list[tuple[str, float]]) -> tuple[dict, dict]:
+    seconds, items = {}, {}
+    for (name, start), nxt in zip(starts, [s for _, s in starts[1:]] + [total]):
+        stage = name.split("@")[0]
+        seconds[stage] = round(seconds.get(stage, 0.0) + nxt - start, 1)
+        items[stage] = items.get(stage, 0) + 1
+    return seconds, items
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", required=True, help="name of this run in the output file (e.g. before, after)")
+    parser.add_argument("--rev", default="HEAD", help="git revision to clone (default HEAD)")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "repro_time.json")
+    parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    args = parser.parse_args(argv)
+
+    rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
+    tmp = Path(tempfile.mkdtemp(prefix="repro-time-"))
+    repo = tmp / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
+    subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
+    env = dict(os.environ, PYTHONPATH=str(repo / "src"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    total, starts = timed_repro(repo, env)
+    seconds, items = per_stage(total, starts)
+    noop_start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+    noop = time.perf_counter() - noop_start
+
+    record = {"rev": rev, "total_seconds": round(total, 1), "total_minutes": round(total / 60, 1),
+              "stage_seconds": seconds, "stage_items": items, "noop_repro_seconds": round(noop, 1),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    runs = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs[args.label] = record
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(json.dumps(runs, indent=2) + "\n")
+    partial.replace(args.out)
+    print(f"repro_time: {args.label} = {record['total_minutes']} min (no-op repro {record['noop_repro_seconds']} s) "
+          f"-> {args.out}" + (f"; clone kept at {repo}" if args.keep else ""))
+    if not args.keep:
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+
+if __name__ == "__main__":
+    main()
