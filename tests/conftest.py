@@ -24,6 +24,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    # Stage functions default to the data contract's paths, relative to the working directory (the
+    # repository root under `dvc repro`): a test that leaves one at its default (a timing file, say)
+    # writes into its own folder, never into the repository's outputs.
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="session")
