@@ -6,7 +6,7 @@ Needs a finished `dvc repro` (models/cvae, data/lora_matrix, data/task_vectors.s
 metrics/lora). Writes metrics/bench.json:
 - generate_adapter_seconds: median wall time of decode + de-normalize + write one PEFT folder,
   per rank and overall (the target: <= 1 s on a CPU);
-- train_lora_seconds_median: from metrics/lora/*.json (measured by the train_lora stage), and
+- train_lora_seconds_median: from metrics/lora/<task>-s<seed>/r<rank>.json (measured by train_lora), and
   the speed-up generate vs train (target: >= 100x);
 - paper_scale: the paper's CVAE (12 conv layers, latent 256) at D = 1,929,928 with a 768-d
   condition: parameters, bytes, seconds per decode on this machine (random weights).
@@ -87,7 +87,7 @@ def main() -> dict:
         "threads": torch.get_num_threads(),
         "generate_adapter_seconds": round(gen_median, 5),
         "generate_adapter_seconds_by_rank": per_rank,
-        "train_lora_seconds_median": statistics.median(lora) if lora else None,
+        "train_lora_seconds_median": round(statistics.median(lora), 2) if lora else None,
         "speedup_generate_vs_train": round(statistics.median(lora) / gen_median, 1) if lora else None,
     }
     if not args.skip_paper_scale:

@@ -46,18 +46,14 @@ NOT_BIT_IDENTICAL: list[tuple[str, str, str]] = [
 
 
 @pytest.fixture(scope="module")
-def rerun(micro_pipeline, tmp_path_factory, e2e_env) -> Path:
-    """The micro pipeline reproduced a second time from scratch, with the same params and code:
-    a git clone of micro_pipeline's first commit (before its `dvc repro`), in another folder."""
+def rerun(micro_rerun, micro_pipeline) -> Path:
+    """The micro pipeline reproduced a second time from scratch, with the same params and code
+    (conftest's micro_rerun, run beside micro_pipeline's): a clone of its first commit."""
     first = run(["git", "rev-list", "--max-parents=0", "HEAD"], micro_pipeline).stdout.strip()
-    dest = tmp_path_factory.mktemp("rerun") / "repo"
-    run(["git", "clone", "-q", str(micro_pipeline), str(dest)], micro_pipeline.parent)
-    run(["git", "checkout", "-q", "--detach", first], dest)
-    assert not (dest / "dvc.lock").exists() and not (dest / ".dvc" / "cache").exists()
-    start = time.monotonic()
-    run([DVC, "repro"], dest, e2e_env)
-    print(f"rerun: `dvc repro` from scratch took {time.monotonic() - start:.0f} s")
-    return dest
+    assert run(["git", "rev-parse", "HEAD"], micro_rerun).stdout.strip() == first
+    # from scratch: its own folder and DVC cache, nothing of the first run's
+    assert micro_rerun.parent != micro_pipeline.parent and not (micro_rerun / ".dvc" / "config.local").exists()
+    return micro_rerun
 
 
 def _rule(path: str) -> tuple[str, str] | None:
