@@ -9,7 +9,7 @@ Scores exactly as the pipeline does (``icmlora.scoring``: batched <OD> predictio
 ``predict`` from params.yaml, strict labels, COCO mAPs and P/R/F1 at IoU 0.5). Prints the
 metrics as JSON, writes them to ``--out``, and with ``--mlflow`` logs a run tagged
 stage=score, source=adapter. The adapter is any PEFT folder over models/base: trained
-(models/lora/<task>-r<rank>-s<seed>/final), generated, or your own.
+(models/lora/<task>-s<seed>/r<rank>/final), generated, or your own.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m icmlora.stages.collect_params --rank 4      # or: icmlora collect_params --rank 4
 
-Reads models/lora/<task>-r<rank>-s<seed>/checkpoints/ and writes data/lora_matrix/r<rank>.safetensors
+Reads models/lora/<task>-s<seed>/r<rank>/checkpoints/ and writes data/lora_matrix/r<rank>.safetensors
 and its manifest r<rank>.json (``icmlora.artifacts.lora_matrix``). Statistics come from the
 checkpoints of the *training* tasks only (not ``heldout_tasks``), so de-normalizing a
 generated adapter never uses a trained checkpoint of the task being generated.
