@@ -72,8 +72,16 @@ def micro_pipeline(request, tmp_path_factory, repo, e2e_env) -> Path:
         second = tmp_path_factory.mktemp("rerun") / "repo"
         run(["git", "clone", "-q", str(dest), str(second)], dest.parent)
         log = (second.parent / "repro.log").open("w")
-        request.config.stash[RERUN_KEY] = (second, subprocess.Popen(
-            [DVC, "repro"], cwd=second, env=e2e_env, stdout=log, stderr=subprocess.STDOUT), log)
+        proc = subprocess.Popen([DVC, "repro"], cwd=second, env=e2e_env, stdout=log, stderr=subprocess.STDOUT)
+        request.config.stash[RERUN_KEY] = (second, proc, log)
+
+        def stop() -> None:  # a session that ends (fails, -x, Ctrl-C) before collecting it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+        request.addfinalizer(stop)
     start = time.monotonic()
     run([DVC, "repro"], dest, e2e_env)
     print(f"micro_pipeline: `dvc repro` took {time.monotonic() - start:.0f} s")
@@ -90,9 +98,8 @@ def micro_rerun(request, micro_pipeline) -> Path:
     clone of micro_pipeline's first commit (before its `dvc repro`), in another folder."""
     if RERUN_KEY not in request.config.stash:
         pytest.fail(f"micro_rerun is started by micro_pipeline only for {RERUN_TEST}")
-    second, proc, log = request.config.stash[RERUN_KEY]
-    status = proc.wait()
-    log.close()
+    second, proc, _ = request.config.stash[RERUN_KEY]
+    status = proc.wait(timeout=1800)
     assert status == 0, f"`dvc repro` of the second run failed ({status}):\n{(second.parent / 'repro.log').read_text()[-5000:]}"
     return second
 

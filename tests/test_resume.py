@@ -2,6 +2,7 @@
 again, running only what was left; a state from other parameters is never resumed."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(se
     with pytest.raises(Killed):
         train_lora_stage.train_lora(cfg, "circle", 0, **paths)
     done, killed = (tmp_path / "state" / "lora" / f"circle-r{r}-s0" for r in (1, 2))
-    assert (done / "metrics.json").is_file() and (done / "done" / "final" / "adapter_model.safetensors").is_file()
+    assert (done / "trained.json").is_file() and (done / "done" / "final" / "adapter_model.safetensors").is_file()
     assert json.loads((killed / "train" / "state.json").read_text())["extra"]["step"] == 4
     assert not list((killed / "train").glob("*.bin")) and not list((killed / "train").glob("*.pkl"))  # no pickles
     # nothing half-written in the outputs
@@ -74,11 +75,50 @@ def test_state_from_other_params_is_discarded(setting, tmp_path):
     train_state = tmp_path / "state" / "lora" / "circle-r1-s0" / "train"
     train_state.mkdir(parents=True)
     (train_state / "state.json").write_text(json.dumps({"extra": {"fingerprint": "other-params", "step": 4}}))
-    (train_state.parent / "metrics.json").write_text(json.dumps({"map50": -1}))  # "done" by other params
+    (train_state.parent / "trained.json").write_text(json.dumps({"train_steps": -1}))  # "trained" by other params
     metrics = train_lora_stage.train_lora(cfg, "circle", 0, root / "prepared", root / "base", tmp_path / "lora",
                                           tmp_path / "state", tmp_path / "metrics")
     assert metrics[1]["train_steps"] == cfg.lora.train.steps and metrics[1]["map50"] >= 0
     assert not (tmp_path / "state" / "lora" / "circle-r1-s0").exists()
+
+
+def test_a_run_killed_while_writing_its_outputs_writes_them_when_started_again(setting, tmp_path, monkeypatch):
+    """The outputs are copied out of the state, which goes last: a run killed between writing the
+    metrics and the adapters neither trains nor scores again, and loses nothing."""
+    cfg, root, _ = setting
+    paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
+                 state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
+    real = train_lora_stage.atomic_dir
+
+    def killed_at_the_adapters(target):
+        if Path(target) == tmp_path / "lora" / "circle-s0":
+            raise Killed("killed while writing the adapters")
+        return real(target)
+
+    monkeypatch.setattr(train_lora_stage, "atomic_dir", killed_at_the_adapters)
+    with pytest.raises(Killed):
+        train_lora_stage.train_lora(cfg, "circle", 0, **paths)
+    written = {r: json.loads((tmp_path / "metrics" / "circle-s0" / f"r{r}.json").read_text()) for r in (1, 2)}
+    assert not (tmp_path / "lora" / "circle-s0").exists()
+
+    monkeypatch.setattr(train_lora_stage, "atomic_dir", real)
+    calls = []
+    monkeypatch.setattr(train_lora_stage, "train", lambda *a, **k: calls.append("train"))
+
+    class CountingScorer:
+        def __init__(self, *args, **kwargs):
+            calls.append("score")
+
+        def score(self, *args, **kwargs):
+            return {"map50": 0.0}
+
+    monkeypatch.setattr(train_lora_stage, "Scorer", CountingScorer)
+    assert train_lora_stage.train_lora(cfg, "circle", 0, **paths) == written
+    assert calls == ["score"]  # the base's score only: the ranks keep theirs
+    for rank in (1, 2):
+        out = tmp_path / "lora" / "circle-s0" / f"r{rank}"
+        assert (out / "final" / "adapter_model.safetensors").is_file() and len(list((out / "checkpoints").iterdir())) == 3
+    assert not (tmp_path / "state" / "lora").exists() or not any((tmp_path / "state" / "lora").iterdir())
 
 
 def test_killed_cvae_run_resumes_with_only_the_remaining_epochs(setting, tmp_path, kill_after):

@@ -11,12 +11,15 @@ generator's training data) and metrics/lora/<task>-s<seed>/r<rank>.json: strict 
 metrics on the task's valid split, the base model's there, and for ``lora.cross_task_ranks``
 on every other task. Work in progress lives in state/lora/<task>-r<rank>-s<seed>/, outside the
 outputs (which are replaced whole when every rank is done): a killed run restarted with
-`dvc repro` keeps the ranks it finished and continues the interrupted one from its last saved
-training state (``icmlora.resume``) if its params and inputs are the same.
+`dvc repro` keeps the ranks it trained (and scored, if scoring's settings and data are the same)
+and continues the interrupted one from its last saved training state (``icmlora.resume``) if
+its params and inputs are the same. Every rank is trained before any is scored (on process 0),
+so no process waits in a collective while another scores.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import time
@@ -38,6 +41,7 @@ from icmlora.artifacts import (
     lora_metrics_group_dir,
     lora_state_dir,
 )
+from icmlora.artifacts.adapters import read_adapter
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
@@ -47,19 +51,52 @@ from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import require, run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run
+from icmlora.tracking import MetricBuffer, is_main_process, parent_run, stage_params, start_run, tracking_uri
 from icmlora.training import DetectionDataset, train
 
+DONE = "done"  # in a rank's state folder: its trained adapter (checkpoints/, final/) and TRAINED
+TRAINED = "trained.json"  # what training measured (steps, seconds, MLflow run), written last
+SCORED = "metrics.json"  # its metrics, with the fingerprint of what they were scored with
 
-DONE = "done"  # in a rank's state folder: its finished adapter (checkpoints/, final/) ...
-DONE_METRICS = "metrics.json"  # ... and its metrics, written last
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows one (no bytes copied), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _log_to_run(run_id: str | None, metrics: dict[str, float]) -> None:
+    """Log a rank's scores into its training run, which has ended (scoring follows all training)."""
+    if run_id is None or not is_main_process():
+        return
+    import mlflow
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+
+
+def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: str) -> str:
+    # runtime.image_cache_mb decides memory, not results: changing it keeps the saved state.
+    runtime = cfg.runtime.model_dump(exclude={"image_cache_mb"})
+    return fingerprint(cfg.lora, runtime, cfg.seed, task, rank, seed, inputs)
+
+
+def _scoring_fingerprint(cfg: Params, task: str, rank: int, prepared: Path) -> str:
+    """What a rank's metrics depend on besides its weights: how it is scored, and on which data."""
+    tasks = [task, *(cfg.data.tasks if rank in cfg.lora.cross_task_ranks else [])]
+    return fingerprint(cfg.predict, cfg.lora.eval_images, sorted(set(tasks)),
+                       content_digest(*(annotations_file(t, "valid", prepared) for t in sorted(set(tasks)))))
 
 
 def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, dataset: DetectionDataset,
-               inputs: str, base_map50: float | None, parent_id: str | None, prepared: Path = PREPARED_DIR,
-               base_dir: Path = BASE_MODEL_DIR, state_root: Path = STATE_DIR) -> dict:
-    """Train and score one adapter into its state folder (``DONE``); returns its metrics ({} on
-    processes other than rank 0). A rank an interrupted run finished is not trained again."""
+               inputs: str, parent_id: str | None, base_dir: Path = BASE_MODEL_DIR,
+               state_root: Path = STATE_DIR) -> None:
+    """Train one adapter into its state folder (``DONE``, on process 0). A rank an interrupted
+    run trained is not trained again. Scoring comes after every rank is trained (``score_rank``):
+    process 0 scoring between ranks would keep the other processes waiting in a collective."""
     from peft import get_peft_model
 
     name = adapter_name(task, rank, seed)
@@ -71,10 +108,10 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
     work = lora_state_dir(task, rank, seed, state_root)
     # The state belongs to these params and these inputs: a changed base model or training split
     # (or runtime) starts the run over instead of resuming weights trained on the old ones.
-    state = TrainingState(work / "train", fingerprint(cfg.lora, cfg.runtime, cfg.seed, task, rank, seed, inputs))
-    if state.resumable() and (work / DONE_METRICS).is_file():
-        print(f"train_lora: {name} was finished by an interrupted run; kept")
-        return read_json(work / DONE_METRICS) if accelerator.is_main_process else {}
+    state = TrainingState(work / "train", _training_fingerprint(cfg, task, rank, seed, inputs))
+    if state.resumable() and (work / TRAINED).is_file() and (work / DONE / "final").is_dir():
+        print(f"train_lora: {name} was trained by an interrupted run; kept")
+        return
     if not state.resumable() and work.exists():
         shutil.rmtree(work)  # a state from other params or a different run: start over
     trajectory = work / "checkpoints"
@@ -101,24 +138,47 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
         model = accelerator.unwrap_model(model)
         accelerator.free_memory()  # the next rank prepares its own model and optimizer
         if not accelerator.is_main_process:
-            return {}
-        start = time.perf_counter()
-        metrics = {"task": task, "rank": rank, "seed": seed, "trainable_parameters": n_trainable,
-                   "train_steps": result.steps, "train_seconds": round(result.seconds, 2)}
-        scorer = Scorer(model, processor, cfg.predict, cfg.lora.eval_images, prepared)
-        metrics.update(scorer.score(task, desc=f"{name}: evaluate"))
-        metrics["base_map50"] = base_map50
-        if rank in cfg.lora.cross_task_ranks:
-            metrics["cross_task"] = {other: scorer.score(other, desc=f"{name} on {other}")
-                                     for other in cfg.data.tasks if other != task}
-        metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+            return
         with atomic_dir(work / DONE) as tmp:
             shutil.copytree(trajectory, tmp / "checkpoints")
             model.save_pretrained(tmp / "final")
-        write_json(work / DONE_METRICS, metrics)
-        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("rank", "seed")}
-        flat.update({f"cross.{o}.map50": m["map50"] for o, m in metrics.get("cross_task", {}).items()})
-        mlflow.log_metrics(flat)
+        run = mlflow.active_run()
+        write_json(work / TRAINED, {"trainable_parameters": n_trainable, "train_steps": result.steps,
+                                    "train_seconds": round(result.seconds, 2),
+                                    "mlflow_run_id": run.info.run_id if run else None})
+
+
+def score_rank(cfg: Params, task: str, rank: int, seed: int, base_map50: float, prepared: Path = PREPARED_DIR,
+               base_dir: Path = BASE_MODEL_DIR, state_root: Path = STATE_DIR) -> dict:
+    """Score one trained adapter (process 0); metrics an interrupted run scored with the same
+    settings on the same data are kept."""
+    from peft import get_peft_model
+
+    name = adapter_name(task, rank, seed)
+    work = lora_state_dir(task, rank, seed, state_root)
+    scoring = _scoring_fingerprint(cfg, task, rank, prepared)
+    if (work / SCORED).is_file():
+        saved = read_json(work / SCORED)
+        if saved.get("scoring_fingerprint") == scoring:
+            return saved["metrics"]
+    trained = read_json(work / TRAINED)
+    start = time.perf_counter()
+    metrics = {"task": task, "rank": rank, "seed": seed,
+               **{k: trained[k] for k in ("trainable_parameters", "train_steps", "train_seconds")}}
+    base, processor = read_base_model(base_dir)
+    model = get_peft_model(base, peft_config(cfg.lora, rank))
+    weights, _ = read_adapter(work / DONE / "final")
+    scorer = Scorer(model, processor, cfg.predict, cfg.lora.eval_images, prepared)
+    metrics.update(scorer.score(task, weights, desc=f"{name}: evaluate"))
+    metrics["base_map50"] = base_map50
+    if rank in cfg.lora.cross_task_ranks:
+        metrics["cross_task"] = {other: scorer.score(other, desc=f"{name} on {other}")
+                                 for other in cfg.data.tasks if other != task}
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+    write_json(work / SCORED, {"scoring_fingerprint": scoring, "metrics": metrics})
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("rank", "seed")}
+    flat.update({f"cross.{o}.map50": m["map50"] for o, m in metrics.get("cross_task", {}).items()})
+    _log_to_run(trained["mlflow_run_id"], flat)
     return metrics
 
 
@@ -131,29 +191,30 @@ def train_lora(cfg: Params, task: str, seed: int, prepared: Path = PREPARED_DIR,
     accelerator = make_accelerator(cfg.runtime)
     train_examples, train_folder = read_split(task, "train", prepared)
     inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
-    base, processor = read_base_model(base_dir)
-    # The base's score on the task, once for every rank (the adapters only add to the base).
-    base_map50 = None
-    if accelerator.is_main_process:
-        scorer = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared)
-        base_map50 = scorer.score(task, desc=f"{task}: base")["map50"]
-        del scorer
-    del base  # each rank loads its own copy to add its adapter to
+    _, processor = read_base_model(base_dir)
     dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
     with parent_run("train_lora", params=cfg.lora) as parent_id:
-        results = {rank: train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, base_map50, parent_id,
-                                    prepared, base_dir, state_root) for rank in cfg.lora.ranks}
+        for rank in cfg.lora.ranks:
+            train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root)
     if not accelerator.is_main_process:
         return {}
+    del dataset
+    # The base's score on the task, once for every rank (the adapters only add to the base).
+    base, processor = read_base_model(base_dir)
+    base_map50 = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared).score(
+        task, desc=f"{task}: base")["map50"]
+    del base
+    results = {rank: score_rank(cfg, task, rank, seed, base_map50, prepared, base_dir, state_root)
+               for rank in cfg.lora.ranks}
     works = [lora_state_dir(task, rank, seed, state_root) for rank in cfg.lora.ranks]
-    # Metrics first, then the adapters (moved out of the state folders), then the state: a run
-    # killed between them finds every rank done and only assembles the outputs again.
+    # Outputs are copied out of the state folders, which go only once both are in place: a run
+    # killed on the way finds every rank trained and scored, and only writes the outputs again.
     with atomic_dir(lora_metrics_group_dir(task, seed, metrics_dir)) as tmp:
         for rank in cfg.lora.ranks:
             write_json(tmp / lora_metrics_file(task, rank, seed, metrics_dir).name, results[rank])
     with atomic_dir(lora_group_dir(task, seed, out_root)) as tmp:
         for rank, work in zip(cfg.lora.ranks, works):
-            (work / DONE).rename(tmp / lora_dir(task, rank, seed, out_root).name)
+            shutil.copytree(work / DONE, tmp / lora_dir(task, rank, seed, out_root).name, copy_function=_link_or_copy)
     for work in works:
         shutil.rmtree(work, ignore_errors=True)  # finished: nothing to resume
     return results
