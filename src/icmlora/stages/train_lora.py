@@ -51,7 +51,7 @@ from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import require, run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, is_main_process, parent_run, stage_params, start_run, tracking_uri
+from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run, tracking_uri
 from icmlora.training import DetectionDataset, train
 
 DONE = "done"  # in a rank's state folder: its trained adapter (checkpoints/, final/) and TRAINED
@@ -69,13 +69,14 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _log_to_run(run_id: str | None, metrics: dict[str, float]) -> None:
     """Log a rank's scores into its training run, which has ended (scoring follows all training)."""
-    if run_id is None or not is_main_process():
+    if run_id is None:
         return
     import mlflow
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+    mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=batch)
 
 
 def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: str) -> str:
@@ -86,9 +87,9 @@ def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: 
 
 def _scoring_fingerprint(cfg: Params, task: str, rank: int, prepared: Path) -> str:
     """What a rank's metrics depend on besides its weights: how it is scored, and on which data."""
-    tasks = [task, *(cfg.data.tasks if rank in cfg.lora.cross_task_ranks else [])]
-    return fingerprint(cfg.predict, cfg.lora.eval_images, sorted(set(tasks)),
-                       content_digest(*(annotations_file(t, "valid", prepared) for t in sorted(set(tasks)))))
+    tasks = sorted({task, *(cfg.data.tasks if rank in cfg.lora.cross_task_ranks else [])})
+    return fingerprint(cfg.predict, cfg.lora.eval_images, tasks,
+                       content_digest(*(annotations_file(t, "valid", prepared) for t in tasks)))
 
 
 def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, dataset: DetectionDataset,
@@ -191,7 +192,8 @@ def train_lora(cfg: Params, task: str, seed: int, prepared: Path = PREPARED_DIR,
     accelerator = make_accelerator(cfg.runtime)
     train_examples, train_folder = read_split(task, "train", prepared)
     inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
-    _, processor = read_base_model(base_dir)
+    # Kept untouched for the base's own score (each rank adds its adapter to a copy of its own).
+    base, processor = read_base_model(base_dir)
     dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
     with parent_run("train_lora", params=cfg.lora) as parent_id:
         for rank in cfg.lora.ranks:
@@ -200,7 +202,6 @@ def train_lora(cfg: Params, task: str, seed: int, prepared: Path = PREPARED_DIR,
         return {}
     del dataset
     # The base's score on the task, once for every rank (the adapters only add to the base).
-    base, processor = read_base_model(base_dir)
     base_map50 = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared).score(
         task, desc=f"{task}: base")["map50"]
     del base
