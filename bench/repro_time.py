@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from icmlora.files import write_json  # noqa: E402
+
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 
 
@@ -79,10 +83,7 @@ def main(argv=None) -> None:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     runs = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs[args.label] = record
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text(json.dumps(runs, indent=2) + "\n")
-    partial.replace(args.out)
+    write_json(args.out, runs)
     print(f"repro_time: {args.label} = {record['total_minutes']} min (no-op repro {record['noop_repro_seconds']} s) "
           f"-> {args.out}" + (f"; clone kept at {repo}" if args.keep else ""))
     if not args.keep:
