@@ -100,7 +100,12 @@ def micro_rerun(request, micro_pipeline) -> Path:
         pytest.fail(f"micro_rerun is started by micro_pipeline only for {RERUN_TEST}")
     second, proc, _ = request.config.stash[RERUN_KEY]
     status = proc.wait(timeout=1800)
-    assert status == 0, f"`dvc repro` of the second run failed ({status}):\n{(second.parent / 'repro.log').read_text()[-5000:]}"
+    log = (second.parent / "repro.log").read_text()
+    assert status == 0, f"`dvc repro` of the second run failed ({status}):\n{log[-5000:]}"
+    # from scratch: micro_pipeline's first commit, in a folder and DVC cache of its own
+    first = run(["git", "rev-list", "--max-parents=0", "HEAD"], micro_pipeline).stdout.strip()
+    assert run(["git", "rev-parse", "HEAD"], second).stdout.strip() == first
+    assert not (second / ".dvc" / "config.local").exists()
     return second
 
 

@@ -2,10 +2,11 @@
 through the queue.
 
 The micro pipeline runs once per session (conftest's `micro_pipeline`, shared with
-test_pipeline.py). `rerun` runs it a second time from scratch (a git clone of the copy's first
-commit: no DVC cache, no run cache, no dvc.lock) and the two dvc.lock files are compared. The
-experiment tests work in a git clone of the reproduced copy that reads its DVC cache, so they
-change a clone, never `micro_pipeline`; they re-run only `evaluate` and `report`.
+test_pipeline.py). conftest's `micro_rerun` runs it a second time from scratch (a git clone of
+the copy's first commit: no DVC cache, no run cache, no dvc.lock) and the two dvc.lock files are
+compared, output by output. The experiment tests work in a git clone of the reproduced copy that
+reads its DVC cache, so they change a clone, never `micro_pipeline`; they re-run only `evaluate`
+and `report`.
 """
 
 from __future__ import annotations
@@ -45,17 +46,6 @@ NOT_BIT_IDENTICAL: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def rerun(micro_rerun, micro_pipeline) -> Path:
-    """The micro pipeline reproduced a second time from scratch, with the same params and code
-    (conftest's micro_rerun, run beside micro_pipeline's): a clone of its first commit."""
-    first = run(["git", "rev-list", "--max-parents=0", "HEAD"], micro_pipeline).stdout.strip()
-    assert run(["git", "rev-parse", "HEAD"], micro_rerun).stdout.strip() == first
-    # from scratch: its own folder and DVC cache, nothing of the first run's
-    assert micro_rerun.parent != micro_pipeline.parent and not (micro_rerun / ".dvc" / "config.local").exists()
-    return micro_rerun
-
-
 def _rule(path: str) -> tuple[str, str] | None:
     return next(((kind, why) for pattern, kind, why in NOT_BIT_IDENTICAL if fnmatch.fnmatch(path, pattern)), None)
 
@@ -91,11 +81,11 @@ def _files(root: Path, path: str) -> dict[str, Path]:
     return {p.relative_to(root).as_posix(): p for p in sorted(top.rglob("*")) if p.is_file()}
 
 
-def test_rerun_from_scratch_reproduces_every_output(micro_pipeline, rerun):
+def test_rerun_from_scratch_reproduces_every_output(micro_pipeline, micro_rerun):
     """Same seed, same code, same machine, from scratch: every output in dvc.lock has the same md5,
     except the metrics files listed in NOT_BIT_IDENTICAL, whose values must still match within
     TOLERANCE (wall-clock timings ignored)."""
-    first, second = lock_outs(micro_pipeline), lock_outs(rerun)
+    first, second = lock_outs(micro_pipeline), lock_outs(micro_rerun)
     assert sorted(first) == sorted(second)
     problems, differing = [], []
     for stage in first:
@@ -103,7 +93,7 @@ def test_rerun_from_scratch_reproduces_every_output(micro_pipeline, rerun):
         for out, md5 in first[stage].items():
             if second[stage][out] == md5:
                 continue
-            files_a, files_b = _files(micro_pipeline, out), _files(rerun, out)
+            files_a, files_b = _files(micro_pipeline, out), _files(micro_rerun, out)
             if sorted(files_a) != sorted(files_b):
                 problems.append(f"{stage}: {out}: not the same files")
                 continue
