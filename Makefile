@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast mlflow push bench clean-venv
+.PHONY: setup repro test test-fast mlflow push bench scale clean-venv
 
 setup: $(STAMP)
 
@@ -39,3 +39,8 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The real setting's shape on this machine (Florence-2-base dims, VOC sizes, real D), a few
+# steps per stage in a clone: metrics/scale.json. Not part of `make test`.
+scale: $(STAMP)
+	$(BIN)/python bench/scale.py

@@ -183,8 +183,42 @@ def test_bad_config_raises_naming_the_field(override, field):
 def test_paper_defaults_and_pad_message():
     cfg = arch(input_dim=1_929_928, condition_dim=768, channels=PAPER_CHANNELS)
     assert cfg.padded_dim == 472 * 4096 and cfg.bottleneck_length == 472
-    with pytest.raises(ValueError, match=r"pad_multiple: 2048 is not a multiple of 2\*\*len\(channels\) = 4096"):
+    with pytest.raises(ValueError, match=r"pad_multiple: 2048 is not a multiple of patch \* 2\*\*len\(channels\) = 4096"):
         arch(input_dim=10, condition_dim=1, channels=PAPER_CHANNELS, pad_multiple=2048)
+    with pytest.raises(ValueError, match=r"pad_multiple: 4096 is not a multiple of patch \* 2\*\*len\(channels\) = 65536"):
+        arch(input_dim=10, condition_dim=1, channels=PAPER_CHANNELS, pad_multiple=4096, patch=16)
+
+
+def test_patch_reads_consecutive_values_as_one_step():
+    """patch P: the encoder's first layer sees values i*P .. i*P+P-1 as the channels of step i,
+    and the decoder writes them back in the same order; no layer runs at the full length."""
+    torch.manual_seed(0)
+    cfg = arch(input_dim=1000, condition_dim=3, channels=[4, 8], pad_multiple=16, patch=4)
+    assert cfg.padded_dim == 1008 and cfg.bottleneck_length == 1008 // 16 and cfg.total_stride == 16
+    model = CVAE(cfg)
+    assert model.encoder[0].in_channels == 4 and model.out_conv.out_channels == 4
+    # A change confined to one patch (values 8..11 = step 2) reaches the first conv's output only
+    # within the kernel's reach of step 2 after the stride-2 conv: positions 0..4 of 504.
+    x, cond = torch.zeros(1, 1000), torch.zeros(1, 3)
+    y = x.clone()
+    y[0, 8:12] = 1.0
+    first = model.encoder[0]
+    to_steps = lambda t: torch.nn.functional.pad(t, (0, 8)).view(1, 252, 4).transpose(1, 2)  # noqa: E731
+    changed = (first(to_steps(y)) - first(to_steps(x))).abs().sum(1)[0].nonzero().flatten()
+    assert changed.min() >= 0 and changed.max() <= 4
+    out, mu, logvar = model(x, cond)
+    assert out.shape == (1, 1000) and mu.shape == (1, cfg.latent_dim)
+    # The decoder's P channels at step i are output values i*P .. i*P+P-1.
+    model.eval()
+    z = torch.randn(1, cfg.latent_dim)
+    steps = model.out_conv(model.decoder(model.dec_fc(torch.cat([z, cond], 1)).view(1, 8, cfg.bottleneck_length)))
+    assert torch.equal(model.decode(z, cond)[0], steps[0].T.reshape(-1)[:1000])
+
+
+def test_generators_saved_before_patch_existed_load_as_the_papers_layout():
+    saved = arch(input_dim=100, condition_dim=4, channels=[4, 8], pad_multiple=4).to_json()
+    assert saved.pop("patch") == 1
+    assert CVAEArchitecture.from_json(saved).patch == 1
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,9 @@ COMMANDS = {
     "report": "summary metrics, plots and the MLflow summary run",
     "score": "detection metrics of the base model, alone or with an adapter, on a Florence JSONL (not a stage)",
     "profile": "merge a params profile (profiles/*.yaml) into params.yaml (not a stage)",
+    "synth-voc": "write synthetic shapes as a PASCAL VOC2012 folder (not a stage)",
 }
-COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "profile": "icmlora.profile"}
+COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "profile": "icmlora.profile", "synth-voc": "icmlora.data.voc_writer"}
 
 
 def _module(name: str) -> str:

@@ -101,7 +101,9 @@ class DataParams(Section):
 
 
 class TinyModelParams(Section):
-    """A Florence-2 small enough to pre-train on a 2-core CPU in minutes."""
+    """A Florence-2 built offline from this config with random weights (``base.model: tiny``).
+    params.yaml's is small enough to pre-train on a 2-core CPU in minutes; profiles/scale.yaml
+    gives Florence-2-base's dimensions."""
 
     d_model: Positive
     encoder_layers: Positive
@@ -118,6 +120,9 @@ class TinyModelParams(Section):
     init_std: PositiveFloat
     vocab_size: Annotated[int, Field(ge=300)]  # 256 bytes + special tokens
     max_target_tokens: Positive
+    window_size: Positive  # DaViT attention window (Florence-2-base: 12)
+    image_size: NonNegative  # processor input side; 0 = the data's (square images of one size)
+    pad_vocab_to: NonNegative  # pad the vocabulary with unused tokens to this many (Florence-2-base: 51289); 0 = no padding
 
     @field_validator("vision_depths", "vision_heads", "vision_groups", "patch_sizes", "patch_strides", "patch_padding")
     @classmethod
@@ -251,6 +256,7 @@ class CvaeParams(Section):
     pad_multiple: NonNegative
     kl_weight: NonNegativeFloat
     norm: Literal["group", "batch", "none"]
+    patch: Positive
     train: CvaeTrainParams
 
     @field_validator("kernel_size")

@@ -1,11 +1,13 @@
 """The generator: the paper's 1-D convolutional conditional VAE over flattened LoRA weights.
 
 A flattened adapter ``x`` of length ``input_dim`` is zero-padded to ``padded_dim`` (a
-multiple of ``pad_multiple``), read as a 1-channel sequence and halved in length by each
-stride-2 convolution of the encoder. The task vector ``cond`` joins twice: before the
+multiple of ``pad_multiple``), read as a sequence of ``patch``-value steps (``patch``
+channels; the paper: 1) and halved in length by each stride-2 convolution of the encoder. The task vector ``cond`` joins twice: before the
 mu / log-variance heads and with ``z`` before the decoder, which mirrors the encoder with
 stride-2 transposed convolutions and ends in a Conv1d to one channel; the output is cut
-back to ``input_dim``.
+back to ``input_dim``. With ``patch`` P > 1 the decoder's last convolution writes P channels,
+read back as P consecutive values: no layer runs at the full length D, where 1-D convolutions
+with a handful of channels are slow and their activations are most of the memory.
 
 ``CVAEArchitecture`` is a network's exact shape (saved with a trained generator, it rebuilds
 the network); ``architecture(params.cvae, D, d)`` resolves params.yaml's knobs, some of which
@@ -54,6 +56,9 @@ class CVAEArchitecture:
     # layer's output has a single value per channel. GroupNorm normalises each sample on its
     # own and behaves the same in train and eval. "batch" reproduces the paper.
     norm: str
+    # Values per input step (space-to-depth): 1 reproduces the paper; P > 1 starts the encoder at
+    # D / P positions with P channels and ends the decoder the same way. Total stride P * 2**layers.
+    patch: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, tuple):
@@ -66,7 +71,7 @@ class CVAEArchitecture:
 
     def problems(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
-        for key in ("input_dim", "condition_dim", "kernel_size", "latent_dim", "pad_multiple"):
+        for key in ("input_dim", "condition_dim", "kernel_size", "latent_dim", "pad_multiple", "patch"):
             v = getattr(self, key)
             if not _is_int(v) or v < 1:
                 out.append((key, f"must be a positive integer, got {v!r}"))
@@ -81,11 +86,11 @@ class CVAEArchitecture:
         elif not all(_is_int(c) and c >= 1 for c in self.channels):
             out.append(("channels", f"every entry must be a positive integer, got {self.channels!r}"))
         elif _is_int(self.pad_multiple) and self.pad_multiple >= 1:
-            stride = 2 ** len(self.channels)
+            stride = self.total_stride if _is_int(self.patch) and self.patch >= 1 else 2 ** len(self.channels)
             if self.pad_multiple % stride:
                 out.append((
                     "pad_multiple",
-                    f"{self.pad_multiple} is not a multiple of 2**len(channels) = {stride}",
+                    f"{self.pad_multiple} is not a multiple of patch * 2**len(channels) = {stride}",
                 ))
         if (
             not isinstance(self.kl_weight, (int, float))
@@ -103,9 +108,13 @@ class CVAEArchitecture:
         return -(-self.input_dim // self.pad_multiple) * self.pad_multiple
 
     @property
+    def total_stride(self) -> int:
+        return self.patch * 2 ** len(self.channels)
+
+    @property
     def bottleneck_length(self) -> int:
         """Sequence length after the encoder's convolutions."""
-        return self.padded_dim // 2 ** len(self.channels)
+        return self.padded_dim // self.total_stride
 
     @property
     def feature_dim(self) -> int:
@@ -122,6 +131,7 @@ class CVAEArchitecture:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"invalid CVAEArchitecture: unknown keys {unknown} (allowed: {sorted(known)})")
+        d = {"patch": 1, **d}  # generators saved before ``patch`` existed are the paper's layout
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
@@ -156,11 +166,12 @@ def architecture(params: CvaeParams, input_dim: int, condition_dim: int) -> CVAE
     """The network for D = ``input_dim`` and task vectors of ``condition_dim``: channels from
     ``default_channels`` unless set, padding to the total stride unless set (the paper's 4096 is
     exactly 2**12, its total stride; padding tiny inputs to 4096 would mostly feed it zeros)."""
-    channels = list(params.channels) or default_channels(input_dim, params.max_layers)
+    channels = list(params.channels) or default_channels(-(-input_dim // params.patch), params.max_layers)
     return CVAEArchitecture(
         input_dim=input_dim, condition_dim=condition_dim, channels=channels, kernel_size=params.kernel_size,
         latent_dim=params.latent_dim, hidden_dim=params.hidden_dim or None,
-        pad_multiple=params.pad_multiple or 2 ** len(channels), kl_weight=params.kl_weight, norm=params.norm,
+        pad_multiple=params.pad_multiple or params.patch * 2 ** len(channels), kl_weight=params.kl_weight,
+        norm=params.norm, patch=params.patch,
     )
 
 
@@ -181,7 +192,7 @@ class CVAE(nn.Module):
         chans = list(c.channels)
 
         enc: list[nn.Module] = []
-        prev = 1
+        prev = c.patch
         for ch in chans:
             enc += [nn.Conv1d(prev, ch, k, stride=2, padding=pad), _norm(c.norm, ch), nn.LeakyReLU()]
             prev = ch
@@ -199,7 +210,7 @@ class CVAE(nn.Module):
             # (L-1)*2 - 2*(k//2) + k = 2L - 1 for odd k, so output_padding=1 doubles exactly.
             dec += [nn.ConvTranspose1d(ch, out, k, stride=2, padding=pad, output_padding=1), nn.ELU()]
         self.decoder = nn.Sequential(*dec)
-        self.out_conv = nn.Conv1d(rev[-1], 1, k, padding=pad)
+        self.out_conv = nn.Conv1d(rev[-1], c.patch, k, padding=pad)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -214,7 +225,9 @@ class CVAE(nn.Module):
         self._check("cond", cond, c.condition_dim)
         if cond.shape[0] != x.shape[0]:
             raise ValueError(f"x and cond batch sizes differ: {x.shape[0]} vs {cond.shape[0]}")
-        h = F.pad(x, (0, c.padded_dim - c.input_dim)).unsqueeze(1)
+        h = F.pad(x, (0, c.padded_dim - c.input_dim))
+        # [B, D'] -> [B, patch, D' / patch]: channel j of step i is value i * patch + j.
+        h = h.view(x.shape[0], c.padded_dim // c.patch, c.patch).transpose(1, 2)
         h = self.encoder(h).flatten(1)
         h = torch.cat([self.enc_fc(h), cond.to(h.dtype)], dim=1)
         return self.fc_mu(h), self.fc_logvar(h)
@@ -227,8 +240,8 @@ class CVAE(nn.Module):
             raise ValueError(f"z and cond batch sizes differ: {z.shape[0]} vs {cond.shape[0]}")
         h = self.dec_fc(torch.cat([z, cond.to(z.dtype)], dim=1))
         h = h.view(z.shape[0], c.channels[-1], c.bottleneck_length)
-        h = self.out_conv(self.decoder(h))
-        return h[:, 0, : c.input_dim]
+        h = self.out_conv(self.decoder(h))  # [B, patch, D' / patch]
+        return h.transpose(1, 2).reshape(z.shape[0], c.padded_dim)[:, : c.input_dim]
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, sample: bool | None = None

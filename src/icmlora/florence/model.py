@@ -65,6 +65,12 @@ def build_tiny_processor(labels: list[str], image_size: int, cfg: TinyModelParam
         merges = [tuple(line.split()) for line in Path(tmp, "merges.txt").read_text().splitlines()[1:] if line.strip()]
     tokenizer = BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"})
     tokenizer.add_tokens(LOC_TOKENS + TASK_TOKENS)
+    if cfg.pad_vocab_to:
+        if cfg.pad_vocab_to < len(tokenizer):
+            raise ValueError(f"base.tiny.pad_vocab_to {cfg.pad_vocab_to} is below the tokenizer's {len(tokenizer)} tokens")
+        # The real vocabulary's size (embedding and lm_head rows, a LoRA target's shape): BPE
+        # trained on a few labels cannot learn 50k merges, so unused tokens fill the rest.
+        tokenizer.add_tokens([f"<unused_{i}>" for i in range(cfg.pad_vocab_to - len(tokenizer))])
     tokens = num_image_tokens(cfg, image_size)
     image_processor = CLIPImageProcessorPil(
         size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -106,7 +112,7 @@ def build_tiny_model(cfg: TinyModelParams, processor, image_size: int, seed: int
         depths=cfg.vision_depths, embed_dim=cfg.vision_embed_dims, num_heads=cfg.vision_heads,
         num_groups=cfg.vision_groups, patch_size=cfg.patch_sizes, patch_stride=cfg.patch_strides,
         patch_padding=cfg.patch_padding, patch_prenorm=[False] + [True] * (n - 1),
-        projection_dim=cfg.d_model, window_size=4, drop_path_rate=0.0,
+        projection_dim=cfg.d_model, window_size=cfg.window_size, drop_path_rate=0.0,
         max_position_embeddings=max(50, image_size),
     )
     config = Florence2Config(text_config=text_config, vision_config=vision_config, image_token_id=tok.image_token_id)

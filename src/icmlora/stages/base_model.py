@@ -30,10 +30,13 @@ from icmlora.tracking import MetricBuffer, stage_params, start_run
 from icmlora.training import DetectionDataset, train
 
 
-def _image_size(examples) -> int:
+def _image_size(examples, configured: int) -> int:
+    if configured:
+        return configured  # the processor resizes every image to configured x configured
     sizes = {(e.width, e.height) for e in examples}
     if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
-        raise ValueError("the tiny model needs square images of one size (the synthetic source makes them)")
+        raise ValueError("base.tiny.image_size 0 needs square images of one size (the synthetic source makes them); "
+                         "set base.tiny.image_size (e.g. 768) to resize any image to that square")
     return next(iter(sizes))[0]
 
 
@@ -45,7 +48,7 @@ def _load_or_build(cfg: Params, train_examples):
     if cfg.base.model == "tiny":
         from icmlora.florence.model import build_tiny_model, build_tiny_processor
 
-        size = _image_size(train_examples)
+        size = _image_size(train_examples, cfg.base.tiny.image_size)
         names = sorted({box.label for example in train_examples for box in example.boxes})
         labels = list(dict.fromkeys([*cfg.data.tasks, AGNOSTIC_LABEL, *names]))
         processor = build_tiny_processor(labels, size, cfg.base.tiny)
