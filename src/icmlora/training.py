@@ -145,6 +145,13 @@ def train(
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
+                if accelerator.num_processes > 1:
+                    # Each process's loss is the mean over its own target tokens and DDP averages the
+                    # gradients: weighting by the token counts makes that the mean over the global
+                    # batch's tokens, as one process computes it (halves rarely hold equal tokens).
+                    tokens = (batch["labels"] != -100).sum()
+                    total = accelerator.reduce(tokens.detach().clone(), reduction="sum")
+                    loss = loss * tokens * accelerator.num_processes / total
                 accelerator.backward(loss)
                 if optim.grad_clip:
                     accelerator.clip_grad_norm_(params, optim.grad_clip)

@@ -23,7 +23,7 @@ from icmlora.artifacts.annotations import AGNOSTIC_LABEL, read_split
 from icmlora.artifacts.base_model import write_base_model
 from icmlora.config import Params
 from icmlora.files import write_json, write_text
-from icmlora.runtime import make_accelerator, seed_everything, set_threads
+from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, stage_params, start_run
@@ -76,7 +76,7 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
     n_params = sum(p.numel() for p in model.parameters())
     metrics: dict = {"model": cfg.base.model, "parameters": n_params, "train_steps": 0}
     seconds = {"train_seconds": 0.0}
-    with start_run("base_model", f"base_model-{cfg.base.model.replace('/', '_')}", params=stage_params(cfg, "base_model"),
+    with start_run("base_model", f"base_model-{cfg.base.model.replace('/', '_')}", params={**stage_params(cfg, "base_model"), **accelerate_params(accelerator)},
                    source="base") as mlflow:
         losses: list[float] = []
         if optim is not None:
@@ -93,16 +93,17 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
             losses = result.losses
             metrics["train_steps"] = result.steps
             seconds["train_seconds"] = round(result.seconds, 2)
+        if not accelerator.is_main_process:
+            return {}  # scoring and every write: process 0 only
         start = time.perf_counter()
         scorer = Scorer(model, processor, cfg.predict, cfg.base.eval_images, prepared)
         metrics.update(scorer.score(BASE_SPLIT, class_agnostic=True, desc="base_model: evaluate"))
         seconds["eval_seconds"] = round(time.perf_counter() - start, 2)
-        if accelerator.is_main_process:
-            write_base_model(model, processor, out_dir)
-            write_text(loss_file, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
-            write_json(metrics_file, metrics)
-            write_json(timing, seconds)
-            mlflow.log_metrics({k: float(v) for k, v in {**metrics, **seconds}.items() if isinstance(v, (int, float))})
+        write_base_model(model, processor, out_dir)
+        write_text(loss_file, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
+        write_json(metrics_file, metrics)
+        write_json(timing, seconds)
+        mlflow.log_metrics({k: float(v) for k, v in {**metrics, **seconds}.items() if isinstance(v, (int, float))})
     return {**metrics, **seconds}
 
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=BASE_MODEL_DIR, help=f"output folder (default: {BASE_MODEL_DIR})")
     args, cfg = parser.parse(argv)
     metrics = build_base_model(cfg, args.prepared, args.out)
+    if not metrics:
+        return metrics  # not process 0
     print(f"base_model: wrote {args.out} ({metrics['parameters']:,} parameters, {metrics['train_steps']} steps in "
           f"{metrics['train_seconds']:.0f} s; valid class-agnostic mAP50 {metrics['map50']:.3f}, "
           f"mAP50-95 {metrics['map50_95']:.3f}) and {BASE_MODEL_METRICS}")

@@ -40,7 +40,7 @@ from icmlora.cvae import CVAE, Generator, architecture
 from icmlora.errors import InputError
 from icmlora.files import write_text
 from icmlora.resume import TrainingState, content_digest, fingerprint
-from icmlora.runtime import make_accelerator, seed_everything, set_threads
+from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.stage_cli import require, run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, stage_params, start_run
 
@@ -85,7 +85,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
         start_epoch, history = extra["epoch"], extra["history"]
     else:
         state.clear()
-    with start_run("train_cvae", f"cvae-r{rank}", params={**stage_params(cfg, "train_cvae"), "model": shape.to_json(),
+    with start_run("train_cvae", f"cvae-r{rank}", params={**stage_params(cfg, "train_cvae"), **accelerate_params(accelerator), "model": shape.to_json(),
                                                          "rank": rank, "rows": len(x)},
                    rank=rank, source="generator") as mlflow:
         start = time.perf_counter()
@@ -101,6 +101,8 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                 optimizer.step()
                 scheduler.step()
                 sums += torch.tensor([total.item(), rec.item(), kl.item()]) * len(xb)
+            if accelerator.num_processes > 1:  # each process saw its part of every batch
+                sums = accelerator.reduce(sums, reduction="sum")
             loss, rec, kl = (sums / len(x)).tolist()
             history.append({"epoch": epoch + 1, "loss": loss, "recon": rec, "kl": kl})
             if (epoch + 1) % hp.checkpoint_every == 0 and epoch + 1 < hp.epochs and accelerator.is_main_process:

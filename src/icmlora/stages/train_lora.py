@@ -41,14 +41,14 @@ from icmlora.artifacts import (
     lora_metrics_group_dir,
     lora_state_dir,
 )
-from icmlora.artifacts.adapters import read_adapter
+from icmlora.artifacts.adapters import read_adapter, save_adapter
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
 from icmlora.files import atomic_dir, read_json, write_json
 from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, content_digest, fingerprint
-from icmlora.runtime import make_accelerator, seed_everything, set_threads
+from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import require, run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run, tracking_uri
@@ -125,11 +125,11 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
 
     def on_checkpoint(step: int) -> None:
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(trajectory / checkpoint_name(step))
+            save_adapter(accelerator.unwrap_model(model), trajectory / checkpoint_name(step))
             for _, old in checkpoint_steps(trajectory)[:-keep]:
                 shutil.rmtree(old)
 
-    with start_run("train_lora", name, params=stage_params(cfg, "train_lora"), parent_run_id=parent_id,
+    with start_run("train_lora", name, params={**stage_params(cfg, "train_lora"), **accelerate_params(accelerator)}, parent_run_id=parent_id,
                    task=task, rank=rank, seed=seed, source="trained") as mlflow:
         buffer = MetricBuffer()
         result = train(model, processor, dataset, cfg.lora.train, cfg.runtime, run_seed, accelerator=accelerator,
@@ -142,7 +142,7 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
             return
         with atomic_dir(work / DONE) as tmp:
             shutil.copytree(trajectory, tmp / "checkpoints")
-            model.save_pretrained(tmp / "final")
+            save_adapter(model, tmp / "final")
         run = mlflow.active_run()
         write_json(work / TRAINED, {"trainable_parameters": n_trainable, "train_steps": result.steps,
                                     "train_seconds": round(result.seconds, 2),
