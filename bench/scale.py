@@ -120,6 +120,39 @@ print(json.dumps({"parameters": model.num_parameters(), "bytes_fp32": 4 * model.
 """
 
 
+COLLECT_PROBE = r"""
+import json, sys
+from icmlora.config import load_params
+from icmlora.stages.collect_params import collect_params
+
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+cfg = load_params()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: imports excluded
+before = status("VmRSS")
+collect_params(cfg, int(sys.argv[1]))
+print(json.dumps({"rss_after_imports_mb": before, "peak_mb": status("VmHWM")}))
+"""
+
+
+def collect_params_memory(repo: Path, env: dict, rank: int) -> dict:
+    """collect_params at one rank, run again with this checkout's code: its peak RSS above the RSS
+    it had once its imports were done (Linux: /proc/self/clear_refs resets the peak), against the
+    target's budget, 1.5 x (its output tensor + one checkpoint)."""
+    env = dict(env, PYTHONPATH=str(ROOT / "src"))
+    out = subprocess.run([sys.executable, "-c", COLLECT_PROBE, str(rank)], cwd=repo, env=env, check=True,
+                         capture_output=True, text=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    output = (repo / "data" / "lora_matrix" / f"r{rank}.safetensors").stat().st_size
+    checkpoint = statistics.median(folder_bytes(p) for p in (repo / "models" / "lora").glob(f"*/r{rank}/checkpoints/*"))
+    return {"rank": rank, **{k: round(v, 1) for k, v in probe.items()},
+            "above_imports_mb": round(probe["peak_mb"] - probe["rss_after_imports_mb"], 1),
+            "output_mb": round(output / 2**20, 1), "checkpoint_mb": round(checkpoint / 2**20, 1),
+            "budget_mb": round(1.5 * (output + checkpoint) / 2**20, 1)}
+
+
 def cvae_probe(repo: Path, env: dict, arch: dict, steps: int) -> dict:
     spec = {"matrix_root": str(repo / "data" / "lora_matrix"), "rows": 0, "steps": steps, "arch": arch}
     out = subprocess.run([sys.executable, "-c", CVAE_PROBE, json.dumps(spec)], cwd=repo, env=env, check=True,
@@ -133,35 +166,49 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "scale.json")
     parser.add_argument("--cvae-steps", type=int, default=12, help="steps of each CVAE in the comparison (default 12)")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    parser.add_argument("--reuse", type=Path, help="a clone kept by an earlier run (--keep): skip the pipeline, keep its "
+                                                   "stage figures from --out, measure the rest again")
+    parser.add_argument("--reuse-cvae", action="store_true", help="with --reuse: keep the CVAE comparison from --out too")
     args = parser.parse_args(argv)
 
-    rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
-    tmp = Path(tempfile.mkdtemp(prefix="scale-"))
-    repo = tmp / "repo"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
-    subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
-    env = dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    begin = time.perf_counter()
-    icmlora = [sys.executable, "-m", "icmlora"]
-    subprocess.run([*icmlora, "synth-voc", "data/scale-voc/VOC2012", "--tasks", "dog", "cat", "--train", "12",
-                    "--valid", "6"], cwd=repo, env=env, check=True)
-    subprocess.run([*icmlora, "profile", "scale"], cwd=repo, env=env, check=True)
-    names = [line.split()[0] for line in subprocess.check_output(
-        [sys.executable, "-m", "dvc", "stage", "list"], cwd=repo, env=env, text=True).splitlines() if line.strip()]
-    stages = {}
-    for name in names:
-        print(f"scale: stage {name}", flush=True)
-        seconds, rss = run_timed([sys.executable, "-m", "dvc", "repro", "--single-item", name], repo, env)
-        stages[name] = {"seconds": round(seconds, 1), "peak_rss_gb": round(rss, 2)}
-    pipeline_seconds = time.perf_counter() - begin
+    if args.reuse:
+        repo, tmp = args.reuse.resolve(), None
+        old = json.loads(args.out.read_text())
+        rev, stages, pipeline_seconds = old["rev"], old["stages"], old["pipeline_minutes"] * 60
+        env = dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    else:
+        rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
+        tmp = Path(tempfile.mkdtemp(prefix="scale-"))
+        repo = tmp / "repo"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
+        subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
+        env = dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        begin = time.perf_counter()
+        icmlora = [sys.executable, "-m", "icmlora"]
+        subprocess.run([*icmlora, "synth-voc", "data/scale-voc/VOC2012", "--tasks", "dog", "cat", "--train", "12",
+                        "--valid", "6"], cwd=repo, env=env, check=True)
+        subprocess.run([*icmlora, "profile", "scale"], cwd=repo, env=env, check=True)
+        names = [line.split()[0] for line in subprocess.check_output(
+            [sys.executable, "-m", "dvc", "stage", "list"], cwd=repo, env=env, text=True).splitlines() if line.strip()]
+        stages = {}
+        for name in names:
+            print(f"scale: stage {name}", flush=True)
+            seconds, rss = run_timed([sys.executable, "-m", "dvc", "repro", "--single-item", name], repo, env)
+            stages[name] = {"seconds": round(seconds, 1), "peak_rss_gb": round(rss, 2)}
+        pipeline_seconds = time.perf_counter() - begin
 
     sys.path.insert(0, str(repo / "src"))
     from icmlora.config import load_params
 
     cfg = load_params(repo / "params.yaml")
     dims = lora_dimensions(repo)
-    lora_metrics = [json.loads(p.read_text()) for p in sorted((repo / "metrics" / "lora").rglob("r*.json"))]
+    # this profile's tasks only: the clone also holds the default run's committed metrics
+    lora_metrics = [json.loads(p.read_text()) for task in cfg.data.tasks
+                    for p in sorted((repo / "metrics" / "lora" / f"{task}-s0").glob("r*.json"))]
+    # per rank, median over tasks; rank 1 trains first in each process and carries its warm-up
+    # (filling the image cache at 768x768, first-step allocations)
     step_seconds = {str(r): statistics.median(m["train_seconds"] / m["train_steps"] for m in lora_metrics if m["rank"] == r)
                     for r in cfg.lora.ranks}
     generate_timing = json.loads((repo / "metrics" / "timing" / "generate.json").read_text())
@@ -180,12 +227,23 @@ def main(argv=None) -> None:
         4 * dim_r8 if cfg.cvae.normalization == "centered" else 0)
     center_file = matrix / f"r{PAPER_RANK}.safetensors"
 
+    memory = collect_params_memory(repo, env, PAPER_RANK)
+
     paper_arch = {"channels": [8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8], "kernel_size": 7, "latent_dim": 256,
                   "pad_multiple": 4096, "kl_weight": 0.005, "hidden_dim": None, "norm": "batch", "patch": 1}
     ours = dict(paper_arch, norm=cfg.cvae.norm, patch=cfg.cvae.patch,
                 pad_multiple=cfg.cvae.pad_multiple or cfg.cvae.patch * 4096)
-    print("scale: CVAE comparison at D of rank 8 (each in its own process)", flush=True)
-    cvae = {"paper": cvae_probe(repo, env, paper_arch, args.cvae_steps), "ours": cvae_probe(repo, env, ours, args.cvae_steps)}
+    if args.reuse and args.reuse_cvae:
+        cvae = old["cvae"]
+    else:
+        print("scale: CVAE comparison at D of rank 8 (each in its own process)", flush=True)
+        cvae = {"paper": cvae_probe(repo, env, paper_arch, args.cvae_steps),
+                "ours": cvae_probe(repo, env, ours, args.cvae_steps)}
+    if "ours_equal_time" not in cvae:  # the same rows for the wall time the paper's network took for its steps
+        equal_time = round(args.cvae_steps * cvae["paper"]["step_seconds_median"] / cvae["ours"]["step_seconds_median"])
+        print(f"scale: the scale profile's CVAE for {equal_time} steps (the paper's {args.cvae_steps} steps' time)",
+              flush=True)
+        cvae["ours_equal_time"] = cvae_probe(repo, env, ours, equal_time)
     cvae["paper"]["architecture"], cvae["ours"]["architecture"] = paper_arch, ours
     cvae["speedup_step"] = round(cvae["paper"]["step_seconds_median"] / cvae["ours"]["step_seconds_median"], 1)
     cvae["rss_ratio"] = round(cvae["ours"]["peak_rss_gb"] / cvae["paper"]["peak_rss_gb"], 2)
@@ -200,6 +258,7 @@ def main(argv=None) -> None:
         "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()),
         "stages": stages,
         "lora_dimension": dims,
+        "collect_params_memory": memory,
         "lora_step_seconds": {r: round(s, 2) for r, s in step_seconds.items()},
         "generate_adapter_seconds": generate_timing,
         "cvae": cvae,
@@ -222,7 +281,7 @@ def main(argv=None) -> None:
     print(f"scale: pipeline {record['pipeline_minutes']} min, peak RSS {record['peak_rss_gb']} GiB; D(r8, reference) "
           f"{dims['reference']['8']:,}; CVAE step {cvae['ours']['step_seconds_median']:.2f} s vs paper's "
           f"{cvae['paper']['step_seconds_median']:.2f} s -> {args.out}" + (f"; clone kept at {repo}" if args.keep else ""))
-    if not args.keep:
+    if tmp is not None and not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -199,3 +199,20 @@ def test_match_pooling_finds_where_the_base_names_each_object(setting):
     # A second box of the same phrase has no name of its own: only the first counts.
     two = [eos, bos, circle, *[loc[0]] * 2, *[loc[499]] * 2, *[loc[500]] * 2, *[loc[999]] * 2, eos]
     assert [j for j, _ in named_objects(reader, two, 64, 64)] == [1]
+
+
+def test_streamed_safetensors_read_back_exactly(tmp_path):
+    """The lora_matrix writer's own safetensors output (no in-memory copy) is what safetensors reads."""
+    from safetensors.torch import load_file
+
+    from icmlora.artifacts.lora_matrix import save_streamed
+
+    tensors = {"matrix": torch.randn(5, 1001), "task_index": torch.arange(5), "center": torch.randn(1001),
+               "row_mean": torch.randn(5, 3).double(), "empty": torch.zeros(0)}
+    save_streamed(tensors, tmp_path / "m.safetensors")
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    with pytest.raises(ValueError, match="dtype torch.float16 not supported"):
+        save_streamed({"x": torch.zeros(2, dtype=torch.float16)}, tmp_path / "h.safetensors")

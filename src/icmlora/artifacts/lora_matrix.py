@@ -10,12 +10,15 @@ tasks and the per-tensor statistics.
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from icmlora.artifacts import LORA_MATRIX_DIR, lora_manifest_file, lora_matrix_file
 from icmlora.artifacts.adapters import write_adapter
@@ -131,6 +134,34 @@ class LoraMatrix:
         return self.row_mean[mask].mean(0), self.row_std[mask].mean(0)
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+
+
+def save_streamed(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory: the header (names,
+    dtypes, shapes, offsets; padded to 8 bytes), then each tensor's bytes. ``save_file`` first
+    copies every tensor into a bytes object, which for a rank's matrix (checkpoints x D floats, most
+    of collect_params' memory) doubles the peak; this keeps it at one copy."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian values; this writer does not byte-swap")
+    names = sorted(tensors)
+    header, offset = {}, 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported here ({sorted(map(str, SAFETENSORS_DTYPES))})")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in names:
+            fh.write(memoryview(tensors[name].detach().contiguous().numpy()).cast("B"))
+
+
 def write_lora_matrix(rank: int, matrix: LoraMatrix, root: Path = LORA_MATRIX_DIR) -> tuple[Path, Path]:
     tensors = {"matrix": matrix.rows, "task_index": matrix.task_index, "seed": matrix.seed, "step": matrix.step}
     if matrix.manifest.center is not None:
@@ -139,7 +170,7 @@ def write_lora_matrix(rank: int, matrix: LoraMatrix, root: Path = LORA_MATRIX_DI
         tensors.update(row_mean=matrix.row_mean, row_std=matrix.row_std)
     Path(root).mkdir(parents=True, exist_ok=True)
     with atomic_path(lora_matrix_file(rank, root)) as tmp:
-        save_file(tensors, str(tmp))
+        save_streamed(tensors, tmp)
     write_json(lora_manifest_file(rank, root), matrix.manifest.data)
     return lora_matrix_file(rank, root), lora_manifest_file(rank, root)
 
