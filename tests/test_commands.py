@@ -60,3 +60,15 @@ def test_generate_from_examples_says_when_no_training_adapter_writes_their_label
     vector = vector_from_examples(cfg, tmp_path / "dogs.jsonl", root / "base")
     assert vector.shape == (cfg.base.tiny.d_model,)
     assert "labels its boxes 'dog', which no training adapter writes" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: bench/gpu_check.sh would run the check")
+def test_gpu_check_without_a_gpu_says_so_and_exits_2(repo):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert not (repo / "metrics" / "gpu_check.json").exists()

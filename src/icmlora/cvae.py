@@ -244,12 +244,13 @@ class CVAE(nn.Module):
         return h.transpose(1, 2).reshape(z.shape[0], c.padded_dim)[:, : c.input_dim]
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, sample: bool | None = None
+        self, x: torch.Tensor, cond: torch.Tensor, sample: bool | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``sample`` (default: ``self.training``) draws z ~ N(mu, sigma); otherwise z = mu."""
+        """``sample`` (default: ``self.training``) draws z ~ N(mu, sigma), with ``noise`` as the
+        standard normal draw when given (else ``torch.randn_like(mu)``); otherwise z = mu."""
         mu, logvar = self.encode(x, cond)
         if self.training if sample is None else sample:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + (torch.randn_like(mu) if noise is None else noise.to(mu)) * torch.exp(0.5 * logvar)
         else:
             z = mu
         return self.decode(z, cond), mu, logvar

@@ -23,6 +23,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def scoring_device() -> torch.device:
+    """Where scoring runs: this process's GPU when there is one (process 0 scores), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def set_threads(runtime: RuntimeParams) -> None:
     if runtime.threads:
         torch.set_num_threads(runtime.threads)

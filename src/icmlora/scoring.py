@@ -20,11 +20,14 @@ from icmlora.florence.format import Box, read_annotations
 from icmlora.florence.model import load_images
 from icmlora.florence.predict import predict
 from icmlora.metrics import detection_metrics
+from icmlora.runtime import scoring_device
 
 
 class Scorer:
     def __init__(self, model, processor, predict_params: PredictParams, eval_images: int, prepared: Path = PREPARED_DIR):
-        self.model, self.processor, self.predict_params = model, processor, predict_params
+        # On the GPU when there is one: stages load models on the CPU. Always float32, whatever
+        # runtime.mixed_precision trained with, so figures compare across precisions.
+        self.model, self.processor, self.predict_params = model.to(scoring_device()), processor, predict_params
         self.eval_images, self.prepared = eval_images, Path(prepared)
         self._valid: dict[str, tuple] = {}
 

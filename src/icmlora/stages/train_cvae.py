@@ -74,7 +74,14 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                                          shuffle=True, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.epochs * len(loader))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    processes = accelerator.num_processes
+    if processes == 1:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    else:
+        # Every process reads the same batches (same seeded order) and trains on its own
+        # contiguous rows of each: Accelerate would split by the nominal batch size and pad a short
+        # last batch with repeated rows, which one process never sees.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     inputs = content_digest(lora_matrix_file(rank, matrix_root), lora_manifest_file(rank, matrix_root), vectors_file)
     state = TrainingState(cvae_state_dir(rank, state_root),
@@ -85,8 +92,9 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
         start_epoch, history = extra["epoch"], extra["history"]
     else:
         state.clear()
-    with start_run("train_cvae", f"cvae-r{rank}", params={**stage_params(cfg, "train_cvae"), **accelerate_params(accelerator), "model": shape.to_json(),
-                                                         "rank": rank, "rows": len(x)},
+    run_params = {**stage_params(cfg, "train_cvae"), **accelerate_params(accelerator), "model": shape.to_json(),
+                  "rank": rank, "rows": len(x)}
+    with start_run("train_cvae", f"cvae-r{rank}", params=run_params,
                    rank=rank, source="generator") as mlflow:
         start = time.perf_counter()
         model.train()
@@ -94,14 +102,27 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                           initial=start_epoch, total=hp.epochs, disable=not accelerator.is_main_process):
             sums = torch.zeros(3)
             for xb, cb in loader:
-                recon, mu, logvar = model(xb, cb)
+                noise, weight = None, 1.0
+                if processes > 1:
+                    n, p = len(xb), accelerator.process_index
+                    lo, hi = p * n // processes, (p + 1) * n // processes
+                    # The batch's noise drawn alike in every process (same seed, same draws), and this
+                    # process's rows of it: N processes draw what one process draws.
+                    noise = torch.randn(n, shape.latent_dim)[lo:hi] if hi > lo else torch.zeros(1, shape.latent_dim)
+                    # Losses are means over this process's rows and DDP averages the gradients: weight
+                    # by the rows' share of the batch (a process without rows runs one at weight 0).
+                    weight = processes * (hi - lo) / n
+                    xb, cb = (xb[lo:hi], cb[lo:hi]) if hi > lo else (xb[:1], cb[:1])
+                    xb, cb = xb.to(accelerator.device), cb.to(accelerator.device)
+                recon, mu, logvar = model(xb, cb, noise=noise)
                 total, rec, kl = accelerator.unwrap_model(model).loss(xb, recon, mu, logvar)
                 optimizer.zero_grad()
-                accelerator.backward(total)
+                accelerator.backward(total * weight if processes > 1 else total)
                 optimizer.step()
                 scheduler.step()
-                sums += torch.tensor([total.item(), rec.item(), kl.item()]) * len(xb)
-            if accelerator.num_processes > 1:  # each process saw its part of every batch
+                rows = (hi - lo) if processes > 1 else len(xb)
+                sums += torch.tensor([total.item(), rec.item(), kl.item()]) * rows
+            if processes > 1:  # each process saw its rows of every batch
                 sums = accelerator.reduce(sums, reduction="sum")
             loss, rec, kl = (sums / len(x)).tolist()
             history.append({"epoch": epoch + 1, "loss": loss, "recon": rec, "kl": kl})

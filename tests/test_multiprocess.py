@@ -1,0 +1,242 @@
+"""Training stages in 2 CPU processes (torchrun + gloo: Accelerate's MULTI_CPU), as users run them
+on several GPUs, and bf16 on CPU.
+
+Each test works in a clone of the micro pipeline (one process, committed outputs) and runs stage
+commands with the launcher that params.yaml documents for N CPU processes:
+``env ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m``.
+
+Tolerance of "2 processes = 1 process": ``batch_size`` is the global batch (each process trains
+on its rows of every batch), the detection loss is weighted by each part's target tokens, the
+CVAE's loss by each part's rows and its noise is drawn for the whole batch, so both runs compute
+the same gradients up to floating-point summation order (two partial sums all-reduced instead of
+one sum): losses agree to ~1e-7 relative. Adam divides each step by the gradient's running
+magnitude, so where a gradient is ~0 it turns that float noise into steps of ~lr: the attention
+key biases (whose gradient is 0 in exact arithmetic: softmax ignores a shift shared by all keys)
+and CVAE encoder weights (a weak gradient through the KL term) then drift apart by a fraction of
+their spread. So weights are compared where gradients carry signal (LoRA: every value within 1e-4
+of the tensor's spread; base: every tensor but the key biases within 1e-4 relative norm), and
+models by what they compute: per-step losses, detection metrics, generated rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from e2e_helpers import BIN, clone_sharing_cache, run
+from safetensors.torch import load_file
+
+from icmlora.artifacts.generators import read_generator
+from icmlora.artifacts.task_vectors import read_task_vectors
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m"]
+LAUNCHER = "env ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m"  # as params.yaml documents it
+
+
+@pytest.fixture(scope="module")
+def env(e2e_env) -> dict:
+    return dict(e2e_env, ACCELERATE_USE_CPU="true")
+
+
+def listing(root: Path) -> set[str]:
+    skip = (".git/", ".dvc/tmp/", "mlflow.db", "mlflow-artifacts/", ".dvc/cache/")
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(skip)}
+
+
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -> float:
+    """Largest difference over the tensors' spread; asserts the names and shapes agree."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for name in a:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype == torch.float32
+        spread = float(a[name].std()) or 1.0
+        worst = max(worst, float((a[name] - b[name]).abs().max()) / spread)
+    assert worst <= rel, worst
+    return worst
+
+
+def runs(db: Path) -> list[dict]:
+    with sqlite3.connect(db) as conn:
+        out = {rid: {"run_id": rid} for (rid,) in conn.execute("select run_uuid from runs")}
+        for rid, key, value in conn.execute("select run_uuid, key, value from tags"):
+            out[rid][key] = value
+        for rid, key, value in conn.execute("select run_uuid, key, value from params"):
+            out[rid][f"param:{key}"] = value
+    return list(out.values())
+
+
+@pytest.fixture(scope="module")
+def two(micro_pipeline, tmp_path_factory, env):
+    """The micro pipeline's clone after train_lora@circle, train_cvae@2 and base_model ran again in
+    2 processes (same inputs as the 1-process run: base_model goes last); and its files before."""
+    clone = clone_sharing_cache(micro_pipeline, tmp_path_factory.mktemp("two") / "repo", env)
+    before = listing(clone)
+    # LoRA dropout draws its masks in each process from that process's generator: with dropout,
+    # N processes are another random draw of the same training, not the same numbers. Compared
+    # without it, in one process then in two.
+    params = (clone / "params.yaml").read_text().replace("  dropout: 0.05\n", "  dropout: 0.0\n", 1)
+    assert "  dropout: 0.0\n" in params
+    (clone / "params.yaml").write_text(params)
+    one_env = {k: v for k, v in env.items() if k != "ACCELERATE_USE_CPU"}
+    run([BIN / "python", "-m", "icmlora.stages.train_lora", "--task", "circle", "--seed", "0"], clone, one_env)
+    one = clone.parent / "one"
+    shutil.copytree(clone / "models" / "lora" / "circle-s0", one / "models" / "lora" / "circle-s0")
+    shutil.copytree(clone / "metrics" / "lora" / "circle-s0", one / "metrics" / "lora" / "circle-s0")
+    # train_lora through DVC with the documented launcher in params.yaml; the others by hand
+    (clone / "params.yaml").write_text(params.replace("  launcher: python -m ", f"  launcher: {LAUNCHER} ", 1))
+    assert LAUNCHER in (clone / "params.yaml").read_text()
+    proc = run([BIN / "dvc", "repro", "--force", "--single-item", "train_lora@circle-0"], clone, env)
+    logs = {"train_lora": proc.stdout + proc.stderr}
+    for name, args in (("train_cvae", ["--rank", "2"]), ("base_model", [])):
+        proc = run([*TORCHRUN, f"icmlora.stages.{name}", *args], clone, env)
+        logs[name] = proc.stdout + proc.stderr
+    return clone, before, logs, one
+
+
+def test_two_processes_train_what_one_process_trains(two, micro_pipeline):
+    clone, _, logs, one_run = two
+    for name in ("train_lora", "train_cvae", "base_model"):
+        seen = r"accelerate: 2 process\(es\), MULTI_CPU, device cpu(:\d+)?, mixed precision no"
+        assert re.search(seen, logs[name]), logs[name][-2000:]
+    for rank in (1, 2):
+        one, two_ = (root / "models" / "lora" / "circle-s0" / f"r{rank}" for root in (one_run, clone))
+        assert sorted(p.name for p in (two_ / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+        close(load_file(one / "final" / "adapter_model.safetensors"),
+              load_file(two_ / "final" / "adapter_model.safetensors"), rel=1e-4)
+        m1, m2 = (json.loads((root / "metrics" / "lora" / "circle-s0" / f"r{rank}.json").read_text())
+                  for root in (one_run, clone))
+        # scored once, on process 0, from weights that agree to 1e-4: the same detections
+        timing = ("train_seconds", "eval_seconds")
+        assert {k: v for k, v in m1.items() if k not in timing} == {k: v for k, v in m2.items() if k not in timing}
+    # CVAE: the same per-epoch losses, and the same generated rows
+    h1, h2 = (list(csv.DictReader((root / "metrics" / "cvae" / "r2.csv").open())) for root in (micro_pipeline, clone))
+    assert len(h1) == len(h2) and all(abs(float(a[k]) - float(b[k])) <= 1e-4 * abs(float(a[k])) + 1e-6
+                                      for a, b in zip(h1, h2) for k in ("loss", "recon", "kl")), (h1[-1], h2[-1])
+    g1, g2 = (read_generator(2, root / "models" / "cvae") for root in (micro_pipeline, clone))
+    vectors = read_task_vectors(clone / "data" / "task_vectors.safetensors")
+    for vector in vectors.values():
+        z = torch.zeros(1, g1.model.config.latent_dim)
+        r1, r2 = g1.sample(vector, z), g2.sample(vector, z)
+        assert float((r1 - r2).norm() / r1.norm()) <= 1e-2  # measured ~5e-4
+    # base: the same per-step losses and detection metrics; weights where gradients carry signal
+    l1, l2 = ((root / "metrics" / "base_model_loss.csv").read_text().splitlines()[1:] for root in (micro_pipeline, clone))
+    assert [round(float(a.split(",")[1]), 4) for a in l1] == [round(float(b.split(",")[1]), 4) for b in l2]
+    w1, w2 = (load_file(root / "models" / "base" / "model.safetensors") for root in (micro_pipeline, clone))
+    assert w1.keys() == w2.keys()
+    drift = {k: float((w1[k] - w2[k]).norm() / (w1[k].norm() or 1)) for k in w1}
+    assert all(d <= 1e-4 for k, d in drift.items() if not k.endswith("k_proj.bias")), max(drift.items(), key=lambda kv: kv[1])
+    b1, b2 = (json.loads((root / "metrics" / "base_model.json").read_text()) for root in (micro_pipeline, clone))
+    assert b1 == b2
+
+
+def test_two_processes_write_one_set_of_outputs_and_one_run_per_model(two):
+    clone, before, _, _ = two
+    assert listing(clone) == before  # the same files, replaced: no extra file from process 1, no state left
+    assert not (clone / "state").exists() or not any((clone / "state").rglob("*.json"))
+    logged = runs(clone / "mlflow.db")
+    by_stage = {}
+    for r in logged:
+        by_stage.setdefault(r.get("stage"), []).append(r)
+        if "param:accelerate.num_processes" in r:
+            assert r["param:accelerate.num_processes"] == "2" and r["param:accelerate.distributed_type"] == "MULTI_CPU"
+    adapters = [r for r in by_stage["train_lora"] if r.get("rank")]
+    assert sorted(r["rank"] for r in adapters) == ["1", "2"]  # one run per adapter (plus the task's parent)
+    assert all("param:accelerate.num_processes" in r for r in adapters)
+    assert len([r for r in by_stage["train_cvae"] if r.get("rank") == "2"]) == 1
+    assert len(by_stage["base_model"]) == 1
+
+
+def worker(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker process with RANK=rank."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if f"RANK={rank}".encode() in environ and b"TORCHELASTIC_RUN_ID" in b"".join(environ) and ppid == parent:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under {parent}")
+
+
+def test_a_killed_worker_fails_the_stage_and_a_rerun_resumes_in_two_processes(micro_pipeline, tmp_path, env):
+    clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", env)
+    params = (clone / "params.yaml").read_text()
+    (clone / "params.yaml").write_text(params.replace("  train:\n    steps: 6\n    batch_size: 8\n    warmup_steps: 2\n"
+                                                      "  checkpoint_every: 2",
+                                                      "  train:\n    steps: 40\n    batch_size: 8\n    warmup_steps: 2\n"
+                                                      "  checkpoint_every: 2", 1))
+    assert "steps: 40" in (clone / "params.yaml").read_text()
+    cmd = [*TORCHRUN, "icmlora.stages.train_lora", "--task", "circle", "--seed", "0"]
+    state = clone / "state" / "lora" / "circle-r1-s0" / "train" / "state.json"
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not (state.is_file() and json.loads(state.read_text())["extra"]["step"] >= 4):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.kill(worker(proc.pid, 1), signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+    log.close()
+    output = (tmp_path / "killed.log").read_text()
+    assert "ChildFailedError" in output and "rank      : 1" in output.replace("rank:", "rank      :") \
+        or "Signal 9 (SIGKILL)" in output, output[-3000:]
+    saved = json.loads(state.read_text())["extra"]["step"]
+    assert saved >= 4
+    # nothing half-written: the outputs are still those of the 1-process run
+    assert json.loads((clone / "metrics" / "lora" / "circle-s0" / "r1.json").read_text())["train_steps"] == 6
+
+    proc = run(cmd, clone, env)
+    for rank in (1, 2):
+        out = clone / "models" / "lora" / "circle-s0" / f"r{rank}"
+        assert sorted(p.name for p in (out / "checkpoints").iterdir())[-3:] == ["step-36", "step-38", "step-40"]
+        assert json.loads((clone / "metrics" / "lora" / "circle-s0" / f"r{rank}.json").read_text())["train_steps"] == 40
+    assert not state.exists()
+    # the resumed rank-1 run logged only the steps after the saved state
+    with sqlite3.connect(clone / "mlflow.db") as conn:
+        steps = [s for (s,) in conn.execute(
+            "select m.step from metrics m join tags t on t.run_uuid = m.run_uuid and t.key = 'rank' and t.value = '1' "
+            "where m.key = 'train_loss' order by m.step")]
+    assert steps and steps[0] == saved + 1 and steps[-1] == 40 and len(steps) == 40 - saved, steps
+
+
+def test_bf16_on_cpu_trains_and_scores_and_saves_float32(micro_pipeline, tmp_path, env):
+    """runtime.mixed_precision: bf16 autocasts training (LoRA, CVAE) on CPU; adapters, flattened
+    parameters and generators are saved in float32, and scoring runs in float32."""
+    clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", env)
+    params = (clone / "params.yaml").read_text()
+    (clone / "params.yaml").write_text(params.replace('mixed_precision: "no"', "mixed_precision: bf16", 1))
+    one = dict(env)
+    one.pop("ACCELERATE_USE_CPU")
+    logs = ""
+    for cmd in (["train_lora", "--task", "circle"], ["collect_params", "--rank", "2"], ["train_cvae", "--rank", "2"],
+                ["generate"], ["evaluate"]):
+        proc = run([str(BIN / "python"), "-m", f"icmlora.stages.{cmd[0]}", *cmd[1:]], clone, one)
+        logs += proc.stdout
+    assert logs.count("mixed precision bf16") == 2  # the two training stages
+    adapter = load_file(clone / "models" / "lora" / "circle-s0" / "r2" / "final" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    trained_bf16 = json.loads((clone / "metrics" / "lora" / "circle-s0" / "r2.json").read_text())
+    assert 0.0 <= trained_bf16["map50"] <= 1.0
+    assert {t.dtype for t in load_file(clone / "data" / "lora_matrix" / "r2.safetensors").values()} <= {
+        torch.float32, torch.int64}
+    assert {t.dtype for t in load_file(clone / "models" / "cvae" / "r2" / "model.safetensors").values()} == {torch.float32}
+    evaluation = json.loads((clone / "metrics" / "evaluate.json").read_text())
+    assert evaluation
