@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast mlflow push bench scale clean-venv
+.PHONY: setup repro test test-fast mlflow push bench scale seeds clean-venv
 
 setup: $(STAMP)
 
@@ -44,3 +44,8 @@ clean-venv:
 # steps per stage in a clone: metrics/scale.json. Not part of `make test`.
 scale: $(STAMP)
 	$(BIN)/python bench/scale.py
+
+# The spread over seeds: the default pipeline for more seeds as queued DVC experiments, one table
+# (metrics/seeds.json, metrics/seeds.csv). Long: one full pipeline per seed.
+seeds: $(STAMP)
+	$(BIN)/python bench/seeds.py

@@ -310,3 +310,31 @@ def test_a_rejected_value_costs_no_output(micro_pipeline, tmp_path, e2e_env, bad
     assert (clone / "dvc.lock").read_bytes() == lock
     run(["git", "checkout", "--", "params.yaml"], clone)
     assert "up to date" in run([DVC, "status"], clone, e2e_env).stdout
+
+
+def test_two_queue_workers_on_a_fresh_sqlite_store_lose_no_run(micro_pipeline, tmp_path, e2e_env):
+    """`dvc queue start -j 2`: two workers run two experiments at once, both logging to the
+    repository's SQLite store, which neither finds created (the store's set-up is serialized by a
+    file lock, later writes wait on SQLite's busy timeout): both succeed, every run is recorded."""
+    clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", e2e_env)
+    assert not (clone / "mlflow.db").exists()
+    names = []
+    for confidence in ("0.8", "0.85"):
+        out = run([DVC, "exp", "run", "--queue", "-S", f"evaluate.confidence={confidence}"], clone, e2e_env).stdout
+        names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
+    states = {}
+    try:
+        run([DVC, "queue", "start", "-j", "2"], clone, e2e_env)
+        deadline = time.monotonic() + 1200
+        while time.monotonic() < deadline:
+            states = {n: queue_state(clone, e2e_env, n) for n in names}
+            if not {"Queued", "Running"} & set(states.values()):
+                break
+            time.sleep(5)
+    finally:
+        stop_queue(clone, e2e_env)
+    logs = {n: run([DVC, "queue", "logs", n], clone, e2e_env, ok=False).stdout for n in names}
+    assert set(states.values()) == {"Success"}, {n: (s, logs[n][-2000:]) for n, s in states.items()}
+    rows = len(list(csv.DictReader((micro_pipeline / "metrics/comparison.csv").open())))
+    for name in names:
+        assert_runs_logged(clone, name, rows)

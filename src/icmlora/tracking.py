@@ -90,17 +90,38 @@ def stage_params(cfg: Any, stage: str, dvc_file: Path = Path("dvc.yaml")) -> dic
     return out
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time sets up a SQLite store (tables, migrations, the experiment): two
+    `dvc queue start -j 2` workers starting on a fresh mlflow.db would both create its tables.
+    Later writes need no lock: MLflow waits up to 20 s for a busy SQLite file (busy_timeout)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    path = Path(uri[len("sqlite:///"):].split("?")[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _mlflow():
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-        # Without a server, artifacts would land under the current folder, which is a
-        # throw-away copy under `dvc exp run --temp`: pin them beside the store.
-        mlflow.create_experiment(name, artifact_location=(repo_root() / "mlflow-artifacts").as_uri())
-    experiment = mlflow.set_experiment(name)
+    with _store_lock(uri):
+        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+            # Without a server, artifacts would land under the current folder, which is a
+            # throw-away copy under `dvc exp run --temp`: pin them beside the store.
+            mlflow.create_experiment(name, artifact_location=(repo_root() / "mlflow-artifacts").as_uri())
+        experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return mlflow
