@@ -38,6 +38,8 @@ from safetensors.torch import load_file
 
 from icmlora.artifacts.generators import read_generator
 from icmlora.artifacts.task_vectors import read_task_vectors
+from icmlora.config import load_params
+from icmlora.profile import apply_profile
 
 pytestmark = pytest.mark.slow
 
@@ -182,12 +184,10 @@ def worker(parent: int, rank: int) -> int:
 
 def test_a_killed_worker_fails_the_stage_and_a_rerun_resumes_in_two_processes(micro_pipeline, tmp_path, env):
     clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", env)
-    params = (clone / "params.yaml").read_text()
-    (clone / "params.yaml").write_text(params.replace("  train:\n    steps: 6\n    batch_size: 8\n    warmup_steps: 2\n"
-                                                      "  checkpoint_every: 2",
-                                                      "  train:\n    steps: 40\n    batch_size: 8\n    warmup_steps: 2\n"
-                                                      "  checkpoint_every: 2", 1))
-    assert "steps: 40" in (clone / "params.yaml").read_text()
+    longer = tmp_path / "longer.yaml"  # enough steps to kill a worker mid-run
+    longer.write_text("lora:\n  train:\n    steps: 40\n")
+    apply_profile(clone / "params.yaml", longer)
+    assert load_params(clone / "params.yaml").lora.train.steps == 40
     cmd = [*TORCHRUN, "icmlora.stages.train_lora", "--task", "circle", "--seed", "0"]
     state = clone / "state" / "lora" / "circle-r1-s0" / "train" / "state.json"
     log = (tmp_path / "killed.log").open("w")
