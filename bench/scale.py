@@ -46,6 +46,12 @@ REFERENCE_CVAE = {"step_seconds": 11.0, "peak_rss_gb": 4.0, "parameters": 7_500_
                   "source": "issue #11: the reference code's CVAE at D = 1,929,928, batch 2, on a 2-core CPU"}
 
 
+def stage_env(repo: Path) -> dict:
+    """The clone's own code and MLflow store, this interpreter's bin/ first on PATH."""
+    return dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
+                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def run_timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, peak RSS in GiB of the largest process of its tree)."""
     start = time.perf_counter()
@@ -175,16 +181,14 @@ def main(argv=None) -> None:
         repo, tmp = args.reuse.resolve(), None
         old = json.loads(args.out.read_text())
         rev, stages, pipeline_seconds = old["rev"], old["stages"], old["pipeline_minutes"] * 60
-        env = dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        env = stage_env(repo)
     else:
         rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
         tmp = Path(tempfile.mkdtemp(prefix="scale-"))
         repo = tmp / "repo"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
         subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
-        env = dict(os.environ, PYTHONPATH=str(repo / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        env = stage_env(repo)
         begin = time.perf_counter()
         icmlora = [sys.executable, "-m", "icmlora"]
         subprocess.run([*icmlora, "synth-voc", "data/scale-voc/VOC2012", "--tasks", "dog", "cat", "--train", "12",

@@ -20,27 +20,24 @@ make target runs it before ``dvc repro``; the folder is then a dependency of ``p
 from __future__ import annotations
 
 import argparse
-import colorsys
 import io
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from xml.sax.saxutils import escape
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from icmlora.data.synthetic import SHAPES, _draw
+from icmlora.data.synthetic import SHAPES, _colour, _draw
 from icmlora.errors import InputError
+from icmlora.files import atomic_dir
 
 # The commonest VOC2012 image sizes (width, height).
 VOC_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 400), (500, 281))
 
 
-def _colour(rng: np.random.Generator, index: int, count: int) -> tuple[int, int, int]:
-    hue = (index / count + rng.uniform(-1 / 40, 1 / 40)) % 1.0
-    return tuple(int(150 + round(v * 105 * rng.uniform(0.85, 1.0))) for v in colorsys.hsv_to_rgb(hue, 1.0, 1.0))
+# The synthetic source's category colours (each task its own hue), as its colour function reads them.
+HUE_COLOURS = SimpleNamespace(category_colours=True)
 
 
 def _image(rng: np.random.Generator, tasks: list[str], object_size: tuple[int, int]) -> tuple[Image.Image, list]:
@@ -55,7 +52,7 @@ def _image(rng: np.random.Generator, tasks: list[str], object_size: tuple[int, i
             x, y = int(rng.integers(0, width - s + 1)), int(rng.integers(0, height - s + 1))
             if all(x + s + 2 <= px or px + ps + 2 <= x or y + s + 2 <= py or py + ps + 2 <= y for px, py, ps, _ in placed):
                 placed.append((x, y, s, int(label)))
-                _draw(draw, SHAPES[int(label)], x, y, s, _colour(rng, int(label), len(tasks)))
+                _draw(draw, SHAPES[int(label)], x, y, s, _colour(rng, HUE_COLOURS, int(label), len(tasks)))
                 break
     return image, placed
 
@@ -81,10 +78,7 @@ def write_voc(out: Path, tasks: list[str], train: int, valid: int, seed: int = 0
     if train < 1 or valid < 1:
         raise InputError(f"synth-voc: --train and --valid must be at least 1, got {train} and {valid}")
     rng = np.random.default_rng(seed)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
             (tmp / sub).mkdir(parents=True)
         counts = {}
@@ -101,12 +95,6 @@ def write_voc(out: Path, tasks: list[str], train: int, valid: int, seed: int = 0
                 ids.append(image_id)
             (tmp / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
             counts[split] = count
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 
