@@ -112,7 +112,9 @@ def main(argv=None) -> None:
                 print(f"seeds: {name} already ran; kept")
                 continue
             dvc("exp", "run", "--queue", "-S", f"seed={seed}", "-n", name)
-        dvc("queue", "start", "-j", str(args.jobs))
+        # the workers it starts outlive it and would hold a captured stdout open until they end
+        subprocess.run([*DVC, "queue", "start", "-j", str(args.jobs)], cwd=ROOT, env=ENV, check=True,
+                       stdout=subprocess.DEVNULL)
         wait_for_queue()
         failed = [line for line in dvc("queue", "status", check=False).splitlines() if "Failed" in line]
         if failed:
