@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -51,20 +52,61 @@ def dvc(*args: str, check: bool = True) -> str:
 
 
 def experiments() -> dict[str, dict]:
-    """{name: {"params": params.yaml values, "metrics": {file: values}}} of the workspace (name
-    "workspace") and of every experiment of HEAD, from `dvc exp show --json`."""
+    """{name: {"params": params.yaml values, "metrics": {file: values}, "rev": commit}} of the
+    workspace (name "workspace", rev None) and of every experiment of any commit, from `dvc exp
+    show --json`."""
     out = {}
-    for commit in json.loads(dvc("exp", "show", "--json", "--no-pager")):
-        entries = [commit] + [rev for exp in commit.get("experiments") or [] for rev in exp.get("revs", [])]
-        for entry in entries:
+    # experiments hang on the commit they were queued from, which need not be HEAD any more
+    baselines = [line.rstrip(":").strip() for line in dvc("exp", "list", "--all-commits").splitlines()
+                 if line.strip().endswith(":")]
+    revs = [arg for b in baselines for arg in ("--rev", b)]
+    for commit in json.loads(dvc("exp", "show", "--json", "--no-pager", *revs)):
+        # the workspace, then each experiment's revision with its executor's state (success,
+        # running, queued, failed; none recorded: it ran before and finished)
+        entries = [(commit, "success")] if commit.get("rev") == "workspace" else []
+        entries += [(rev, (exp.get("executor") or {}).get("state") or "success")
+                    for exp in commit.get("experiments") or [] for rev in exp.get("revs", [])]
+        for entry, state in entries:
             data = entry.get("data") or {}
-            name = entry.get("name") or entry.get("rev")
-            if not data or (entry is commit and commit.get("rev") != "workspace"):
+            if not data:
                 continue
             params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
             metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
-            out[name] = {"params": params, "metrics": metrics, "status": data.get("status")}
+            rev = None if entry.get("rev") == "workspace" else entry.get("rev")
+            out[entry.get("name") or entry.get("rev")] = {"params": params, "metrics": metrics, "status": state,
+                                                          "rev": rev}
     return out
+
+
+def git_files(rev: str | None, folder: str) -> dict[str, str]:
+    """{path: text} of the git-tracked files under `folder` in commit `rev` (an experiment's
+    commit holds every metrics file its run wrote); rev None: the workspace."""
+    if rev is None:
+        return {str(f.relative_to(ROOT)): f.read_text() for f in sorted((ROOT / folder).rglob("*")) if f.is_file()
+                and f.suffix in (".json", ".csv")}
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, folder], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    return {n: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout for n in names if n.endswith((".json", ".csv"))}
+
+
+def run_files(rev: str | None) -> dict[str, float]:
+    """Figures only the run's own files hold: every LoRA's own-task mAP50 (all tasks, held-out
+    included) per rank, and the generators' final reconstruction error."""
+    row: dict[str, float] = {}
+    per_rank: dict[int, list[float]] = {}
+    for path, text in git_files(rev, "metrics/lora").items():
+        if path.endswith(".json"):
+            m = json.loads(text)
+            per_rank.setdefault(int(m["rank"]), []).append(m["map50"])
+    for rank, values in sorted(per_rank.items()):
+        row[f"r{rank}.lora_own_task_map50_median"] = statistics.median(values)
+        row[f"r{rank}.lora_own_task_map50_min"] = min(values)
+    for path, text in git_files(rev, "metrics/cvae").items():
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows:
+            row[f"{Path(path).stem}.cvae_final_recon"] = float(rows[-1]["recon"])
+    return row
 
 
 def figures(metrics: dict[str, dict]) -> dict[str, float]:
@@ -75,8 +117,12 @@ def figures(metrics: dict[str, dict]) -> dict[str, float]:
     row = {"base_valid_map50": base.get("map50"), "base_valid_map50_95": base.get("map50_95")}
     for rank, r in sorted((summary.get("ranks") or {}).items(), key=lambda kv: int(kv[0])):
         for key in ("trained_map50_median", "generated_map50_median", "generated_over_trained_median",
-                    "avg_checkpoint_map50_median", "heldout_generated_map50_median", "heldout_trained_map50_median"):
+                    "avg_checkpoint_map50_median", "noise_map50_median", "heldout_generated_map50_median",
+                    "heldout_trained_map50_median", "novelty_ratio_median", "error_iou_median",
+                    "error_iou_checkpoints_median"):
             row[f"r{rank}.{key}"] = r.get(key)
+        for name, c in (r.get("comparisons") or {}).items():  # paired bootstrap, training tasks pooled
+            row[f"r{rank}.{name.replace(' ', '')}.difference"] = c.get("difference")
     # the silhouette of the method in use (icl with its pooling: icl_match by default), and of the others
     silhouettes = vectors.get("silhouette") or {}
     method = vectors.get("method")
@@ -85,6 +131,20 @@ def figures(metrics: dict[str, dict]) -> dict[str, float]:
     for key, value in silhouettes.items():
         row[f"silhouette.{key}"] = value
     return {k: v for k, v in row.items() if isinstance(v, (int, float))}
+
+
+def verdicts(metrics: dict[str, dict]) -> dict[str, str]:
+    """{"r4 generated - trained": "indistinguishable", ...}: the bootstrap verdicts of one run."""
+    ranks = (metrics.get("metrics/summary.json", {}).get("ranks") or {})
+    return {f"r{rank} {name}": c.get("verdict") for rank, r in ranks.items()
+            for name, c in (r.get("comparisons") or {}).items()}
+
+
+# Issue #16's bar for the default, per seed: (figure, lowest value allowed).
+THRESHOLDS = [("base_valid_map50", 0.95), ("r4.lora_own_task_map50_median", 0.6),
+              ("r1.generated_over_trained_median", 0.9), ("r2.generated_over_trained_median", 0.9),
+              ("r4.generated_over_trained_median", 0.9), ("r8.generated_over_trained_median", 0.9),
+              ("task_vector_silhouette", 0.6)]
 
 
 def wait_for_queue(poll: float = 30.0) -> None:
@@ -105,7 +165,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if not args.collect:
-        done = {name for name, e in experiments().items() if e["status"] == "Success"}
+        done = {name for name, e in experiments().items() if e["status"] == "success"}
         for seed in args.seeds:
             name = f"seed-{seed}"
             if name in done:
@@ -124,15 +184,20 @@ def main(argv=None) -> None:
     table = {}
     for name, e in runs.items():
         seed = e["params"].get("seed")
-        if name == "workspace" or (name.startswith("seed-") and seed is not None):
-            table[str(seed)] = {"experiment": name, **figures(e["metrics"])}
+        if name == "workspace" or (name.startswith("seed-") and seed is not None and e["status"] == "success"):
+            table[str(seed)] = {"experiment": name, **figures(e["metrics"]), **run_files(e["rev"])}
     keys = sorted({k for row in table.values() for k in row if k != "experiment"})
     spread = {}
     for key in keys:
         values = [row[key] for row in table.values() if key in row]
         spread[key] = {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
                        "max": round(max(values), 4), "n": len(values)}
-    record = {"seeds": table, "spread": spread, "machine": {"cpus": os.cpu_count()}}
+    verdict_table = {str(e["params"]["seed"]): verdicts(e["metrics"]) for name, e in runs.items()
+                     if str(e["params"].get("seed")) in table and table[str(e["params"]["seed"])]["experiment"] == name}
+    checks = {seed: {key: {"value": row.get(key), "at_least": low, "ok": row.get(key) is not None and row[key] >= low}
+                     for key, low in THRESHOLDS} for seed, row in table.items()}
+    record = {"seeds": table, "spread": spread, "verdicts": verdict_table, "checks": checks,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     write_json(ROOT / "metrics" / "seeds.json", record)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -142,6 +207,9 @@ def main(argv=None) -> None:
         writer.writerow([key, *[table[s].get(key, "") for s in seeds], spread[key]["median"], spread[key]["min"],
                          spread[key]["max"]])
     write_text(ROOT / "metrics" / "seeds.csv", buffer.getvalue())
+    for seed in seeds:
+        missed = [f"{k} {c['value']} < {c['at_least']}" for k, c in checks[seed].items() if not c["ok"]]
+        print(f"seeds: seed {seed}: " + ("every threshold met" if not missed else "MISSED " + "; ".join(missed)))
     print(f"seeds: {len(table)} runs (seeds {', '.join(seeds)}) -> metrics/seeds.json, metrics/seeds.csv")
 
 
