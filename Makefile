@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast mlflow push bench scale seeds clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds clean-venv
 
 setup: $(STAMP)
 
@@ -20,11 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
+# test: unit tests + one shared micro pipeline and its end-to-end checks (about 6 min on 2 cores).
+# test-fast: unit tests only (no training, no dvc repro; under a minute).
+# test-long: several processes, queues, remotes and servers, a second pipeline (.ci/run runs it too).
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not long"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not long"
+
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -m long
 
 # MLflow UI + REST API on the repository's store, bound to this machine only.
 mlflow: $(STAMP)

@@ -10,6 +10,7 @@ from icmlora.artifacts import checkpoints_dir
 from icmlora.cli import main as cli
 
 
+@pytest.mark.slow
 def test_score_an_adapter_on_a_florence_jsonl(setting, tmp_path, capsys, monkeypatch):
     """The same numbers as the pipeline's own scorer, from the command line."""
     from icmlora.artifacts.base_model import read_base_model
@@ -63,6 +64,7 @@ def test_generate_from_examples_says_when_no_training_adapter_writes_their_label
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here: bench/gpu_check.sh would run the check")
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_and_exits_2(repo):
     import subprocess
     import sys

@@ -36,6 +36,7 @@ def trained(setting, tmp_path_factory):
     return cfg, root, processor, out, results
 
 
+@pytest.mark.slow
 def test_cvae_training_writes_a_rebuildable_generator(trained):
     cfg, _, _, out, results = trained
     for rank, result in results.items():
@@ -48,6 +49,7 @@ def test_cvae_training_writes_a_rebuildable_generator(trained):
         assert not (out / "state" / f"r{rank}").exists()  # finished: no resume state left
 
 
+@pytest.mark.slow
 def test_generated_folders_load_in_peft_with_exactly_the_manifest_tensors(trained):
     cfg, root, processor, out, _ = trained
     metrics = generate_all(cfg, out / "cvae", out / "matrix", out / "tv.safetensors", out / "generated", out / "g.json")
@@ -65,6 +67,7 @@ def test_generated_folders_load_in_peft_with_exactly_the_manifest_tensors(traine
     assert len(loaded) == len(tensors)
 
 
+@pytest.mark.slow
 def test_generate_for_a_new_task_vector(trained, tmp_path):
     cfg, _, _, out, _ = trained
     vec = torch.randn(cfg.base.tiny.d_model)
@@ -74,6 +77,7 @@ def test_generate_for_a_new_task_vector(trained, tmp_path):
         generate_one(cfg, 1, tmp_path / "bad", torch.randn(3), samples=1, cvae_root=out / "cvae", matrix_root=out / "matrix")
 
 
+@pytest.mark.slow
 def test_generate_cli_from_a_vector_file(trained, tmp_path, monkeypatch):
     from icmlora.stages import generate
 
@@ -125,6 +129,7 @@ def test_summary_keys_and_ratios(setting):
     assert timings({"generate_adapter_seconds": 0.01}, [{"train_seconds": 20.0}])["speedup_median"] == pytest.approx(2000.0)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_task_without_its_z0_sample(trained, tmp_path):
     """The baselines are built around each task's z = 0 sample: without it evaluate must stop and
     say which folder lacks it, not reuse the previous task's sample (or crash on the first)."""
@@ -150,6 +155,7 @@ def test_one_training_task_gets_a_unit_condition_scale():
     assert torch.equal(mean, torch.tensor([1.0, 2.0, 3.0])) and torch.equal(scale, torch.ones(3))
 
 
+@pytest.mark.slow
 def test_examples_are_refused_by_a_generator_of_another_vector_kind(trained, tmp_path):
     cfg, _, _, out, _ = trained
     vec = torch.randn(cfg.base.tiny.d_model)

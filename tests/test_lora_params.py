@@ -158,6 +158,7 @@ def test_manifest_validation(tmp_path):
         read_manifest(1, tmp_path)
 
 
+@pytest.mark.slow
 def test_task_vectors_shapes_per_method(setting, tmp_path):
     from icmlora.artifacts.task_vectors import read_task_vectors
     from icmlora.stages.task_vectors import compute_task_vectors

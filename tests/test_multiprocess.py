@@ -41,7 +41,7 @@ from icmlora.artifacts.task_vectors import read_task_vectors
 from icmlora.config import load_params
 from icmlora.profile import apply_profile
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m"]
 LAUNCHER = "env ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 -m"  # as params.yaml documents it

@@ -15,7 +15,7 @@ from params_helpers import micro_params
 from icmlora.artifacts import final_adapter_dir, lora_metrics_file
 from icmlora.data.synthetic import generate_split
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 NAMES = {"circle": "big circle", "square": "small square"}
 

@@ -81,6 +81,7 @@ def _files(root: Path, path: str) -> dict[str, Path]:
     return {p.relative_to(root).as_posix(): p for p in sorted(top.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.long
 def test_rerun_from_scratch_reproduces_every_output(micro_pipeline, micro_rerun):
     """Same seed, same code, same machine, from scratch: every output in dvc.lock has the same md5,
     except the metrics files listed in NOT_BIT_IDENTICAL, whose values must still match within
@@ -258,6 +259,7 @@ def queue_state(repo: Path, env: dict, name: str) -> str:
     return line.split()[-1] if line else "?"
 
 
+@pytest.mark.long
 def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
     """`dvc exp run --queue` + `dvc queue start`: the experiment runs in a temporary copy under
     .dvc/tmp/exps, yet its MLflow runs (and artifacts) land in the repository's own store, through
@@ -312,6 +314,7 @@ def test_a_rejected_value_costs_no_output(micro_pipeline, tmp_path, e2e_env, bad
     assert "up to date" in run([DVC, "status"], clone, e2e_env).stdout
 
 
+@pytest.mark.long
 def test_two_queue_workers_on_a_fresh_sqlite_store_lose_no_run(micro_pipeline, tmp_path, e2e_env):
     """`dvc queue start -j 2`: two workers run two experiments at once, both logging to the
     repository's SQLite store, which neither finds created (the store's set-up is serialized by a

@@ -37,6 +37,7 @@ def kill_after(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(setting, tmp_path, monkeypatch,
                                                                                kill_after):
     cfg, root, _ = setting
@@ -70,6 +71,7 @@ def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(se
     assert not done.exists() and not killed.exists()
 
 
+@pytest.mark.slow
 def test_state_from_other_params_is_discarded(setting, tmp_path):
     cfg, root, _ = setting
     train_state = tmp_path / "state" / "lora" / "circle-r1-s0" / "train"
@@ -82,6 +84,7 @@ def test_state_from_other_params_is_discarded(setting, tmp_path):
     assert not (tmp_path / "state" / "lora" / "circle-r1-s0").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_its_outputs_writes_them_when_started_again(setting, tmp_path, monkeypatch):
     """The outputs are copied out of the state, which goes last: a run killed between writing the
     metrics and the adapters neither trains nor scores again, and loses nothing."""
@@ -121,6 +124,7 @@ def test_a_run_killed_while_writing_its_outputs_writes_them_when_started_again(s
     assert not (tmp_path / "state" / "lora").exists() or not any((tmp_path / "state" / "lora").iterdir())
 
 
+@pytest.mark.slow
 def test_killed_cvae_run_resumes_with_only_the_remaining_epochs(setting, tmp_path, kill_after):
     from icmlora.stages.collect_params import collect_params
     from icmlora.stages.task_vectors import compute_task_vectors

@@ -24,7 +24,7 @@ import yaml
 
 from e2e_helpers import BIN, commit_all, file_hashes, free_port, micro_copy, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 DVC = str(BIN / "dvc")
 OUTS = ("data", "models")  # DVC-cached outputs of prepare and base_model
 MODEL = "models/base/model.safetensors"
