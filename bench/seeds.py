@@ -157,12 +157,67 @@ def wait_for_queue(poll: float = 30.0) -> None:
         time.sleep(poll)
 
 
+def markdown(record: dict) -> str:
+    """The README's quality table: median [min, max] over the seeds of every headline figure, and
+    how often each bootstrap verdict came out."""
+    spread, ranks = record["spread"], (1, 2, 4, 8)
+
+    def cell(key: str, digits: int = 2) -> str:
+        s = spread.get(key)
+        if s is None:
+            return "-"
+        return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+    def per_rank(name: str, digits: int = 2) -> str:
+        return "; ".join(f"r{r} {cell(f'r{r}.{name}', digits)}" for r in ranks)
+
+    def verdict_counts(comparison: str) -> str:
+        parts = []
+        for r in ranks:
+            got = [v.get(f"r{r} {comparison}") for v in record["verdicts"].values()]
+            counts = {k: got.count(k) for k in ("better", "indistinguishable", "worse") if got.count(k)}
+            parts.append(f"r{r} " + ", ".join(f"{k} {n}/{len(got)}" for k, n in counts.items()))
+        return "; ".join(parts)
+
+    rows = [
+        ("base valid mAP50 (class-agnostic)", cell("base_valid_map50", 3) + "; mAP50-95 " + cell("base_valid_map50_95", 3)),
+        ("LoRA own-task mAP50, median over the 6 tasks", per_rank("lora_own_task_map50_median")),
+        ("LoRA own-task mAP50, weakest task", per_rank("lora_own_task_map50_min")),
+        ("task-vector silhouette, icl match (the default)", cell("task_vector_silhouette")),
+        ("silhouette of the other vectors", "; ".join(f"{k.split('.', 1)[1]} {cell(k)}" for k in sorted(spread)
+                                                      if k.startswith("silhouette.") and k != "silhouette.icl_match")),
+        ("CVAE final reconstruction MSE", per_rank("cvae_final_recon", 3)),
+        ("generated / trained mAP50 (median over training tasks)", per_rank("generated_over_trained_median")),
+        ("generated − trained, pooled (bootstrap difference)", per_rank("generated-trained.difference", 3)),
+        ("... its verdict (95 %)", verdict_counts("generated - trained")),
+        ("generated − avg_checkpoint", per_rank("generated-avg_checkpoint.difference", 3) + "; verdicts "
+         + verdict_counts("generated - avg_checkpoint")),
+        ("generated − noise", per_rank("generated-noise.difference", 3) + "; verdicts " + verdict_counts("generated - noise")),
+        ("generated − wrong_task", per_rank("generated-wrong_task.difference", 3) + "; verdicts "
+         + verdict_counts("generated - wrong_task")),
+        ("held-out task (star): generated mAP50", per_rank("heldout_generated_map50_median")),
+        ("held-out task (star): its trained LoRA", per_rank("heldout_trained_map50_median")),
+        ("novelty: NN distance / median NN distance in the task", per_rank("novelty_ratio_median", 1)),
+        ("error IoU with the nearest checkpoint (two neighbouring checkpoints)",
+         "; ".join(f"r{r} {cell(f'r{r}.error_iou_median')} ({cell(f'r{r}.error_iou_checkpoints_median')})"
+                   for r in ranks)),
+    ]
+    seeds = ", ".join(sorted(record["seeds"], key=int))
+    lines = [f"| figure (median [min, max] over seeds {seeds}) | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds besides params.yaml's (default 1 2)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (default 1: they share the CPU)")
     parser.add_argument("--collect", action="store_true", help="only write the table from existing experiments")
+    parser.add_argument("--markdown", action="store_true", help="only print metrics/seeds.json as the README's table")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((ROOT / "metrics" / "seeds.json").read_text())), end="")
+        return
 
     if not args.collect:
         done = {name for name, e in experiments().items() if e["status"] == "success"}
