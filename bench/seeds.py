@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+REPO = ROOT  # the repository whose experiments are run and tabulated (--repo)
 
 from icmlora.files import write_json, write_text  # noqa: E402
 
@@ -45,7 +46,7 @@ ENV = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.envir
 
 
 def dvc(*args: str, check: bool = True) -> str:
-    proc = subprocess.run([*DVC, *args], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    proc = subprocess.run([*DVC, *args], cwd=REPO, capture_output=True, text=True, env=ENV)
     if check and proc.returncode:
         raise SystemExit(f"seeds: `dvc {' '.join(args)}` failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -82,11 +83,11 @@ def git_files(rev: str | None, folder: str) -> dict[str, str]:
     """{path: text} of the git-tracked files under `folder` in commit `rev` (an experiment's
     commit holds every metrics file its run wrote); rev None: the workspace."""
     if rev is None:
-        return {str(f.relative_to(ROOT)): f.read_text() for f in sorted((ROOT / folder).rglob("*")) if f.is_file()
+        return {str(f.relative_to(REPO)): f.read_text() for f in sorted((REPO / folder).rglob("*")) if f.is_file()
                 and f.suffix in (".json", ".csv")}
-    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, folder], cwd=ROOT, capture_output=True,
+    names = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, folder], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
-    return {n: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=ROOT, capture_output=True, text=True,
+    return {n: subprocess.run(["git", "show", f"{rev}:{n}"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout for n in names if n.endswith((".json", ".csv"))}
 
 
@@ -214,9 +215,12 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (default 1: they share the CPU)")
     parser.add_argument("--collect", action="store_true", help="only write the table from existing experiments")
     parser.add_argument("--markdown", action="store_true", help="only print metrics/seeds.json as the README's table")
+    parser.add_argument("--repo", type=Path, default=ROOT, help="the repository (default: this one)")
     args = parser.parse_args(argv)
+    global REPO
+    REPO = args.repo.resolve()
     if args.markdown:
-        print(markdown(json.loads((ROOT / "metrics" / "seeds.json").read_text())), end="")
+        print(markdown(json.loads((REPO / "metrics" / "seeds.json").read_text())), end="")
         return
 
     if not args.collect:
@@ -228,7 +232,7 @@ def main(argv=None) -> None:
                 continue
             dvc("exp", "run", "--queue", "-S", f"seed={seed}", "-n", name)
         # the workers it starts outlive it and would hold a captured stdout open until they end
-        subprocess.run([*DVC, "queue", "start", "-j", str(args.jobs)], cwd=ROOT, env=ENV, check=True,
+        subprocess.run([*DVC, "queue", "start", "-j", str(args.jobs)], cwd=REPO, env=ENV, check=True,
                        stdout=subprocess.DEVNULL)
         wait_for_queue()
         failed = [line for line in dvc("queue", "status", check=False).splitlines() if "Failed" in line]
@@ -253,7 +257,7 @@ def main(argv=None) -> None:
                      for key, low in THRESHOLDS} for seed, row in table.items()}
     record = {"seeds": table, "spread": spread, "verdicts": verdict_table, "checks": checks,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
-    write_json(ROOT / "metrics" / "seeds.json", record)
+    write_json(REPO / "metrics" / "seeds.json", record)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     seeds = sorted(table, key=int)
@@ -261,7 +265,7 @@ def main(argv=None) -> None:
     for key in keys:
         writer.writerow([key, *[table[s].get(key, "") for s in seeds], spread[key]["median"], spread[key]["min"],
                          spread[key]["max"]])
-    write_text(ROOT / "metrics" / "seeds.csv", buffer.getvalue())
+    write_text(REPO / "metrics" / "seeds.csv", buffer.getvalue())
     for seed in seeds:
         missed = [f"{k} {c['value']} < {c['at_least']}" for k, c in checks[seed].items() if not c["ok"]]
         print(f"seeds: seed {seed}: " + ("every threshold met" if not missed else "MISSED " + "; ".join(missed)))

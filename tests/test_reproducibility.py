@@ -20,10 +20,13 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from e2e_helpers import DVC, clone_sharing_cache, lock_outs, mlflow_runs, run
 
@@ -341,3 +344,38 @@ def test_two_queue_workers_on_a_fresh_sqlite_store_lose_no_run(micro_pipeline, t
     rows = len(list(csv.DictReader((micro_pipeline / "metrics/comparison.csv").open())))
     for name in names:
         assert_runs_logged(clone, name, rows)
+
+
+@pytest.mark.long
+def test_make_seeds_runs_a_seed_as_a_queued_experiment_and_tabulates_it(micro_pipeline, tmp_path, e2e_env, repo):
+    """bench/seeds.py (`make seeds`) on a clone of the micro copy: it queues `seed=7` as the DVC
+    experiment seed-7, runs the queue, and writes metrics/seeds.json / .csv with the workspace's
+    seed and seed 7 side by side (figures read from `dvc exp show` and from the experiment's own
+    commit), their spread and the per-seed checks; the experiment's MLflow runs carry dvc_exp."""
+    dest = clone_sharing_cache(micro_pipeline, tmp_path / "repo", e2e_env)
+    own_seed = str(yaml.safe_load((dest / "params.yaml").read_text())["seed"])
+    try:
+        proc = subprocess.run([sys.executable, str(repo / "bench" / "seeds.py"), "--repo", str(dest), "--seeds", "7"],
+                              env=e2e_env, capture_output=True, text=True, timeout=1800)
+    finally:
+        stop_queue(dest, e2e_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "seed-7" in run([DVC, "exp", "list", "--all-commits", "--name-only"], dest, e2e_env).stdout.split()
+
+    record = json.loads((dest / "metrics" / "seeds.json").read_text())
+    assert set(record["seeds"]) == {own_seed, "7"}
+    assert record["seeds"]["7"]["experiment"] == "seed-7" and record["seeds"][own_seed]["experiment"] == "workspace"
+    for seed, row in record["seeds"].items():
+        # from dvc exp show (the declared metrics) and from the run's own commit (every LoRA's metrics file)
+        for key in ("base_valid_map50", "r1.generated_over_trained_median", "task_vector_silhouette",
+                    "r1.lora_own_task_map50_median", "r2.cvae_final_recon"):
+            assert isinstance(row.get(key), float), (seed, key, row.get(key))
+    # a different seed is a different draw (the micro base scores 0 either way; its generators differ)
+    assert record["seeds"]["7"]["r2.cvae_final_recon"] != record["seeds"][own_seed]["r2.cvae_final_recon"]
+    spread = record["spread"]["r2.cvae_final_recon"]
+    assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert set(record["checks"]) == {own_seed, "7"} and set(record["verdicts"]) == {own_seed, "7"}
+    header = (dest / "metrics" / "seeds.csv").read_text().splitlines()[0]
+    assert header == f"figure,seed {min(own_seed, '7', key=int)},seed {max(own_seed, '7', key=int)},median,min,max"
+    tagged = {r.get("stage") for r in mlflow_runs(dest / "mlflow.db") if r.get("dvc_exp") == "seed-7"}
+    assert {"base_model", "train_lora", "train_cvae", "evaluate", "report"} <= tagged, tagged
