@@ -54,7 +54,7 @@ def test_profile_keeps_comments_and_untouched_lines(repo, tmp_path):
     assert "  source: synthetic          # synthetic | florence_jsonl | voc | coco" in merged.splitlines()
     assert "  root: data/source          # an imported source's folder (VOC2012 root, COCO root, JSONL folder): a DVC" in merged
     assert "  revision: null" in merged  # a null stays null
-    assert "    steps: 6                   # valid mAP50 0.99" in merged  # a changed value keeps its comment
+    assert "    steps: 6                   # valid mAP50 0.97-1.00" in merged  # a changed value keeps its comment
     assert len(merged.splitlines()) == len(original.splitlines())
 
 
@@ -84,6 +84,8 @@ def _set(data, key, value):
         ("heldout_tasks", ["dog"], "heldout_tasks: ['dog'] not in data.tasks"),
         ("lora.target_modules", 3, "lora.target_modules: input should be a valid string, got 3; or input should be a valid list"),
         ("lora.cross_task_ranks", [3], "lora.cross_task_ranks: [3] not in lora.ranks"),
+        ("lora.lr_by_rank", {"1": 0.002}, "lora.lr_by_rank: keys ['1'] are not ranks written r<rank> (e.g. r1)"),
+        ("lora.lr_by_rank", {"r1": 0}, "lora.lr_by_rank.r1: input should be greater than 0, got 0"),
         ("cvae.kernel_size", 4, "cvae.kernel_size: must be odd"),
         ("predict.num_beams", None, "predict.num_beams: input should be a valid integer, got None"),
     ],
@@ -94,6 +96,18 @@ def test_bad_params_name_the_dotted_key(key, value, expected):
     with pytest.raises(InputError) as err:
         params_from_dict(data)
     assert expected in str(err.value)
+
+
+def test_lr_by_rank_overrides_the_lora_lr_for_its_ranks_only(repo, tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text())
+    # As `dvc exp run -S` sets it: a rank already listed, and one added with +.
+    apply_overrides(str(params), ["lora.lr_by_rank.r1=0.001", "+lora.lr_by_rank.r8=0.004", "lora.train.lr=0.006"])
+    lora = load_params(params).lora
+    assert [lora.optimizer(r).lr for r in (1, 2, 4, 8)] == [0.001, 0.006, 0.006, 0.004]
+    assert lora.optimizer(2) == lora.train and lora.optimizer(1).steps == lora.train.steps
 
 
 def test_a_missing_knob_is_an_error_not_a_default():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -189,6 +189,21 @@ class LoraParams(Section):
     keep_checkpoints: Positive
     eval_images: Count
     cross_task_ranks: list[Positive]
+    # {"r<rank>": lr} in place of train.lr for that rank (keys for ranks not trained are unused)
+    lr_by_rank: dict[str, PositiveFloat]
+
+    def optimizer(self, rank: int) -> OptimizerParams:
+        """``train`` with the learning rate ``lr_by_rank`` gives this rank, if any."""
+        lr = self.lr_by_rank.get(f"r{rank}")
+        return self.train if lr is None else self.train.model_copy(update={"lr": lr})
+
+    @field_validator("lr_by_rank")
+    @classmethod
+    def _rank_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in value if not re.fullmatch(r"r[1-9]\d*", k)]
+        if bad:
+            raise ValueError(f"keys {bad} are not ranks written r<rank> (e.g. r1)")
+        return value
 
     @field_validator("ranks", "seeds")
     @classmethod
@@ -333,17 +348,22 @@ class Params(Section):
 
 # --------------------------------------------------------------------------- loading
 def _dotted(loc: tuple, model: type[BaseModel] | None = Params) -> str:
-    """('lora', 'train', 'lr') -> 'lora.train.lr'; list indices as [i]; union member tags dropped."""
-    out = ""
+    """('lora', 'train', 'lr') -> 'lora.train.lr'; list indices as [i]; a mapping's keys as keys;
+    union member tags dropped."""
+    out, mapping = "", False
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+            continue
+        if mapping:  # a key of a dict-valued knob (lora.lr_by_rank.r1)
+            out, mapping = f"{out}.{part}", False
             continue
         fields = model.model_fields if model is not None else {}
         if out and part not in fields:
             break  # a union member's tag ('str', 'list[str]'): not a key
         out += f".{part}" if out else str(part)
         annotation = fields[part].annotation if part in fields else None
+        mapping = get_origin(annotation) is dict
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return out
 

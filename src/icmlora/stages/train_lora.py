@@ -129,10 +129,12 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
             for _, old in checkpoint_steps(trajectory)[:-keep]:
                 shutil.rmtree(old)
 
-    with start_run("train_lora", name, params={**stage_params(cfg, "train_lora"), **accelerate_params(accelerator)}, parent_run_id=parent_id,
+    optim = cfg.lora.optimizer(rank)  # lora.train, with this rank's lr from lora.lr_by_rank if given
+    with start_run("train_lora", name, params={**stage_params(cfg, "train_lora"), **accelerate_params(accelerator),
+                                               "lr": optim.lr}, parent_run_id=parent_id,
                    task=task, rank=rank, seed=seed, source="trained") as mlflow:
         buffer = MetricBuffer()
-        result = train(model, processor, dataset, cfg.lora.train, cfg.runtime, run_seed, accelerator=accelerator,
+        result = train(model, processor, dataset, optim, cfg.runtime, run_seed, accelerator=accelerator,
                        desc=f"train_lora {name}", on_step=lambda step, loss: buffer.add("train_loss", loss, step),
                        on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every, state=state)
         buffer.flush()
