@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 from e2e_helpers import BIN, run
+from icmlora.config import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,14 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
             "join tags s on s.run_uuid = t.run_uuid and s.key = 'source' where t.key = 'task'").fetchall()
     sources = {(task, rank, source) for task, rank, source in pairs}
     assert ("circle", "2", "trained") in sources and ("circle", "2", "generated") in sources
+    with sqlite3.connect(micro_repo / "mlflow.db") as db:  # each trained adapter's run logs the lr it trained at
+        lrs = dict(db.execute(
+            "select r.value, p.value from tags t join tags r on r.run_uuid = t.run_uuid and r.key = 'rank' "
+            "join params p on p.run_uuid = t.run_uuid and p.key = 'lr' "
+            "where t.key = 'stage' and t.value = 'train_lora'").fetchall())
+    lora = load_params(micro_repo / "params.yaml").lora
+    assert lrs == {str(r): str(lora.optimizer(r).lr) for r in lora.ranks}
+    assert lora.optimizer(1).lr != lora.train.lr  # the default's lr_by_rank reaches the micro profile
     with sqlite3.connect(micro_repo / "mlflow.db") as db:  # the UI opens the runs table, not the GenAI overview
         kind = db.execute("select value from experiment_tags where key = 'mlflow.experimentKind'").fetchall()
     assert kind == [("custom_model_development",)]
