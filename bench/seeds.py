@@ -15,7 +15,9 @@ metrics from `dvc exp show --json` and writes metrics/seeds.json and metrics/see
 base valid mAP50, the rank-4 LoRA own-task mAP50 median, trained and generated mAP50 medians and
 generated / trained per rank, the task-vector silhouette and the held-out task's figures; then
 per figure its median, min and max. `dvc exp show` and `dvc metrics diff <exp>` compare the same
-runs; in MLflow each experiment's runs carry the tag `dvc_exp = seed-<s>`.
+runs; in MLflow each experiment's runs carry the tag `dvc_exp = seed-<s>`. An experiment whose
+params differ from params.yaml's in more than the seed (one left from an older default) is left
+out of the table, and the script stops rather than reuse its name: `dvc exp remove seed-<s>`.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ def experiments() -> dict[str, dict]:
             out[entry.get("name") or entry.get("rev")] = {"params": params, "metrics": metrics, "status": state,
                                                           "rev": rev}
     return out
+
+
+def same_setting(run: dict, workspace: dict) -> bool:
+    """Whether an experiment ran the workspace's params apart from the seed: one left from an
+    older default (another base or LoRA schedule) is not a draw of this one."""
+    def strip(params: dict) -> dict:
+        return {k: v for k, v in params.items() if k != "seed"}
+
+    return strip(run["params"]) == strip(workspace["params"])
 
 
 def git_files(rev: str | None, folder: str) -> dict[str, str]:
@@ -225,11 +236,14 @@ def main(argv=None) -> None:
         return
 
     if not args.collect:
-        done = {name for name, e in experiments().items() if e["status"] == "success"}
+        runs = experiments()
         for seed in args.seeds:
             name = f"seed-{seed}"
-            if name in done:
-                print(f"seeds: {name} already ran; kept")
+            if name in runs and not same_setting(runs[name], runs["workspace"]):
+                raise SystemExit(f"seeds: experiment {name} ran with other params than params.yaml's (besides the "
+                                 f"seed); remove it (`dvc exp remove {name}`) and run again")
+            if name in runs and runs[name]["status"] == "success":
+                print(f"seeds: {name} already ran with these params; kept")
                 continue
             dvc("exp", "run", "--queue", "-S", f"seed={seed}", "-n", name)
         # the workers it starts outlive it and would hold a captured stdout open until they end
@@ -244,6 +258,9 @@ def main(argv=None) -> None:
     table, verdict_table = {}, {}
     for name, e in runs.items():
         seed = e["params"].get("seed")
+        if name.startswith("seed-") and not same_setting(e, runs["workspace"]):
+            print(f"seeds: {name} ran with other params than params.yaml's; left out of the table")
+            continue
         if name == "workspace" or (name.startswith("seed-") and seed is not None and e["status"] == "success"):
             table[str(seed)] = {"experiment": name, **figures(e["metrics"]), **run_files(e["rev"])}
             verdict_table[str(seed)] = verdicts(e["metrics"])

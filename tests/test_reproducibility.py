@@ -379,3 +379,14 @@ def test_make_seeds_runs_a_seed_as_a_queued_experiment_and_tabulates_it(micro_pi
     assert header == f"figure,seed {min(own_seed, '7', key=int)},seed {max(own_seed, '7', key=int)},median,min,max"
     tagged = {r.get("stage") for r in mlflow_runs(dest / "mlflow.db") if r.get("dvc_exp") == "seed-7"}
     assert {"base_model", "train_lora", "train_cvae", "evaluate", "report"} <= tagged, tagged
+
+    # Once the default changes, seed-7 is a draw of another setting: left out of the table, not reused.
+    params = dest / "params.yaml"
+    assert "noise_seed: 0 " in params.read_text()
+    params.write_text(params.read_text().replace("noise_seed: 0 ", "noise_seed: 1 "))
+    seeds = [sys.executable, str(repo / "bench" / "seeds.py"), "--repo", str(dest)]
+    collect = subprocess.run([*seeds, "--collect"], env=e2e_env, capture_output=True, text=True, timeout=600)
+    assert collect.returncode == 0 and "seed-7 ran with other params" in collect.stdout, collect.stderr[-3000:]
+    assert set(json.loads((dest / "metrics" / "seeds.json").read_text())["seeds"]) == {own_seed}
+    again = subprocess.run([*seeds, "--seeds", "7"], env=e2e_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "`dvc exp remove seed-7`" in again.stderr, again.stdout[-2000:]
