@@ -43,6 +43,14 @@ def test_profiles_merge_into_valid_params(repo, tmp_path, profile):
     assert load_params(params) == params_from_dict(merged)
 
 
+def test_real_profile_trains_every_rank_at_the_papers_lr(repo, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text())
+    apply_profile(params, repo / "profiles" / "real.yaml")
+    lora = load_params(params).lora
+    assert {lora.optimizer(r).lr for r in lora.ranks} == {5.0e-6}
+
+
 def test_profile_keeps_comments_and_untouched_lines(repo, tmp_path):
     params = tmp_path / "params.yaml"
     original = (repo / "params.yaml").read_text()
