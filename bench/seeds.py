@@ -17,7 +17,8 @@ generated / trained per rank, the task-vector silhouette and the held-out task's
 per figure its median, min and max. `dvc exp show` and `dvc metrics diff <exp>` compare the same
 runs; in MLflow each experiment's runs carry the tag `dvc_exp = seed-<s>`. An experiment whose
 params differ from params.yaml's in more than the seed (one left from an older default) is left
-out of the table, and the script stops rather than reuse its name: `dvc exp remove seed-<s>`.
+out of the table, and the script stops (naming the keys that differ and the experiment's ref for
+`dvc exp remove <ref>`) rather than reuse its name.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def experiments() -> dict[str, dict]:
     """{name: {"params": params.yaml values, "metrics": {file: values}, "rev": commit}} of the
     workspace (name "workspace", rev None) and of every experiment of any commit, from `dvc exp
     show --json`."""
-    out = {}
+    out: dict[str, dict] = {}
     # experiments hang on the commit they were queued from, which need not be HEAD any more
     baselines = [line.rstrip(":").strip() for line in dvc("exp", "list", "--all-commits").splitlines()
                  if line.strip().endswith(":")]
@@ -76,18 +77,37 @@ def experiments() -> dict[str, dict]:
             params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
             metrics = {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
             rev = None if entry.get("rev") == "workspace" else entry.get("rev")
-            out[entry.get("name") or entry.get("rev")] = {"params": params, "metrics": metrics, "status": state,
-                                                          "rev": rev}
+            name = entry.get("name") or entry.get("rev")
+            baseline = commit.get("rev")
+            ref = None if rev is None else f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+            if name in out:  # DVC allows one name per baseline commit: which run is meant is unclear
+                raise SystemExit(f"seeds: experiment {name} exists on two commits ({out[name]['ref']} and {ref}); "
+                                 f"remove the one not wanted with `dvc exp remove <ref>` and run again")
+            out[name] = {"params": params, "metrics": metrics, "status": state, "rev": rev, "ref": ref}
     return out
 
 
-def same_setting(run: dict, workspace: dict) -> bool:
-    """Whether an experiment ran the workspace's params apart from the seed: one left from an
-    older default (another base or LoRA schedule) is not a draw of this one."""
-    def strip(params: dict) -> dict:
-        return {k: v for k, v in params.items() if k != "seed"}
+def _flat(params: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    return strip(run["params"]) == strip(workspace["params"])
+
+def setting_differences(run: dict, workspace: dict) -> list[str]:
+    """The params (dotted keys, both values) in which an experiment differs from the workspace
+    apart from the seed: one left from an older default is not a draw of this one."""
+    mine, theirs = _flat(run["params"]), _flat(workspace["params"])
+    keys = sorted((set(mine) | set(theirs)) - {"seed"})
+    return [f"{k}: {mine.get(k, '(unset)')} here, {theirs.get(k, '(unset)')} in params.yaml"
+            for k in keys if mine.get(k) != theirs.get(k)]
+
+
+def _describe(diffs: list[str]) -> str:
+    return "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
 
 
 def git_files(rev: str | None, folder: str) -> dict[str, str]:
@@ -159,10 +179,20 @@ THRESHOLDS = [("base_valid_map50", 0.95), ("r4.lora_own_task_map50_median", 0.6)
               ("task_vector_silhouette", 0.6)]
 
 
+def queued_or_running() -> dict[str, str]:
+    """{experiment name: Queued | Running} from `dvc queue status` (`dvc exp show` lists neither
+    for a baseline with no finished experiment)."""
+    out = {}
+    for line in dvc("queue", "status", check=False).splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[-1] in ("Queued", "Running"):
+            out[parts[1]] = parts[-1]
+    return out
+
+
 def wait_for_queue(poll: float = 30.0) -> None:
     while True:
-        status = dvc("queue", "status", check=False)
-        active = [line for line in status.splitlines() if " Running " in f" {line} " or " Queued " in f" {line} "]
+        active = queued_or_running()
         if not active:
             return
         print(f"seeds: {len(active)} experiment(s) queued or running ({time.strftime('%H:%M:%S')})", flush=True)
@@ -237,11 +267,19 @@ def main(argv=None) -> None:
 
     if not args.collect:
         runs = experiments()
-        for seed in args.seeds:
-            name = f"seed-{seed}"
-            if name in runs and not same_setting(runs[name], runs["workspace"]):
-                raise SystemExit(f"seeds: experiment {name} ran with other params than params.yaml's (besides the "
-                                 f"seed); remove it (`dvc exp remove {name}`) and run again")
+        names = [f"seed-{seed}" for seed in args.seeds]
+        # every name checked before any is queued: a stop leaves nothing half-queued
+        stale = {n: setting_differences(runs[n], runs["workspace"]) for n in names if n in runs}
+        stale = {n: d for n, d in stale.items() if d}
+        if stale:
+            raise SystemExit("seeds: these experiments ran with other params than params.yaml's (besides the seed); "
+                             "remove them (`dvc exp remove <ref>`) and run again:\n" + "\n".join(
+                                 f"  {runs[n]['ref']}: {_describe(d)}" for n, d in stale.items()))
+        active = queued_or_running()
+        for seed, name in zip(args.seeds, names):
+            if name in active:
+                print(f"seeds: {name} is already {active[name].lower()}; waited for")
+                continue
             if name in runs and runs[name]["status"] == "success":
                 print(f"seeds: {name} already ran with these params; kept")
                 continue
@@ -258,8 +296,9 @@ def main(argv=None) -> None:
     table, verdict_table = {}, {}
     for name, e in runs.items():
         seed = e["params"].get("seed")
-        if name.startswith("seed-") and not same_setting(e, runs["workspace"]):
-            print(f"seeds: {name} ran with other params than params.yaml's; left out of the table")
+        diffs = setting_differences(e, runs["workspace"]) if name.startswith("seed-") else []
+        if diffs:
+            print(f"seeds: {name} ran with other params than params.yaml's, left out of the table: {_describe(diffs)}")
             continue
         if name == "workspace" or (name.startswith("seed-") and seed is not None and e["status"] == "success"):
             table[str(seed)] = {"experiment": name, **figures(e["metrics"]), **run_files(e["rev"])}

@@ -116,6 +116,10 @@ def test_lr_by_rank_overrides_the_lora_lr_for_its_ranks_only(repo, tmp_path):
     lora = load_params(params).lora
     assert [lora.optimizer(r).lr for r in (1, 2, 4, 8)] == [0.001, 0.006, 0.006, 0.004]
     assert lora.optimizer(2) == lora.train and lora.optimizer(1).steps == lora.train.steps
+    # Removing the overrides (one lr for every rank) leaves a file that still loads.
+    apply_overrides(str(params), ["~lora.lr_by_rank.r1", "~lora.lr_by_rank.r8"])
+    lora = load_params(params).lora
+    assert lora.lr_by_rank == {} and {lora.optimizer(r).lr for r in lora.ranks} == {0.006}
 
 
 def test_a_missing_knob_is_an_error_not_a_default():

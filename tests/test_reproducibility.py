@@ -346,6 +346,22 @@ def test_two_queue_workers_on_a_fresh_sqlite_store_lose_no_run(micro_pipeline, t
         assert_runs_logged(clone, name, rows)
 
 
+def test_seeds_study_names_what_a_stale_experiment_ran_with(repo):
+    """Cheap: bench/seeds.py's comparison of an experiment's params with params.yaml's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seeds_bench", repo / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    workspace = {"params": {"seed": 2024, "base": {"train": {"steps": 2400}}, "lora": {"lr_by_rank": {"r1": 0.002}}}}
+    draw = {"params": {"seed": 1, "base": {"train": {"steps": 2400}}, "lora": {"lr_by_rank": {"r1": 0.002}}}}
+    old = {"params": {"seed": 1, "base": {"train": {"steps": 1600}}, "lora": {"lr_by_rank": {}}}}
+    assert seeds.setting_differences(draw, workspace) == []
+    assert seeds.setting_differences(old, workspace) == [
+        "base.train.steps: 1600 here, 2400 in params.yaml", "lora.lr_by_rank: {} here, (unset) in params.yaml",
+        "lora.lr_by_rank.r1: (unset) here, 0.002 in params.yaml"]
+
+
 @pytest.mark.long
 def test_make_seeds_runs_a_seed_as_a_queued_experiment_and_tabulates_it(micro_pipeline, tmp_path, e2e_env, repo):
     """bench/seeds.py (`make seeds`) on a clone of the micro copy: it queues `seed=7` as the DVC
@@ -386,7 +402,11 @@ def test_make_seeds_runs_a_seed_as_a_queued_experiment_and_tabulates_it(micro_pi
     params.write_text(params.read_text().replace("noise_seed: 0 ", "noise_seed: 1 "))
     seeds = [sys.executable, str(repo / "bench" / "seeds.py"), "--repo", str(dest)]
     collect = subprocess.run([*seeds, "--collect"], env=e2e_env, capture_output=True, text=True, timeout=600)
-    assert collect.returncode == 0 and "seed-7 ran with other params" in collect.stdout, collect.stderr[-3000:]
+    differs = "evaluate.noise_seed: 0 here, 1 in params.yaml"
+    assert collect.returncode == 0, collect.stderr[-3000:]
+    assert f"seed-7 ran with other params than params.yaml's, left out of the table: {differs}" in collect.stdout
     assert set(json.loads((dest / "metrics" / "seeds.json").read_text())["seeds"]) == {own_seed}
-    again = subprocess.run([*seeds, "--seeds", "7"], env=e2e_env, capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "`dvc exp remove seed-7`" in again.stderr, again.stdout[-2000:]
+    again = subprocess.run([*seeds, "--seeds", "7", "8"], env=e2e_env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "`dvc exp remove <ref>`" in again.stderr, again.stdout[-2000:]
+    assert re.search(rf"refs/exps/\w\w/\w+/seed-7: {differs}", again.stderr), again.stderr
+    assert "seed-8" not in run([DVC, "queue", "status"], dest, e2e_env).stdout  # nothing queued before the stop
