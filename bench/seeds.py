@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 REPO = ROOT  # the repository whose experiments are run and tabulated (--repo)
 
 from icmlora.files import write_json, write_text  # noqa: E402
+from icmlora.tracking import flatten  # noqa: E402
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -87,20 +88,10 @@ def experiments() -> dict[str, dict]:
     return out
 
 
-def _flat(params: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def setting_differences(run: dict, workspace: dict) -> list[str]:
     """The params (dotted keys, both values) in which an experiment differs from the workspace
     apart from the seed: one left from an older default is not a draw of this one."""
-    mine, theirs = _flat(run["params"]), _flat(workspace["params"])
+    mine, theirs = flatten(run["params"]), flatten(workspace["params"])
     keys = sorted((set(mine) | set(theirs)) - {"seed"})
     return [f"{k}: {mine.get(k, '(unset)')} here, {theirs.get(k, '(unset)')} in params.yaml"
             for k in keys if mine.get(k) != theirs.get(k)]
