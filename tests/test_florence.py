@@ -124,3 +124,97 @@ def test_cached_encodings_batch_exactly_as_the_processor_encodes_a_batch(tiny, t
         for key in expected:
             assert torch.equal(batch[key], expected[key]), key
     assert sorted(dataset.cache) == list(range(cached_images))
+
+
+def _toy_examples(tmp_path, n=6):
+    from icmlora.florence.format import Example
+
+    examples = []
+    for i in range(n):
+        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"{i}.png")
+        boxes = [Box("circle" if j % 2 else "square", 2 + j, 3, 20 + 5 * j, 30) for j in range(1 + i % 3)]
+        examples.append(Example(image=f"{i}.png", width=64, height=64, boxes=boxes))
+    return examples
+
+
+def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, tmp_path):
+    """A LoRA on the language model leaves the image features as they are, so training runs the
+    vision tower once per image, not once per step: a batch of cached features gives the model the
+    loss and gradients the pixels give, training uses them, and a second adapter on the same base
+    reuses them. (Whole runs agree only approximately: the vision tower's float sums depend on
+    which images share its batch, and Adam turns near-zero gradients' noise into full steps.)"""
+    import copy
+
+    from peft import get_peft_model
+
+    from icmlora.lora import peft_config
+    from icmlora.runtime import make_accelerator
+    from icmlora.training import Collate, DetectionDataset, _embed_inputs, _florence, frozen_image_features, train
+
+    model, processor = tiny
+    cfg = micro_params()
+    accelerator = make_accelerator(cfg.runtime)
+    examples = _toy_examples(tmp_path)
+    lora = get_peft_model(copy.deepcopy(model), peft_config(cfg.lora.model_copy(update={"dropout": 0.0}), 2))
+    assert frozen_image_features(lora)
+    with torch.no_grad():  # B = 0 at init: give the adapter something to contribute
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    lora.train()
+    pixels = DetectionDataset(examples, tmp_path, processor, cache_mb=0)
+    cached = DetectionDataset(examples, tmp_path, processor, cache_mb=1)
+    assert cached.cache_image_features(lora, 4, accelerator)
+    assert cached.features.shape == (len(examples), num_image_tokens(TINY, 64), TINY.d_model)
+    assert not cached.cache  # the features replace the pixels
+    order = [4, 1, 5]
+    grads = []
+    for dataset in (pixels, cached):
+        batch = Collate(processor)([dataset[i] for i in order])
+        if dataset is cached:
+            assert "pixel_values" not in batch
+            batch = _embed_inputs(_florence(lora), batch)
+        lora.zero_grad()
+        loss = lora(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    optim = cfg.lora.train.model_copy(update={"steps": 4, "batch_size": 3, "warmup_steps": 1})
+    features = cached.features
+    for rank in (1, 2):
+        adapter = get_peft_model(copy.deepcopy(model), peft_config(cfg.lora, rank))
+        result = train(adapter, processor, cached, optim, cfg.runtime, seed=3, accelerator=accelerator)
+        assert cached.features is features  # same base weights: computed once, reused
+        assert result.losses[-1] < result.losses[0]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.model.vision_tower.parameters()).add_(0.1)
+    train(get_peft_model(other, peft_config(cfg.lora, 1)), processor, cached, optim, cfg.runtime, seed=3,
+          accelerator=accelerator)
+    assert cached.features is not features and not torch.equal(cached.features, features)  # another base
+
+
+def test_image_features_are_computed_every_step_when_training_can_change_them(tiny):
+    """Full training, a LoRA on a vision-tower layer, and a vision tower with drop path (Florence-2-
+    base's 0.1) all change the image features during training: no features cache for them."""
+    import copy
+
+    from peft import get_peft_model
+
+    from icmlora.lora import peft_config
+    from icmlora.training import frozen_image_features
+
+    model, _ = tiny
+    cfg = micro_params()
+    assert not frozen_image_features(model)  # every parameter trains
+    vision = cfg.lora.model_copy(update={"target_modules": "reference"})  # includes the DaViT fc2 layers
+    assert not frozen_image_features(get_peft_model(copy.deepcopy(model), peft_config(vision, 2)))
+    dropping = copy.deepcopy(model)
+    from transformers.models.florence2.modeling_florence2 import Florence2DropPath
+
+    block = next(m for m in dropping.model.vision_tower.modules() if hasattr(m, "drop_path1"))
+    block.drop_path1 = Florence2DropPath(0.1)  # what drop_path_rate 0.1 builds
+    assert not frozen_image_features(get_peft_model(dropping, peft_config(cfg.lora, 2)))

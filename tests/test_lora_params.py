@@ -13,7 +13,8 @@ from icmlora.artifacts import checkpoints_dir
 from icmlora.artifacts.adapters import read_adapter
 from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, read_manifest, unflatten
 from icmlora.errors import InputError
-from icmlora.florence.model import build_tiny_model, encode, load_images
+from icmlora.florence.model import build_tiny_model, encode
+from icmlora.images import load_images
 from icmlora.stages.collect_params import collect_params
 
 

@@ -95,7 +95,7 @@ def test_prepare_is_deterministic(repo, tmp_path):
     cfg = _micro(repo)
     prepare(cfg, tmp_path / "a")
     prepare(cfg, tmp_path / "b")
-    for rel in ["circle/train/annotations.jsonl", "_images/valid/000003.png"]:
+    for rel in ["circle/train/annotations.jsonl", "_images/valid.tar", "_images/train.tar"]:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 
 

@@ -17,8 +17,8 @@ from icmlora.artifacts import PREPARED_DIR
 from icmlora.artifacts.annotations import read_split
 from icmlora.config import PredictParams
 from icmlora.florence.format import Box, read_annotations
-from icmlora.florence.model import load_images
 from icmlora.florence.predict import predict
+from icmlora.images import load_images
 from icmlora.metrics import detection_metrics
 from icmlora.runtime import scoring_device
 

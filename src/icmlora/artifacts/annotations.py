@@ -1,12 +1,13 @@
 """data/prepared/: per-task detection datasets in Florence JSONL (``icmlora.florence.format``).
 
-    data/prepared/_images/{train,valid}/                  every image once
+    data/prepared/_images/{train,valid}.tar               every image once, packed (``icmlora.images``)
     data/prepared/_agnostic/{train,valid}/annotations.jsonl   the base model's pre-training split
     data/prepared/<task>/{train,valid}/annotations.jsonl      images holding <task>, only its boxes
     data/prepared/summary.json                            base labels, counts per task and split
 
-``image`` in each JSONL line is relative to that file's folder (``../../_images/...``), so an
-image shared by several tasks is stored, hashed and pushed once.
+``image`` in each JSONL line is relative to that file's folder (``../../_images/<split>/<name>``),
+so an image shared by several tasks is stored, hashed and pushed once; ``icmlora.images.load_images``
+reads it from the split's pack (or a loose file of that path: ``tar xf`` the pack in _images/<split>/).
 """
 
 from __future__ import annotations

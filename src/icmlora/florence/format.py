@@ -229,9 +229,9 @@ def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Exa
         width, height = record.get("width"), record.get("height")
         if check_images or width is None or height is None:
             try:
-                from PIL import Image
+                from icmlora.images import open_image
 
-                with Image.open(image_path) as im:
+                with open_image(image_path) as im:  # a loose file, or packed (icmlora.images)
                     width, height = im.size
             except FileNotFoundError:
                 problems.append(f"{where}: image {image_path} not found")

@@ -133,14 +133,6 @@ def build_tiny_model(cfg: TinyModelParams, processor, image_size: int, seed: int
     return model
 
 
-def load_images(paths: list[Path]) -> list[Image.Image]:
-    images = []
-    for p in paths:
-        with Image.open(p) as im:
-            images.append(im.convert("RGB"))
-    return images
-
-
 def encode(processor, images: list[Image.Image], prompts: list[str], targets: list[str] | None = None) -> dict:
     """Processor inputs, plus ``labels`` (padding = -100) when targets are given. The model
     shifts labels right itself (decoder start </s>), so they are not shifted here."""

@@ -93,7 +93,7 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
     from icmlora.artifacts.base_model import read_base_model
     from icmlora.florence.format import read_annotations
     from icmlora.florence.hidden_states import icl_vectors
-    from icmlora.florence.model import load_images
+    from icmlora.images import load_images
 
     examples = read_annotations(path)[: cfg.task_vectors.examples]
     if len(examples) < 2:

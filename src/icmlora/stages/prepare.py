@@ -3,7 +3,8 @@
     python -m icmlora.stages.prepare          # or: icmlora prepare   (reads params.yaml: seed, data)
 
 Builds data/prepared/ (layout: ``icmlora.artifacts.annotations``) in a temporary folder renamed
-into place when complete: every image once under _images/, the base model's pre-training split
+into place when complete: every image once in _images/<split>.tar (one file per split for DVC to
+hash; ``icmlora.images``), the base model's pre-training split
 _agnostic/ (every box, none named by its task: named "object", or with the synthetic
 ``base_labels: hue`` by its hue), one folder per task (images holding it, only its boxes), and
 summary.json (base labels, counts per task and split).
@@ -16,8 +17,6 @@ zero width or height are dropped; summary.json counts them (``dropped_degenerate
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,19 +28,14 @@ from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir, write_json
 from icmlora.florence.format import Box, Example
+from icmlora.images import PackWriter, pack_path, png_bytes
 from icmlora.stage_cli import run_stage, stage_parser
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int, list[Box]]]], list[str]]:
-    """Write every image under out/_images/<split>/; return (file name, w, h, boxes) per split,
-    and where the source had degenerate boxes (dropped)."""
+    """Pack every image into out/_images/<split>.tar (``icmlora.images``: annotations name them
+    ``../../_images/<split>/<file name>``); return (file name, w, h, boxes) per split, and where the
+    source had degenerate boxes (dropped)."""
     records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
     if cfg.data.source == "synthetic":
         from icmlora.data.synthetic import SHAPES, generate_split
@@ -55,15 +49,16 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
         syn = cfg.data.synthetic
         for i, split in enumerate(SPLITS):
             count = syn.train_images if split == "train" else syn.valid_images
-            folder = images_dir(split, out)
-            folder.mkdir(parents=True)
+            pack = pack_path(images_dir(split, out))
+            pack.parent.mkdir(parents=True, exist_ok=True)
             # Distinct seeds per split keep valid images out of the training distribution's samples.
             items = generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i)
             rows = []
-            for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
-                name = f"{j:06d}.png"
-                image.save(folder / name)
-                rows.append((name, image.width, image.height, boxes))
+            with PackWriter(pack) as writer:
+                for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
+                    name = f"{j:06d}.png"
+                    writer.add(name, png_bytes(image))
+                    rows.append((name, image.width, image.height, boxes))
             records[split] = rows
         return records, []
 
@@ -71,13 +66,14 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
 
     source = load_source(cfg.data.source, Path(cfg.data.root), cfg.data.tasks)
     for split in SPLITS:
-        folder = images_dir(split, out)
-        folder.mkdir(parents=True)
+        pack = pack_path(images_dir(split, out))
+        pack.parent.mkdir(parents=True, exist_ok=True)
         rows = []
-        for j, item in enumerate(tqdm(source[split], desc=f"prepare: copy {split} images", unit="img")):
-            name = f"{j:06d}{item.path.suffix.lower()}"
-            _link_or_copy(item.path, folder / name)
-            rows.append((name, item.width, item.height, item.boxes))
+        with PackWriter(pack) as writer:
+            for j, item in enumerate(tqdm(source[split], desc=f"prepare: pack {split} images", unit="img")):
+                name = f"{j:06d}{item.path.suffix.lower()}"
+                writer.add(name, item.path.read_bytes())  # the source's own bytes, not re-encoded
+                rows.append((name, item.width, item.height, item.boxes))
         records[split] = rows
     return records, source.dropped
 

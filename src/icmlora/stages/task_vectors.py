@@ -46,7 +46,7 @@ from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir, atomic_path, write_json
 from icmlora.florence.hidden_states import POOLINGS, icl_vectors, reference_vectors, text_vector
-from icmlora.florence.model import load_images
+from icmlora.images import load_images
 from icmlora.stage_cli import run_stage, stage_parser
 
 
