@@ -164,9 +164,12 @@ def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, 
     lora.train()
     pixels = DetectionDataset(examples, tmp_path, processor, cache_mb=0)
     cached = DetectionDataset(examples, tmp_path, processor, cache_mb=1)
+    for i in range(3):
+        cached[i]  # pixels cached, as by an earlier epoch
+    assert sorted(cached.cache) == [0, 1, 2] and cached.cached_bytes > 0
     assert cached.cache_image_features(lora, 4, accelerator)
     assert cached.features.shape == (len(examples), num_image_tokens(TINY, 64), TINY.d_model)
-    assert not cached.cache  # the features replace the pixels
+    assert not cached.cache and cached.cached_bytes == 0  # the features replace the pixels
     order = [4, 1, 5]
     grads = []
     for dataset in (pixels, cached):
@@ -196,6 +199,37 @@ def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, 
           accelerator=accelerator)
     assert cached.features is not features and not torch.equal(cached.features, features)  # another base
 
+    # Full training can change the features: the dataset serves pixels again, whatever it kept.
+    full = copy.deepcopy(model)
+    train(full, processor, cached, optim, cfg.runtime, seed=3, accelerator=accelerator)
+    assert cached.features is None and "pixel_values" in cached[0]
+
+
+def test_image_features_that_do_not_fit_the_cache_leave_the_pixels_served(tiny, tmp_path):
+    """Features larger than runtime.image_cache_mb are not kept: the dataset serves pixels (and
+    their cache) as before, and the next adapter on the same base does not try again."""
+    import copy
+
+    from peft import get_peft_model
+
+    from icmlora.lora import peft_config
+    from icmlora.runtime import make_accelerator
+    from icmlora.training import DetectionDataset
+
+    model, processor = tiny
+    cfg = micro_params()
+    accelerator = make_accelerator(cfg.runtime)
+    dataset = DetectionDataset(_toy_examples(tmp_path), tmp_path, processor, cache_mb=1)
+    dataset[0]
+    dataset.cache_bytes = 5 * num_image_tokens(TINY, 64) * TINY.d_model * 4  # 5 of the 6 examples' features
+    lora = get_peft_model(copy.deepcopy(model), peft_config(cfg.lora, 2))
+    assert not dataset.cache_image_features(lora, 4, accelerator)
+    assert dataset.features is None and dataset.text == [] and list(dataset.cache) == [0]
+    assert "pixel_values" in dataset[1]
+    calls = []
+    dataset.encode = lambda i: calls.append(i)  # a second try would encode the first batch again
+    assert not dataset.cache_image_features(lora, 4, accelerator) and not calls
+
 
 def test_image_features_are_computed_every_step_when_training_can_change_them(tiny):
     """Full training, a LoRA on a vision-tower layer, and a vision tower with drop path (Florence-2-
@@ -210,6 +244,9 @@ def test_image_features_are_computed_every_step_when_training_can_change_them(ti
     model, _ = tiny
     cfg = micro_params()
     assert not frozen_image_features(model)  # every parameter trains
+    # A LoRA on the token embeddings: their weight stays frozen, lora_embedding_A/B train.
+    embeddings = cfg.lora.model_copy(update={"target_modules": r".*language_model\.shared"})
+    assert not frozen_image_features(get_peft_model(copy.deepcopy(model), peft_config(embeddings, 2)))
     vision = cfg.lora.model_copy(update={"target_modules": "reference"})  # includes the DaViT fc2 layers
     assert not frozen_image_features(get_peft_model(copy.deepcopy(model), peft_config(vision, 2)))
     dropping = copy.deepcopy(model)

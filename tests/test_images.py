@@ -9,6 +9,7 @@ from params_helpers import default_params
 from PIL import Image
 
 from icmlora.artifacts.annotations import read_split
+from icmlora.errors import InputError
 from icmlora.images import PackWriter, load_images, pack_path, png_bytes
 from icmlora.stages.prepare import prepare
 
@@ -31,7 +32,8 @@ def test_a_packed_image_reads_as_the_loose_file_does(tmp_path):
     images = load_images(paths)
     for image, expected in zip(images, [2, 9, 0, 1]):
         assert image.mode == "RGB" and np.array_equal(np.asarray(image), np.asarray(_image(expected)))
-    assert tarfile.open(pack_path(folder)).getnames() == ["000000.png", "000001.png", "000002.png"]  # a plain tar
+    with tarfile.open(pack_path(folder)) as tar:  # a plain tar
+        assert tar.getnames() == ["000000.png", "000001.png", "000002.png"]
 
 
 def test_a_missing_image_names_the_path_and_the_pack(tmp_path):
@@ -78,3 +80,36 @@ def test_prepare_packs_each_split_and_its_annotations_read_from_the_pack(repo, t
     loaded = load_images([folder / e.image for e in examples])
     assert len(loaded) == 12 and all(im.size == (e.width, e.height) for im, e in zip(loaded, examples))
     assert np.array_equal(np.asarray(loaded[0]), np.asarray(first))
+
+
+def test_a_damaged_pack_or_member_is_an_input_error_naming_it(tmp_path):
+    folder = tmp_path / "train"
+    with PackWriter(pack_path(folder)) as pack:
+        pack.add("000000.png", b"not an image")
+    with pytest.raises(InputError, match=r"member '000000.png' of .*train.tar is not a readable image"):
+        load_images([folder / "000000.png"])
+    pack_path(folder).write_bytes(pack_path(folder).read_bytes()[:700])  # cut inside the member's header block
+    with pytest.raises(InputError, match=r"train.tar: not a readable image pack .*dvc repro prepare"):
+        load_images([folder / "000000.png"])
+
+
+def test_annotations_whose_images_are_packed_validate_and_name_a_missing_member(tmp_path):
+    """read_annotations (a user's file, images checked) reads sizes from the pack, and a missing
+    image names the file and the pack it is not in."""
+    from icmlora.florence.format import read_annotations
+
+    folder = tmp_path / "_images" / "valid"
+    folder.parent.mkdir()
+    with PackWriter(pack_path(folder)) as pack:
+        pack.add("000000.png", png_bytes(_image(0)))
+    (tmp_path / "task").mkdir()
+    lines = ['{"image": "../_images/valid/000000.png", "suffix": "circle<loc_1><loc_2><loc_30><loc_40>"}']
+    (tmp_path / "task" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (example,) = read_annotations(tmp_path / "task" / "a.jsonl")
+    assert (example.width, example.height) == (16, 12)
+    lines.append('{"image": "../_images/valid/000009.png", "suffix": "circle<loc_1><loc_2><loc_30><loc_40>"}')
+    (tmp_path / "task" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as err:
+        read_annotations(tmp_path / "task" / "a.jsonl")
+    assert any(":2: image" in p and "no member '000009.png' in a pack" in p and "valid.tar" in p
+               for p in err.value.problems)

@@ -5,19 +5,23 @@ DVC then hashes and stats one file per split instead of one per image, which is 
 `dvc repro` spent most of its time on (once per stage that depends on data/prepared). Annotations
 still name an image by its path (``../../_images/train/000123.png``); ``load_images`` opens that
 file when it exists, and otherwise reads the member of that name from the pack beside its folder
-(``_images/train.tar``). A pack is a plain tar (``tar tf`` lists it, ``tar xf`` unpacks it into
-the loose layout, which reads the same); reading never extracts: a member's bytes are read at
-their offset and decoded by PIL, so no member name is ever used as a path.
+(``_images/train.tar``). A pack is a plain tar of bare file names (``tar tf`` lists it; ``mkdir
+train && tar xf train.tar -C train`` gives the loose layout, which reads the same; a pack made by
+hand must hold bare names too, not ``./name``). Reading never extracts: a member's bytes are read
+at their offset and decoded by PIL, so no member name is ever used as a path.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image
+
+from icmlora.errors import InputError
 
 PACK_SUFFIX = ".tar"
 
@@ -61,21 +65,58 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# {pack (resolved): ((mtime_ns, size), {member name: (offset, size)})}: read once per process.
-_INDEX: dict[Path, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+# {pack (resolved): (identity, {member name: (offset, size)})}: each pack indexed once per process.
+_INDEX: dict[Path, tuple[tuple[int, ...], dict[str, tuple[int, int]]]] = {}
 
 
-def pack_index(pack: Path) -> dict[str, tuple[int, int]]:
-    """{member name: (byte offset, size)} of a pack's files (re-read when the pack changes)."""
-    pack = Path(pack).resolve()
-    stat = pack.stat()
-    key = (stat.st_mtime_ns, stat.st_size)
-    cached = _INDEX.get(pack)
-    if cached is None or cached[0] != key:
-        with tarfile.open(pack, "r:") as tar:
-            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-        cached = _INDEX[pack] = (key, members)
-    return cached[1]
+class _Pack:
+    """An open pack and its member index, both of the same file (a pack replaced between the two
+    is not read at the old one's offsets: the index is keyed by the open file's identity)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "rb")
+        stat = os.fstat(self.file.fileno())
+        identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        key = self.path.resolve()
+        cached = _INDEX.get(key)
+        if cached is None or cached[0] != identity:
+            try:
+                with tarfile.open(fileobj=self.file, mode="r:") as tar:
+                    members = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+            except tarfile.TarError as exc:
+                self.file.close()
+                raise InputError(f"{self.path}: not a readable image pack ({exc}); run `dvc repro prepare` "
+                                 "(or `dvc checkout data/prepared`) to write it again") from exc
+            cached = _INDEX[key] = (identity, members)
+        self.index = cached[1]
+
+    def read(self, name: str, path: Path) -> Image.Image:
+        """Member ``name`` decoded (``path``: how the caller named it, for errors)."""
+        if name not in self.index:
+            raise FileNotFoundError(f"{path}: no such image file, and {self.path} has no member {name!r}")
+        offset, size = self.index[name]
+        self.file.seek(offset)
+        try:
+            return Image.open(io.BytesIO(self.file.read(size)))
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise InputError(f"{path}: member {name!r} of {self.path} is not a readable image ({exc})") from exc
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "_Pack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pack_of(path: Path) -> Path:
+    pack = pack_path(path.parent)
+    if not pack.is_file():
+        raise FileNotFoundError(f"{path}: no such image file, and no pack {pack} holding {path.name}")
+    return pack
 
 
 def open_image(path: Path) -> Image.Image:
@@ -84,16 +125,8 @@ def open_image(path: Path) -> Image.Image:
     path = Path(path)
     if path.is_file():
         return Image.open(path)
-    pack = pack_path(path.parent)
-    if not pack.is_file():
-        raise FileNotFoundError(f"{path}: no such image file, and no pack {pack} holding {path.name}")
-    index = pack_index(pack)
-    if path.name not in index:
-        raise FileNotFoundError(f"{path}: no such image file, and {pack} has no member {path.name!r}")
-    offset, size = index[path.name]
-    with open(pack, "rb") as f:
-        f.seek(offset)
-        return Image.open(io.BytesIO(f.read(size)))
+    with _Pack(_pack_of(path)) as pack:
+        return pack.read(path.name, path)
 
 
 def load_images(paths: list[Path]) -> list[Image.Image]:
@@ -107,17 +140,9 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
                 images[i] = im.convert("RGB")
         else:
             packed[pack_path(path.parent)].append((i, path.name))
-    for pack, wanted in packed.items():
-        if not pack.is_file():
-            path = paths[wanted[0][0]]
-            raise FileNotFoundError(f"{path}: no such image file, and no pack {pack} holding {Path(path).name}")
-        index = pack_index(pack)
-        with open(pack, "rb") as f:
+    for wanted in packed.values():
+        with _Pack(_pack_of(Path(paths[wanted[0][0]]))) as pack:
             for i, name in wanted:
-                if name not in index:
-                    raise FileNotFoundError(f"{paths[i]}: no such image file, and {pack} has no member {name!r}")
-                offset, size = index[name]
-                f.seek(offset)
-                with Image.open(io.BytesIO(f.read(size))) as im:
+                with pack.read(name, paths[i]) as im:
                     images[i] = im.convert("RGB")
     return images  # type: ignore[return-value]

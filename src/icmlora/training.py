@@ -50,6 +50,7 @@ class DetectionDataset(Dataset):
         self.features: torch.Tensor | None = None  # [examples, image tokens, width], with self.text
         self.text: list[dict[str, torch.Tensor]] = []
         self.features_digest = ""
+        self.features_unfit = ""  # the digest of weights whose features did not fit cache_mb
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -75,29 +76,43 @@ class DetectionDataset(Dataset):
     def cache_image_features(self, model, batch_size: int, accelerator) -> bool:
         """Run ``model``'s vision tower and projector over every example, in fixed batches in
         order (so a resumed run computes the same values), and serve their output instead of the
-        pixels. The features are kept with a digest of the weights that made them: a later
-        adapter on the same base reuses them, another base recomputes them. Returns False, and
-        keeps serving pixels, when they would not fit ``cache_mb``."""
+        pixels, which are let go as their features are computed. The features are kept with a
+        digest of the weights that made them: a later adapter on the same base reuses them,
+        another base recomputes them. Returns False, and keeps serving pixels, when they would not
+        fit ``cache_mb`` (found from the first batch, and remembered for these weights)."""
         core = _florence(accelerator.unwrap_model(model))
         digest = _weights_digest(core.vision_tower, core.multi_modal_projector)
         if self.features is not None and self.features_digest == digest:
             return True
-        self.features, self.text = None, []
-        chunks: list[torch.Tensor] = []
+        self.drop_image_features()
+        if self.features_unfit == digest or not len(self):
+            return False
+        features: torch.Tensor | None = None
+        text: list[dict[str, torch.Tensor]] = []
         with torch.no_grad(), accelerator.autocast():
             for lo in tqdm(range(0, len(self), batch_size), desc="image features", unit="batch",
                            disable=not accelerator.is_main_process, leave=False):
-                items = [self.cache.get(i) or self.encode(i) for i in range(lo, min(len(self), lo + batch_size))]
+                indices = range(lo, min(len(self), lo + batch_size))
+                items = [self.cache.get(i) or self.encode(i) for i in indices]
                 pixels = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
-                features = core.get_image_features(pixels).pooler_output.cpu()
-                if not chunks and len(self) * features[0].numel() * features.element_size() > self.cache_bytes:
-                    self.text = []
-                    return False
-                chunks.append(features)
-                self.text += [{k: v for k, v in item.items() if k != "pixel_values"} for item in items]
-        self.features, self.features_digest = torch.cat(chunks), digest
-        self.cache, self.cached_bytes = {}, 0  # the features replace the pixels
+                out = core.get_image_features(pixels).pooler_output
+                if features is None:
+                    if len(self) * out[0].numel() * out.element_size() > self.cache_bytes:
+                        self.features_unfit = digest
+                        return False
+                    features = torch.empty((len(self), *out.shape[1:]), dtype=out.dtype)
+                features[lo : lo + len(items)] = out.cpu()
+                text += [{k: v for k, v in item.items() if k != "pixel_values"} for item in items]
+                for i in indices:  # these pixels are not needed any more
+                    dropped = self.cache.pop(i, None)
+                    if dropped is not None:
+                        self.cached_bytes -= dropped["pixel_values"].numel() * dropped["pixel_values"].element_size()
+        self.features, self.text, self.features_digest = features, text, digest
         return True
+
+    def drop_image_features(self) -> None:
+        """Serve pixels again (for a model whose training can change the image features)."""
+        self.features, self.text, self.features_digest = None, [], ""
 
 
 def _florence(model):
@@ -124,7 +139,8 @@ def frozen_image_features(model) -> bool:
     features change from step to step in train mode and are computed every step."""
     core = _florence(model)
     parts = [core.vision_tower, core.multi_modal_projector]
-    if core.get_input_embeddings().weight.requires_grad or any(p.requires_grad for m in parts for p in m.parameters()):
+    # parameters(), not .weight: a PEFT LoRA on the embeddings trains lora_embedding_A/B beside a frozen weight.
+    if any(p.requires_grad for m in [core.get_input_embeddings(), *parts] for p in m.parameters()):
         return False
     for module in (m for part in parts for m in part.modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -224,6 +240,8 @@ def train(
     core = _florence(accelerator.unwrap_model(model))
     if frozen_image_features(accelerator.unwrap_model(model)) and dataset.cache_bytes:
         dataset.cache_image_features(model, optim.batch_size, accelerator)
+    else:
+        dataset.drop_image_features()  # features a previous adapter kept would not follow this training
     start_step = 0
     if state is not None and state.resumable():
         start_step = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)["step"]

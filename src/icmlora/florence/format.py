@@ -229,12 +229,13 @@ def read_annotations(path: str | Path, *, check_images: bool = True) -> list[Exa
         width, height = record.get("width"), record.get("height")
         if check_images or width is None or height is None:
             try:
-                from icmlora.images import open_image
+                from icmlora.images import open_image, pack_path
 
                 with open_image(image_path) as im:  # a loose file, or packed (icmlora.images)
                     width, height = im.size
             except FileNotFoundError:
-                problems.append(f"{where}: image {image_path} not found")
+                problems.append(f"{where}: image {image_path} not found (no such file, and no member "
+                                f"{image_path.name!r} in a pack {pack_path(image_path.parent)})")
                 continue
             except Exception as exc:  # PIL raises several types for unreadable files
                 problems.append(f"{where}: image {image_path} is unreadable ({exc.__class__.__name__}: {exc})")

@@ -80,9 +80,9 @@ def _log_to_run(run_id: str | None, metrics: dict[str, float]) -> None:
 
 
 def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: str) -> str:
-    # runtime.image_cache_mb decides memory, not results: changing it keeps the saved state.
-    runtime = cfg.runtime.model_dump(exclude={"image_cache_mb"})
-    return fingerprint(cfg.lora, runtime, cfg.seed, task, rank, seed, inputs)
+    # runtime.image_cache_mb counts too: it decides whether steps read cached image features or run the
+    # vision tower, and the two agree only to float rounding, so a resumed run must take the same path.
+    return fingerprint(cfg.lora, cfg.runtime, cfg.seed, task, rank, seed, inputs)
 
 
 def _scoring_fingerprint(cfg: Params, task: str, rank: int, prepared: Path) -> str:
