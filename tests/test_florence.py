@@ -100,20 +100,27 @@ def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
         assert torch.equal(a, b), name
 
 
+def _toy_examples(tmp_path, n=6):
+    """Small RGB images with 1-3 boxes each (targets of different lengths), written into tmp_path."""
+    from icmlora.florence.format import Example
+
+    examples = []
+    for i in range(n):
+        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"{i}.png")
+        boxes = [Box("circle" if j % 2 else "square", 2 + j, 3, 20 + 5 * j, 30) for j in range(1 + i % 3)]
+        examples.append(Example(image=f"{i}.png", width=64, height=64, boxes=boxes))
+    return examples
+
+
 @pytest.mark.parametrize("cached_images", [0, 2, 5])
 def test_cached_encodings_batch_exactly_as_the_processor_encodes_a_batch(tiny, tmp_path, cached_images):
     """Training decodes and preprocesses each image once (DetectionDataset's cache): its batches
     equal the processor's own batch encoding bit for bit, targets of different lengths padded
     the same way, with the cache on, off, or full after a few images."""
-    from icmlora.florence.format import Example
     from icmlora.training import Collate, DetectionDataset
 
     _, processor = tiny
-    examples = []
-    for i in range(5):
-        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"{i}.png")
-        boxes = [Box("circle" if j % 2 else "square", 2 + j, 3, 20 + 5 * j, 30) for j in range(1 + i % 3)]
-        examples.append(Example(image=f"{i}.png", width=64, height=64, boxes=boxes))
+    examples = _toy_examples(tmp_path, 5)
     dataset = DetectionDataset(examples, tmp_path, processor, cache_mb=1)
     dataset.cache_bytes = cached_images * 3 * 64 * 64 * 4  # room for this many images' pixels
     expected = encode(processor, [Image.open(tmp_path / f"{i}.png").convert("RGB") for i in range(5)],
@@ -124,17 +131,6 @@ def test_cached_encodings_batch_exactly_as_the_processor_encodes_a_batch(tiny, t
         for key in expected:
             assert torch.equal(batch[key], expected[key]), key
     assert sorted(dataset.cache) == list(range(cached_images))
-
-
-def _toy_examples(tmp_path, n=6):
-    from icmlora.florence.format import Example
-
-    examples = []
-    for i in range(n):
-        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(tmp_path / f"{i}.png")
-        boxes = [Box("circle" if j % 2 else "square", 2 + j, 3, 20 + 5 * j, 30) for j in range(1 + i % 3)]
-        examples.append(Example(image=f"{i}.png", width=64, height=64, boxes=boxes))
-    return examples
 
 
 def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, tmp_path):
