@@ -73,7 +73,7 @@ def test_token_parser_scores_from_probabilities(tiny):
 def test_predict_returns_scored_boxes_per_image(tiny):
     model, processor = tiny
     images = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(3)]
-    out = predict(model, processor, images, PredictParams(batch_size=2, max_new_tokens=11, num_beams=1))
+    out = predict(model, processor, images, PredictParams(batch_size=2, max_new_tokens=11, num_beams=1, image_cache_mb=0))
     assert len(out) == 3
     for boxes in out:
         assert all(0.0 < b.score <= 1.0 for b in boxes)
@@ -251,3 +251,107 @@ def test_image_features_are_computed_every_step_when_training_can_change_them(ti
     block = next(m for m in dropping.model.vision_tower.modules() if hasattr(m, "drop_path1"))
     block.drop_path1 = Florence2DropPath(0.1)  # what drop_path_rate 0.1 builds
     assert not frozen_image_features(get_peft_model(dropping, peft_config(cfg.lora, 2)))
+
+
+def _with_random_lora(model, lora_params, rank, target_modules=None):
+    """A PEFT copy of ``model`` whose LoRA B matrices are random (B = 0 at init adds nothing)."""
+    import copy
+
+    from peft import get_peft_model
+
+    from icmlora.lora import peft_config
+
+    update = {"dropout": 0.0} if target_modules is None else {"dropout": 0.0, "target_modules": target_modules}
+    lora = get_peft_model(copy.deepcopy(model), peft_config(lora_params.model_copy(update=update), rank))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return lora.eval()
+
+
+def test_generation_from_encoded_images_equals_generation_from_pixels(tiny):
+    """``encode_images`` + ``mm_encoder_outputs`` is what ``generate`` computes from pixels: the same
+    tokens and the same scores, bit for bit, greedy and with beams."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from icmlora.florence.format import OD_PROMPT
+    from icmlora.florence.predict import encode_images
+
+    model, processor = tiny
+    lora = _with_random_lora(model, micro_params().lora, 2)
+    images = [Image.new("RGB", (64, 64), (i * 50, 90, 200 - i * 40)) for i in range(5)]
+    params = PredictParams(batch_size=3, max_new_tokens=9, num_beams=1, image_cache_mb=1)
+    encoded = list(encode_images(lora, processor, images, params))
+    assert [len(b["input_ids"]) for b in encoded] == [3, 2] and "pixel_values" not in encoded[0]
+    for beams in (1, 2):
+        for start, batch in zip((0, 3), encoded):
+            pixels = processor(text=[OD_PROMPT] * len(batch["input_ids"]), images=images[start : start + 3],
+                               return_tensors="pt")
+            kwargs = dict(max_new_tokens=9, num_beams=beams, do_sample=False, return_dict_in_generate=True,
+                          output_scores=True)
+            with torch.no_grad():
+                expected = lora.generate(**pixels, **kwargs)
+                image = BaseModelOutputWithPooling(pooler_output=batch["image_features"])
+                got = lora.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    mm_encoder_outputs={"image": image}, **kwargs)
+            assert torch.equal(got.sequences, expected.sequences)
+            for a, b in zip(got.scores, expected.scores, strict=True):
+                assert torch.equal(a, b)
+
+
+def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, monkeypatch):
+    """Scoring many language-model adapters on a task runs the image processor and the vision tower
+    once (within predict.image_cache_mb), with the boxes scoring without the cache gives; a model
+    with an adapter in the vision tower, a plain model, or features over the budget are not cached."""
+    from icmlora import scoring
+    from icmlora.florence.format import write_annotations
+    from icmlora.florence.predict import image_features_fixed
+
+    model, processor = tiny
+    examples = _toy_examples(tmp_path, 5)
+    task = tmp_path / "valid.jsonl"
+    write_annotations(task, examples)
+    calls = []
+    real = scoring.encode_images
+    monkeypatch.setattr(scoring, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lora_params = micro_params().lora
+    params = PredictParams(batch_size=2, max_new_tokens=9, num_beams=1, image_cache_mb=1)
+    lora = _with_random_lora(model, lora_params, 2)
+    assert image_features_fixed(lora) and not image_features_fixed(model)
+    weights = [{n: p.detach() * s for n, p in lora.named_parameters() if "lora_" in n} for s in (1.0, -0.5, 2.0)]
+
+    # A random tiny model rarely writes a parsable box: compare the generated tokens themselves.
+    generated: list[torch.Tensor] = []
+    generate = lora.generate
+    monkeypatch.setattr(lora, "generate", lambda *a, **k: generated.append(generate(*a, **k).sequences) or
+                        generate(*a, **k))
+
+    def tokens(scorer, **kwargs):
+        generated.clear()
+        boxes = scorer.predictions(task, **kwargs)
+        return boxes, torch.cat([g[:, 1:].flatten() for g in generated])
+
+    cached = scoring.Scorer(lora, processor, params, 0)
+    plain = scoring.Scorer(lora, processor, params.model_copy(update={"image_cache_mb": 0}), 0)
+    seen = []
+    for kwargs in [{"weights": w} for w in weights] + [{"disable_adapter": True}]:
+        got, expected = tokens(cached, **kwargs), tokens(plain, **kwargs)
+        assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+        seen.append(got[1])
+    assert len(calls) == 1 and cached.encoded(task) is not None and 0 < cached.cached_bytes <= 2**20
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[-1])  # the adapters matter
+
+    calls.clear()
+    vision = _with_random_lora(model, lora_params, 2, r".*vision_tower\..*\.fc1")
+    assert not image_features_fixed(vision)
+    for m in (vision, model):
+        scorer = scoring.Scorer(m, processor, params, 0)
+        scorer.predictions(task)
+        assert scorer.encoded(task) is None and scorer.cached_bytes == 0
+    assert not calls
+
+    small = scoring.Scorer(lora, processor, params, 0)
+    small.cache_bytes = cached.cached_bytes - 1  # the task's features do not fit
+    assert small.predictions(task, weights[0]) == plain.predictions(task, weights[0])
+    assert small.encoded(task) is None and small.cached_bytes == 0 and len(calls) == 1

@@ -174,6 +174,7 @@ class PredictParams(Section):
     batch_size: Positive
     max_new_tokens: Positive
     num_beams: Positive
+    image_cache_mb: NonNegative
 
 
 class LoraParams(Section):

@@ -5,6 +5,11 @@ images to score per task. ``score(task)`` runs batched ``<OD>`` prediction on th
 ``eval_images`` images of the task's valid split and returns COCO mAPs plus precision/recall/F1
 at IoU 0.5 (``icmlora.metrics``). The same weights on the same images give the same numbers in
 every stage: the images are decoded once per task and kept.
+
+When no adapter of the model can change the image features (``image_features_fixed``: a PEFT
+model whose adapters are all on the language model), the prompt's tokens and the vision tower's
+output are kept too, per task, within ``predict.image_cache_mb``: scoring another adapter on the
+same task then runs neither the image processor nor the vision tower (the same boxes, bit for bit).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from icmlora.artifacts import PREPARED_DIR
 from icmlora.artifacts.annotations import read_split
 from icmlora.config import PredictParams
 from icmlora.florence.format import Box, read_annotations
-from icmlora.florence.predict import predict
+from icmlora.florence.predict import encode_images, image_features_fixed, predict
 from icmlora.images import load_images
 from icmlora.metrics import detection_metrics
 from icmlora.runtime import scoring_device
@@ -30,6 +35,9 @@ class Scorer:
         self.model, self.processor, self.predict_params = model.to(scoring_device()), processor, predict_params
         self.eval_images, self.prepared = eval_images, Path(prepared)
         self._valid: dict[str, tuple] = {}
+        self.cache_bytes = predict_params.image_cache_mb * 2**20 if image_features_fixed(model) else 0
+        self.cached_bytes = 0
+        self._encoded: dict[str | Path, list[dict[str, torch.Tensor]] | None] = {}
 
     def valid_split(self, task: str | Path):
         """(examples, PIL images) of the first ``eval_images`` (0 = all) valid examples of ``task``,
@@ -44,6 +52,23 @@ class Scorer:
             self._valid[task] = (examples, load_images([folder / e.image for e in examples]))
         return self._valid[task]
 
+    def encoded(self, task: str | Path) -> list[dict[str, torch.Tensor]] | None:
+        """``encode_images`` of ``task``'s valid images, computed on first use and kept; None when
+        the model's adapters could change them or they would not fit what is left of the cache."""
+        if task not in self._encoded:
+            self._encoded[task] = None
+            _, images = self.valid_split(task)
+            if self.cache_bytes and images:
+                batches: list[dict[str, torch.Tensor]] = []
+                size = 0
+                for batch in encode_images(self.model, self.processor, images, self.predict_params):
+                    size += sum(v.numel() * v.element_size() for v in batch.values())
+                    if not batches and self.cached_bytes + size / len(batch["input_ids"]) * len(images) > self.cache_bytes:
+                        return None  # judged from the first batch: the whole task's would not fit
+                    batches.append(batch)
+                self._encoded[task], self.cached_bytes = batches, self.cached_bytes + size
+        return self._encoded[task]
+
     def predictions(self, task: str | Path, weights: dict[str, torch.Tensor] | None = None, *, disable_adapter: bool = False,
                     desc: str | None = None) -> list[list[Box]]:
         """Scored boxes per valid image of ``task``: of the model as it is, after loading these
@@ -55,8 +80,10 @@ class Scorer:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, weights)
+        encoded = self.encoded(task)
         with self.model.disable_adapter() if disable_adapter else nullcontext():
-            return predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}")
+            return predict(self.model, self.processor, images, self.predict_params, desc=desc or f"score on {task}",
+                           encoded=encoded)
 
     def metrics(self, task: str | Path, predictions: list[list[Box]], *, class_agnostic: bool = False) -> dict[str, float]:
         examples, _ = self.valid_split(task)

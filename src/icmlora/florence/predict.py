@@ -5,6 +5,10 @@ way ``Florence2PostProcessor`` reads ``<OD>`` output, but coordinates stay at th
 as floats and each box gets a score: the mean probability of its label tokens and its four
 location tokens. With a constant score (the reference code's 1.0) mAP collapses to a single
 operating point.
+
+``encode_images`` runs the processor and the vision tower once over a list of images; ``predict``
+given its output skips both (transformers' ``mm_encoder_outputs``): for scoring many adapters on the
+same images when no adapter is in the image path (``image_features_fixed``).
 """
 
 from __future__ import annotations
@@ -46,19 +50,62 @@ class TokenReader:
         return out
 
 
+def image_features_fixed(model) -> bool:
+    """Whether ``model``'s image features stay its base's whatever adapter weights are loaded into it:
+    a PEFT model with no adapter layer (a LoRA or other tuner layer, or a ``modules_to_save`` copy) in
+    its vision tower or projector. A plain model: False (nothing says its weights stay as they are)."""
+    if not hasattr(model, "get_base_model"):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    core = model.get_base_model().model
+    return not any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                   for part in (core.vision_tower, core.multi_modal_projector) for m in part.modules())
+
+
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
 @torch.no_grad()
-def predict(model, processor, images, params: PredictParams, *, desc: str = "predict", prompt: str = OD_PROMPT
-            ) -> list[list[Box]]:
-    """Scored boxes for each PIL image (sizes are taken from the images)."""
+def encode_images(model, processor, images, params: PredictParams, *, prompt: str = OD_PROMPT):
+    """For each batch ``predict`` would make of ``images``: the prompt's token ids and attention mask
+    and the vision tower + projector's output for the batch's images (``image_features``, on the
+    CPU), computed as ``generate`` computes them. Yields batch by batch, so a caller can stop early."""
+    model.eval()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device, dtype = _device_dtype(model)
+    for start in range(0, len(images), params.batch_size):
+        batch = images[start : start + params.batch_size]
+        inputs = dict(processor(text=[prompt] * len(batch), images=batch, return_tensors="pt"))
+        pixels = inputs.pop("pixel_values").to(device, dtype)
+        inputs["image_features"] = base.get_image_features(pixels).pooler_output.cpu()
+        yield inputs
+
+
+@torch.no_grad()
+def predict(model, processor, images, params: PredictParams, *, desc: str = "predict", prompt: str = OD_PROMPT,
+            encoded: list[dict[str, torch.Tensor]] | None = None) -> list[list[Box]]:
+    """Scored boxes for each PIL image (sizes are taken from the images). ``encoded``, what
+    ``encode_images`` gave for these images, prompt and batch size, takes the place of the processor
+    and the vision tower (the same boxes, bit for bit, when no adapter is in the image path)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     model.eval()
     reader = TokenReader(processor.tokenizer)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    device, dtype = _device_dtype(model)
     results: list[list[Box]] = []
-    for start in tqdm(range(0, len(images), params.batch_size), desc=desc, unit="batch", leave=False):
+    for i, start in enumerate(tqdm(range(0, len(images), params.batch_size), desc=desc, unit="batch", leave=False)):
         batch = images[start : start + params.batch_size]
-        inputs = processor(text=[prompt] * len(batch), images=batch, return_tensors="pt")
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        if encoded is None:
+            inputs = processor(text=[prompt] * len(batch), images=batch, return_tensors="pt")
+            inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+        else:
+            inputs = {k: v.to(device) for k, v in encoded[i].items() if k != "image_features"}
+            features = encoded[i]["image_features"].to(device, dtype)
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
         out = model.generate(**inputs, max_new_tokens=params.max_new_tokens, num_beams=params.num_beams, do_sample=False,
                              return_dict_in_generate=True, output_scores=True)
         beam_indices = getattr(out, "beam_indices", None) if params.num_beams > 1 else None
