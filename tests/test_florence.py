@@ -324,21 +324,33 @@ def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, mo
     # A random tiny model rarely writes a parsable box: compare the generated tokens themselves.
     generated: list[torch.Tensor] = []
     generate = lora.generate
-    monkeypatch.setattr(lora, "generate", lambda *a, **k: generated.append(generate(*a, **k).sequences) or
-                        generate(*a, **k))
+
+    def recording(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        generated.append(out.sequences)
+        return out
+
+    monkeypatch.setattr(lora, "generate", recording)
 
     def tokens(scorer, **kwargs):
         generated.clear()
         boxes = scorer.predictions(task, **kwargs)
         return boxes, torch.cat([g[:, 1:].flatten() for g in generated])
 
+    vision_runs = []
+    hook = lora.get_base_model().model.vision_tower.register_forward_hook(lambda *_: vision_runs.append(1))
     cached = scoring.Scorer(lora, processor, params, 0)
     plain = scoring.Scorer(lora, processor, params.model_copy(update={"image_cache_mb": 0}), 0)
     seen = []
     for kwargs in [{"weights": w} for w in weights] + [{"disable_adapter": True}]:
-        got, expected = tokens(cached, **kwargs), tokens(plain, **kwargs)
+        vision_runs.clear()
+        got = tokens(cached, **kwargs)
+        assert len(vision_runs) == (3 if not seen else 0)  # 3 batches encoded once, then never again
+        expected = tokens(plain, **kwargs)
+        assert len(vision_runs) == (6 if not seen else 3)  # without the cache: every batch, every time
         assert got[0] == expected[0] and torch.equal(got[1], expected[1])
         seen.append(got[1])
+    hook.remove()
     assert len(calls) == 1 and cached.encoded(task) is not None and 0 < cached.cached_bytes <= 2**20
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[-1])  # the adapters matter
 
