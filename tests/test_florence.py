@@ -367,3 +367,25 @@ def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, mo
     small.cache_bytes = cached.cached_bytes - 1  # the task's features do not fit
     assert small.predictions(task, weights[0]) == plain.predictions(task, weights[0])
     assert small.encoded(task) is None and small.cached_bytes == 0 and len(calls) == 1
+
+    # Weights that reach the image path themselves (not through an adapter layer) end the cache.
+    name, value = next((n, p.clone()) for n, p in lora.state_dict().items() if "vision_tower." in n and n.endswith("weight"))
+    cached.predictions(task, {**weights[0], name: value + 0.5})
+    assert cached.cache_bytes == 0 and cached.encoded(task) is None
+    assert torch.equal(lora.state_dict()[name], value + 0.5)  # loaded: the kept features would have been stale
+    assert tokens(cached, weights=weights[1])[1].equal(tokens(plain, weights=weights[1])[1])
+
+
+def test_predict_refuses_encodings_of_other_batches(tiny):
+    from icmlora.florence.predict import encode_images
+
+    model, processor = tiny
+    lora = _with_random_lora(model, micro_params().lora, 1)
+    images = [Image.new("RGB", (64, 64), (i * 60, 0, 0)) for i in range(3)]
+    params = PredictParams(batch_size=2, max_new_tokens=4, num_beams=1, image_cache_mb=1)
+    encoded = list(encode_images(lora, processor, images, params))
+    assert len(predict(lora, processor, images, params, encoded=encoded)) == 3
+    with pytest.raises(ValueError, match=r"batches of \[2, 1\].*batches of \[3\]"):
+        predict(lora, processor, images, params.model_copy(update={"batch_size": 3}), encoded=encoded)
+    with pytest.raises(ValueError, match="same images and batch size"):
+        predict(lora, processor, images[:2], params, encoded=encoded)

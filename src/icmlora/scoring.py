@@ -28,6 +28,9 @@ from icmlora.metrics import detection_metrics
 from icmlora.runtime import scoring_device
 
 
+IMAGE_PATH = ("vision_tower.", "multi_modal_projector.")  # the modules whose output a Scorer may keep
+
+
 class Scorer:
     def __init__(self, model, processor, predict_params: PredictParams, eval_images: int, prepared: Path = PREPARED_DIR):
         # On the GPU when there is one: stages load models on the CPU. Always float32, whatever
@@ -79,6 +82,10 @@ class Scorer:
         if weights is not None:
             from peft import set_peft_model_state_dict
 
+            if self.cache_bytes and any(part in key for key in weights for part in IMAGE_PATH):
+                # Weights for the image path itself (loaded non-strictly, not through an adapter layer):
+                # what was kept may no longer be what the vision tower computes.
+                self.cache_bytes, self.cached_bytes, self._encoded = 0, 0, {}
             set_peft_model_state_dict(self.model, weights)
         encoded = self.encoded(task)
         with self.model.disable_adapter() if disable_adapter else nullcontext():

@@ -96,6 +96,11 @@ def predict(model, processor, images, params: PredictParams, *, desc: str = "pre
     model.eval()
     reader = TokenReader(processor.tokenizer)
     device, dtype = _device_dtype(model)
+    sizes = [len(images[start : start + params.batch_size]) for start in range(0, len(images), params.batch_size)]
+    if encoded is not None and [len(e["input_ids"]) for e in encoded] != sizes:
+        raise ValueError(f"encoded holds batches of {[len(e['input_ids']) for e in encoded]} images, but these "
+                         f"{len(images)} images at batch size {params.batch_size} make batches of {sizes}: "
+                         f"encode_images must get the same images and batch size")
     results: list[list[Box]] = []
     for i, start in enumerate(tqdm(range(0, len(images), params.batch_size), desc=desc, unit="batch", leave=False)):
         batch = images[start : start + params.batch_size]

@@ -88,7 +88,8 @@ def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: 
 def _scoring_fingerprint(cfg: Params, task: str, rank: int, prepared: Path) -> str:
     """What a rank's metrics depend on besides its weights: how it is scored, and on which data."""
     tasks = sorted({task, *(cfg.data.tasks if rank in cfg.lora.cross_task_ranks else [])})
-    return fingerprint(cfg.predict, cfg.lora.eval_images, tasks,
+    # Not predict.image_cache_mb: scoring from kept image features gives the same boxes bit for bit.
+    return fingerprint(cfg.predict.model_dump(exclude={"image_cache_mb"}), cfg.lora.eval_images, tasks,
                        content_digest(*(annotations_file(t, "valid", prepared) for t in tasks)))
 
 
