@@ -151,13 +151,8 @@ def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, 
     cfg = micro_params()
     accelerator = make_accelerator(cfg.runtime)
     examples = _toy_examples(tmp_path)
-    lora = get_peft_model(copy.deepcopy(model), peft_config(cfg.lora.model_copy(update={"dropout": 0.0}), 2))
+    lora = _with_random_lora(model, cfg.lora, 2, std=0.05).train()
     assert frozen_image_features(lora)
-    with torch.no_grad():  # B = 0 at init: give the adapter something to contribute
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    lora.train()
     pixels = DetectionDataset(examples, tmp_path, processor, cache_mb=0)
     cached = DetectionDataset(examples, tmp_path, processor, cache_mb=1)
     for i in range(3):
@@ -253,8 +248,9 @@ def test_image_features_are_computed_every_step_when_training_can_change_them(ti
     assert not frozen_image_features(get_peft_model(dropping, peft_config(cfg.lora, 2)))
 
 
-def _with_random_lora(model, lora_params, rank, target_modules=None):
-    """A PEFT copy of ``model`` whose LoRA B matrices are random (B = 0 at init adds nothing)."""
+def _with_random_lora(model, lora_params, rank, target_modules=None, std=0.5):
+    """A PEFT copy of ``model`` (in eval mode, no dropout) whose LoRA B matrices are random (B = 0 at
+    init adds nothing)."""
     import copy
 
     from peft import get_peft_model
@@ -266,7 +262,7 @@ def _with_random_lora(model, lora_params, rank, target_modules=None):
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+                param.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
     return lora.eval()
 
 
