@@ -36,6 +36,47 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class FamilyParams(Section):
+    """``task_kind: family``: tasks are (hue band, grid row) pairs (``icmlora.data.family``)."""
+
+    hues: Annotated[int, Field(ge=2, le=12)]  # bands evenly spaced, named as the base names hues (12 names)
+    rows: list[str]  # the grid's rows top to bottom (a square grid of len(rows) x len(rows) cells)
+    shapes: list[str]  # outlines drawn at random: no task depends on them
+    label: str  # the one label word every family task writes
+    confusers: Fraction  # chance an object is a near miss of one drawn: its hue in another row, or its row in another hue
+    colour_floor: Annotated[int, Field(ge=0, le=200)]  # every channel in colour_floor..255 (the categories': 150)
+
+    @field_validator("rows")
+    @classmethod
+    def _row_names(cls, rows: list[str]) -> list[str]:
+        problems = [] if len(rows) >= 2 else ["needs at least two rows"]
+        if len(set(rows)) != len(rows):
+            problems.append("has duplicates")
+        problems += [f"{name!r} is not usable in a task name (letters, digits and _ only)" for name in rows
+                     if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return rows
+
+    @field_validator("shapes")
+    @classmethod
+    def _some_shapes(cls, shapes: list[str]) -> list[str]:
+        if not shapes:
+            raise ValueError("needs at least one shape")
+        return shapes
+
+    @field_validator("label")
+    @classmethod
+    def _one_word(cls, label: str) -> str:
+        from icmlora.data.family import HUE_NAMES
+
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", label):
+            raise ValueError(f"{label!r} must be one word (letters, digits, _)")
+        if label in HUE_NAMES:
+            raise ValueError(f"{label!r} is a hue name the base model already writes: every task would be solved by the base")
+        return label
+
+
 class SyntheticParams(Section):
     image_size: Annotated[int, Field(ge=16)]
     train_images: Positive
@@ -48,6 +89,8 @@ class SyntheticParams(Section):
     grid_cells: Positive
     category_colours: bool
     base_labels: Literal["hue", "object"]
+    task_kind: Literal["category", "family"]  # a task is a shape (its own hue), or a (hue, row) pair of ``family``
+    family: FamilyParams
 
     @field_validator("objects_per_image", "object_size")
     @classmethod
@@ -65,6 +108,19 @@ class SyntheticParams(Section):
         if value == "hue" and info.data.get("category_colours") is False:
             raise ValueError("'hue' needs category_colours: true (with random colours a hue names nothing)")
         return value
+
+    @field_validator("family")
+    @classmethod
+    def _family_fits(cls, family: FamilyParams, info: ValidationInfo) -> FamilyParams:
+        if info.data.get("task_kind") != "family":
+            return family
+        size, sides = info.data.get("image_size"), info.data.get("object_size")
+        if size is not None and sides is not None and sides[0] > size // len(family.rows) - 2:
+            raise ValueError(f"object_size min {sides[0]} does not fit a grid cell of {size // len(family.rows)} pixels "
+                             "less a 2-pixel gap (fewer rows or a larger image_size)")
+        if info.data.get("category_colours") is False:
+            raise ValueError("task_kind 'family' selects objects by hue: it needs category_colours: true")
+        return family
 
 
 class DataParams(Section):
@@ -95,7 +151,8 @@ class DataParams(Section):
     @classmethod
     def _hues_for_tasks(cls, synthetic: SyntheticParams, info: ValidationInfo) -> SyntheticParams:
         tasks = info.data.get("tasks") or []
-        if info.data.get("source") == "synthetic" and synthetic.base_labels == "hue" and len(tasks) > 12:
+        if (info.data.get("source") == "synthetic" and synthetic.task_kind == "category" and synthetic.base_labels == "hue"
+                and len(tasks) > 12):
             raise ValueError(f"base_labels 'hue' names at most 12 hues apart, data.tasks has {len(tasks)}: use 'object'")
         return synthetic
 
@@ -245,7 +302,7 @@ TASK_VECTOR_METHODS = ("icl", "reference", "text")
 
 class TaskVectorParams(Section):
     method: Literal["icl", "reference", "text"]
-    pooling: Literal["last", "mean", "label", "match"]
+    pooling: Literal["last", "mean", "label", "match", "object"]
     examples: Annotated[int, Field(ge=2)]
     reference_rank: Positive
     reference_examples: Positive
@@ -273,6 +330,9 @@ class CvaeParams(Section):
     kl_weight: NonNegativeFloat
     norm: Literal["group", "batch", "none"]
     patch: Positive
+    condition_head: NonNegative
+    decoder_condition: bool
+    seed: NonNegative | None  # trains and samples the generators; None: the top-level seed
     train: CvaeTrainParams
 
     @field_validator("kernel_size")
@@ -290,6 +350,8 @@ class GenerateParams(Section):
 class EvaluateParams(Section):
     eval_images: Count
     cross_task_ranks: list[Positive]
+    retrieval_k: Positive  # held-out baseline retrieval_mix: the k nearest training tasks' adapters ...
+    retrieval_temperature: PositiveFloat  # ... weighted by softmax(cosine / temperature)
     noise_seed: NonNegative
     bootstrap_resamples: Annotated[int, Field(ge=100)]
     confidence: Annotated[float, Field(gt=0.5, lt=1)]
@@ -323,6 +385,13 @@ class Params(Section):
             raise ValueError("has duplicates")
         if len(heldout) >= len(data.tasks):
             raise ValueError("leaves no training task for the generator")
+        if data.source == "synthetic" and data.synthetic.task_kind == "family":
+            from icmlora.data.family import problems
+
+            family = data.synthetic.family
+            found = problems(data.tasks, heldout, family.hues, family.rows)
+            if found:
+                raise ValueError("; ".join(found))
         return heldout
 
     @field_validator("task_vectors")
@@ -345,6 +414,17 @@ class Params(Section):
     def training_tasks(self) -> list[str]:
         """The tasks whose adapters the generator learns from (data.tasks minus heldout_tasks)."""
         return [t for t in self.data.tasks if t not in self.heldout_tasks]
+
+    def generator_seed(self) -> int:
+        """The seed of the generators' training and of their samples (``cvae.seed``, else ``seed``)."""
+        return self.seed if self.cvae.seed is None else self.cvae.seed
+
+    def is_family(self) -> bool:
+        return self.data.source == "synthetic" and self.data.synthetic.task_kind == "family"
+
+    def task_label(self, task: str) -> str:
+        """The label word a task's targets write: its own name (a category), or the family's one word."""
+        return self.data.synthetic.family.label if self.is_family() else task
 
 
 # --------------------------------------------------------------------------- loading

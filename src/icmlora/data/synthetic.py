@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from icmlora.config import SyntheticParams
+from icmlora.data.family import cell_name, hue_bands
 from icmlora.florence.format import Box
 
 
@@ -98,26 +99,18 @@ def _place(rng: np.random.Generator, cfg: SyntheticParams, count: int) -> list[t
     return placed
 
 
-# The colour wheel in 30-degree steps: the base model's pre-training names objects by these.
-HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta", "pink")
-
-
-def hue_name(index: int, count: int) -> str:
-    """The name of the hue that ``_colour`` gives category ``index`` out of ``count`` (distinct
-    for up to 12 categories)."""
-    return HUE_NAMES[round(len(HUE_NAMES) * index / count) % len(HUE_NAMES)]
-
-
-def _colour(rng: np.random.Generator, cfg: SyntheticParams, index: int, count: int) -> tuple[int, int, int]:
-    """The colour of an object of category ``index`` out of ``count``: hues evenly spaced."""
+def _colour(rng: np.random.Generator, cfg: SyntheticParams, index: int, count: int, floor: int = 150) -> tuple[int, int, int]:
+    """The colour of an object of category ``index`` out of ``count``: hues evenly spaced (named
+    by ``icmlora.data.family.hue_name(index, count)``), every channel in ``floor``..255."""
     if not cfg.category_colours:
         return tuple(int(v) for v in rng.integers(150, 256, size=3))
     hue = (index / count + rng.uniform(-1 / 40, 1 / 40)) % 1.0
     # Every channel stays in 150..255 as with random colours (the contrast the tiny model needs
     # to learn localization in minutes; darker saturated hues dropped base mAP50 from 0.92 to
-    # 0.12): the hue's pure colour mapped onto that range.
+    # 0.12): the hue's pure colour mapped onto that range. A family's ten hues need more
+    # saturation to be named apart (``family.colour_floor``).
     rgb = colorsys.hsv_to_rgb(hue, 1.0, 1.0)
-    return tuple(int(150 + round(v * 105 * rng.uniform(0.85, 1.0))) for v in rgb)
+    return tuple(int(floor + round(v * (255 - floor) * rng.uniform(0.85, 1.0))) for v in rgb)
 
 
 def generate_split(cfg: SyntheticParams, categories: list[str], count: int, seed: int) -> list[tuple[Image.Image, list[Box]]]:
@@ -140,6 +133,58 @@ def generate_split(cfg: SyntheticParams, categories: list[str], count: int, seed
             colour = _colour(rng, cfg, int(label), len(categories))
             _draw(draw, categories[label], x, y, s, colour)
             boxes.append(Box(categories[label], float(x), float(y), float(x + s), float(y + s)))
+        if cfg.noise_sigma > 0 and rng.random() < cfg.noise_fraction:
+            pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, cfg.noise_sigma, size=(n, n, 3))
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        out.append((image, boxes))
+    return out
+
+
+
+def generate_family_split(cfg: SyntheticParams, count: int, seed: int) -> list[tuple[Image.Image, list[Box]]]:
+    """``count`` images of the task family (``icmlora.data.family``): objects in distinct cells of
+    a square grid of ``len(family.rows)`` rows (sides from ``object_size``, kept inside the cell, 2
+    pixels apart), each of a hue band, its box labelled with its cell, ``<hue>-<row>``; prepare keeps
+    a task's cell and writes the family's label word.
+
+    An object after the first is, with probability ``family.confusers``, a near miss of an object
+    already drawn: its hue in another row, or another hue in its row (equally often), the two
+    distractors a (hue, row) task must leave out; otherwise its hue and cell are drawn freely."""
+    family = cfg.family
+    names, rows = hue_bands(family.hues), list(family.rows)
+    rng = np.random.default_rng(seed)
+    n, grid = cfg.image_size, len(rows)
+    cell = n // grid
+    lo, hi = min(cfg.object_size[0], cell - 2), min(cfg.object_size[1], cell - 2)
+    out = []
+    for _ in range(count):
+        free = [(r, c) for r in range(grid) for c in range(grid)]
+        objects: list[tuple[int, int, int]] = []  # (hue band, row, column)
+        for _ in range(int(rng.integers(cfg.objects_per_image[0], cfg.objects_per_image[1] + 1))):
+            hue, choices = int(rng.integers(family.hues)), free
+            if objects and rng.random() < family.confusers:
+                like_hue, like_row, _ = objects[int(rng.integers(len(objects)))]
+                if rng.random() < 0.5:  # the same hue in another row
+                    hue, choices = like_hue, [rc for rc in free if rc[0] != like_row]
+                else:  # another hue in the same row
+                    hue = (like_hue + 1 + int(rng.integers(family.hues - 1))) % family.hues
+                    choices = [rc for rc in free if rc[0] == like_row]
+            if not choices:
+                continue
+            r, c = choices[int(rng.integers(len(choices)))]
+            free.remove((r, c))
+            objects.append((hue, r, c))
+        background = rng.integers(0, 91, size=3)
+        image = Image.new("RGB", (n, n), tuple(int(v) for v in background))
+        draw = ImageDraw.Draw(image)
+        boxes = []
+        for hue, r, c in objects:
+            s = int(rng.integers(lo, hi + 1))
+            # Anywhere in the cell with a pixel of margin: neighbours stay 2 pixels apart.
+            x, y = (int(k * cell + 1 + rng.integers(0, cell - s - 1)) for k in (c, r))
+            shape = family.shapes[int(rng.integers(len(family.shapes)))]
+            _draw(draw, shape, x, y, s, _colour(rng, cfg, hue, family.hues, family.colour_floor))
+            boxes.append(Box(cell_name(names[hue], rows[r]), float(x), float(y), float(x + s), float(y + s)))
         if cfg.noise_sigma > 0 and rng.random() < cfg.noise_fraction:
             pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, cfg.noise_sigma, size=(n, n, 3))
             image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

@@ -50,7 +50,9 @@ def _load_or_build(cfg: Params, train_examples):
 
         size = _image_size(train_examples, cfg.base.tiny.image_size)
         names = sorted({box.label for example in train_examples for box in example.boxes})
-        labels = list(dict.fromkeys([*cfg.data.tasks, AGNOSTIC_LABEL, *names]))
+        # Every word a target may write: the tasks' label words (a family's one word), "object", and
+        # the base split's names. (The tokenizer learns them all; the base is trained on the last.)
+        labels = list(dict.fromkeys([*cfg.data.tasks, AGNOSTIC_LABEL, *names, *map(cfg.task_label, cfg.data.tasks)]))
         processor = build_tiny_processor(labels, size, cfg.base.tiny)
         model = build_tiny_model(cfg.base.tiny, processor, size, cfg.seed)
         return model, processor, cfg.base.train

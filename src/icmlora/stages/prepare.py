@@ -38,21 +38,23 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
     source had degenerate boxes (dropped)."""
     records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
     if cfg.data.source == "synthetic":
-        from icmlora.data.synthetic import SHAPES, generate_split
+        from icmlora.data.synthetic import SHAPES, generate_family_split, generate_split
 
-        absent = [t for t in cfg.data.tasks if t not in SHAPES]
+        syn = cfg.data.synthetic
+        key = "data.synthetic.family.shapes" if cfg.is_family() else "data.tasks"
+        absent = [t for t in (syn.family.shapes if cfg.is_family() else cfg.data.tasks) if t not in SHAPES]
         if absent:
             raise InputError(
-                "params.yaml: data.tasks names categories the synthetic source does not draw",
-                [f"data.tasks: {t!r} is not one of {', '.join(SHAPES)}" for t in absent],
+                f"params.yaml: {key} names shapes the synthetic source does not draw",
+                [f"{key}: {t!r} is not one of {', '.join(SHAPES)}" for t in absent],
             )
-        syn = cfg.data.synthetic
         for i, split in enumerate(SPLITS):
             count = syn.train_images if split == "train" else syn.valid_images
             pack = pack_path(images_dir(split, out))
             pack.parent.mkdir(parents=True, exist_ok=True)
             # Distinct seeds per split keep valid images out of the training distribution's samples.
-            items = generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i)
+            items = (generate_family_split(syn, count, seed=cfg.seed * 1000 + i) if cfg.is_family()
+                     else generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i))
             rows = []
             with PackWriter(pack) as writer:
                 for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
@@ -80,9 +82,18 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
 
 def base_labels(cfg: Params) -> dict[str, str]:
     """{category: the name the base model's pre-training split gives it}: ``object`` for every
-    category, or with synthetic ``base_labels: hue`` the name of the category's hue."""
+    category, or with synthetic ``base_labels: hue`` the name of the category's hue. A family's
+    categories are its cells (every one is drawn, task or not), each named by its hue band."""
+    if cfg.is_family():
+        from icmlora.data.family import cells, split_cell
+
+        family = cfg.data.synthetic.family
+        every = cells(family.hues, family.rows)
+        if cfg.data.synthetic.base_labels == "object":
+            return {c: AGNOSTIC_LABEL for c in every}
+        return {c: split_cell(c, family.hues, family.rows)[0] for c in every}
     if cfg.data.source == "synthetic" and cfg.data.synthetic.base_labels == "hue":
-        from icmlora.data.synthetic import hue_name
+        from icmlora.data.family import hue_name
 
         return {t: hue_name(i, len(cfg.data.tasks)) for i, t in enumerate(cfg.data.tasks)}
     return {t: AGNOSTIC_LABEL for t in cfg.data.tasks}
@@ -99,14 +110,16 @@ def _ordered(boxes: list[Box]) -> list[Box]:
 
 
 def _task_examples(rows, split: str, task: str | None, limit: int, names: dict[str, str],
-                   drop_ignored: bool) -> list[Example]:
+                   drop_ignored: bool, label: str | None = None) -> list[Example]:
+    """The examples of ``task`` (None: the base's split, every box named by ``names``): the images
+    holding it, only its boxes, written with ``label`` (default: the task's name)."""
     examples = []
     for file_name, w, h, boxes in rows:
         image = image_ref(split, file_name)
         if task is None:
             kept = [replace(b, label=names.get(b.label, AGNOSTIC_LABEL)) for b in _ordered(boxes)]
         else:
-            kept = [b for b in _ordered(boxes) if b.label == task]
+            kept = [b if label in (None, task) else replace(b, label=label) for b in _ordered(boxes) if b.label == task]
             if not kept:
                 continue
         if drop_ignored and any(b.ignore for b in kept):
@@ -121,6 +134,8 @@ def prepare(cfg: Params, out_dir: Path = PREPARED_DIR) -> dict:
     """Build the prepared data folder; returns the summary it wrote."""
     names = base_labels(cfg)
     summary: dict = {"source": cfg.data.source, "base_labels": names, "tasks": {}}
+    if cfg.is_family():
+        summary["task_labels"] = {t: cfg.task_label(t) for t in cfg.data.tasks}
     with atomic_dir(out_dir) as tmp:
         records, dropped = _collect(cfg, tmp)
         empty = []
@@ -130,7 +145,8 @@ def prepare(cfg: Params, out_dir: Path = PREPARED_DIR) -> dict:
             for split in SPLITS:
                 limit = 0 if task is None else (cfg.data.max_train_per_task if split == "train" else cfg.data.max_valid_per_task)
                 drop = split == "train" and cfg.data.ignore_regions == "drop_images"
-                examples = _task_examples(records[split], split, task, limit, names, drop)
+                examples = _task_examples(records[split], split, task, limit, names, drop,
+                                          None if task is None else cfg.task_label(task))
                 if not examples:
                     empty.append(f"task {name!r} has no {split} examples in source {cfg.data.source!r}")
                 write_split(name, split, examples, tmp)
