@@ -167,12 +167,12 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     cfg, root, processor = setting
     metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
                                    tmp_path / "tv.json", tmp_path / "tv-metrics.json", tmp_path / "plots")
-    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "text"}  # no adapters: no reference
+    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "icl_object", "text"}  # no adapters: no reference
     assert set(metrics["match_fraction"]) == set(cfg.data.tasks) and all(0 <= f <= 1 for f in metrics["match_fraction"].values())
     vectors = read_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))
-    for pooling in ("mean", "match"):
+    for pooling in ("mean", "match", "object"):
         assert ex[f"icl_{pooling}_examples"].shape == (len(cfg.data.tasks) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
     assert ex["text_examples"].shape[0] == len(cfg.data.tasks) * 4
     assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000
@@ -193,14 +193,16 @@ def test_match_pooling_finds_where_the_base_names_each_object(setting):
     # </s> <s> circle x1 y1 x2 y2  square x1 y1 x2 y2 </s>: the states at 1 and 6 predict the two names.
     seq = [eos, bos, circle, loc[0], loc[0], loc[499], loc[499], square, loc[500], loc[500], loc[999], loc[999], eos]
     named = named_objects(reader, seq, 64, 64)
-    assert [j for j, _ in named] == [1, 6]
+    assert [j for j, _, _ in named] == [1, 6]
+    # ... and the states at 2-5 and 7-10 predict their four locations (the object pooling's).
+    assert [locs for _, _, locs in named] == [(2, 3, 4, 5), (7, 8, 9, 10)]
     assert named[0][1].xyxy == pytest.approx((0.032, 0.032, 31.968, 31.968))
     corner = Box("", 32.0, 32.0, 64.0, 64.0)
     assert box_iou(named[1][1], corner) > 0.99 and box_iou(named[0][1], corner) == 0.0
     assert named_objects(reader, [eos, bos, circle, loc[0], loc[0], eos], 64, 64) == []  # a cut-off box names nothing
     # A second box of the same phrase has no name of its own: only the first counts.
     two = [eos, bos, circle, *[loc[0]] * 2, *[loc[499]] * 2, *[loc[500]] * 2, *[loc[999]] * 2, eos]
-    assert [j for j, _ in named_objects(reader, two, 64, 64)] == [1]
+    assert [j for j, _, _ in named_objects(reader, two, 64, 64)] == [1]
 
 
 def test_streamed_safetensors_read_back_exactly(tmp_path):

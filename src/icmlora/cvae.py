@@ -59,6 +59,15 @@ class CVAEArchitecture:
     # Values per input step (space-to-depth): 1 reproduces the paper; P > 1 starts the encoder at
     # D / P positions with P channels and ends the decoder the same way. Total stride P * 2**layers.
     patch: int = 1
+    # Width of an affine path from the condition to the output, added to the decoder's (0: none, the
+    # paper). The conv decoder given a task vector it never saw returns something near a training
+    # task's adapter; a map that is affine in the condition can also combine what training tasks
+    # taught it (a new hue with a known row). Rank-limited: condition -> head -> D.
+    condition_head: int = 0
+    # Whether the conv decoder reads the condition too (the paper: it does). With a condition head,
+    # False leaves the decoder the latent alone: the task enters the output affinely, and z models
+    # what varies within a task (its checkpoints).
+    decoder_condition: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, tuple):
@@ -75,6 +84,12 @@ class CVAEArchitecture:
             v = getattr(self, key)
             if not _is_int(v) or v < 1:
                 out.append((key, f"must be a positive integer, got {v!r}"))
+        if not _is_int(self.condition_head) or self.condition_head < 0:
+            out.append(("condition_head", f"must be an integer >= 0, got {self.condition_head!r}"))
+        if not isinstance(self.decoder_condition, bool):
+            out.append(("decoder_condition", f"must be true or false, got {self.decoder_condition!r}"))
+        elif not self.decoder_condition and not self.condition_head:
+            out.append(("decoder_condition", "false needs a condition_head: otherwise nothing generated depends on the task"))
         if self.hidden_dim is not None and (not _is_int(self.hidden_dim) or self.hidden_dim < 1):
             out.append(("hidden_dim", f"must be a positive integer or null, got {self.hidden_dim!r}"))
         if _is_int(self.kernel_size) and self.kernel_size % 2 == 0:
@@ -131,7 +146,8 @@ class CVAEArchitecture:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"invalid CVAEArchitecture: unknown keys {unknown} (allowed: {sorted(known)})")
-        d = {"patch": 1, **d}  # generators saved before ``patch`` existed are the paper's layout
+        # Generators saved before ``patch`` / ``condition_head`` existed are the paper's layout.
+        d = {"patch": 1, "condition_head": 0, "decoder_condition": True, **d}
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
@@ -171,7 +187,8 @@ def architecture(params: CvaeParams, input_dim: int, condition_dim: int) -> CVAE
         input_dim=input_dim, condition_dim=condition_dim, channels=channels, kernel_size=params.kernel_size,
         latent_dim=params.latent_dim, hidden_dim=params.hidden_dim or None,
         pad_multiple=params.pad_multiple or params.patch * 2 ** len(channels), kl_weight=params.kl_weight,
-        norm=params.norm, patch=params.patch,
+        norm=params.norm, patch=params.patch, condition_head=params.condition_head,
+        decoder_condition=params.decoder_condition,
     )
 
 
@@ -202,7 +219,7 @@ class CVAE(nn.Module):
         self.fc_mu = nn.Linear(c.feature_dim + c.condition_dim, c.latent_dim)
         self.fc_logvar = nn.Linear(c.feature_dim + c.condition_dim, c.latent_dim)
 
-        self.dec_fc = nn.Linear(c.latent_dim + c.condition_dim, flat)
+        self.dec_fc = nn.Linear(c.latent_dim + (c.condition_dim if c.decoder_condition else 0), flat)
         rev = chans[::-1]
         dec: list[nn.Module] = []
         for i, ch in enumerate(rev):
@@ -211,6 +228,12 @@ class CVAE(nn.Module):
             dec += [nn.ConvTranspose1d(ch, out, k, stride=2, padding=pad, output_padding=1), nn.ELU()]
         self.decoder = nn.Sequential(*dec)
         self.out_conv = nn.Conv1d(rev[-1], c.patch, k, padding=pad)
+        if c.condition_head:
+            self.condition_head = nn.Sequential(nn.Linear(c.condition_dim, c.condition_head, bias=False),
+                                                nn.Linear(c.condition_head, c.input_dim))
+            # Starts as the paper's network: the path adds nothing until training moves it.
+            nn.init.zeros_(self.condition_head[1].weight)
+            nn.init.zeros_(self.condition_head[1].bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -238,10 +261,13 @@ class CVAE(nn.Module):
         self._check("cond", cond, c.condition_dim)
         if cond.shape[0] != z.shape[0]:
             raise ValueError(f"z and cond batch sizes differ: {z.shape[0]} vs {cond.shape[0]}")
-        h = self.dec_fc(torch.cat([z, cond.to(z.dtype)], dim=1))
+        h = self.dec_fc(torch.cat([z, cond.to(z.dtype)], dim=1) if c.decoder_condition else z)
         h = h.view(z.shape[0], c.channels[-1], c.bottleneck_length)
         h = self.out_conv(self.decoder(h))  # [B, patch, D' / patch]
-        return h.transpose(1, 2).reshape(z.shape[0], c.padded_dim)[:, : c.input_dim]
+        out = h.transpose(1, 2).reshape(z.shape[0], c.padded_dim)[:, : c.input_dim]
+        if c.condition_head:
+            out = out + self.condition_head(cond.to(out.dtype))
+        return out
 
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, sample: bool | None = None, noise: torch.Tensor | None = None
@@ -294,8 +320,13 @@ class Generator:
     def condition(self, vectors: torch.Tensor) -> torch.Tensor:
         return (vectors.float() - self.cond_mean) / self.cond_scale
 
+    def to(self, device) -> Generator:
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def sample(self, vector: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Normalized adapter rows [len(z), D] for one task vector."""
-        cond = self.condition(vector.reshape(1, -1)).expand(len(z), -1)
-        return self.model.decode(z, cond)
+        """Normalized adapter rows [len(z), D] (on the CPU) for one task vector, decoded where the model is."""
+        device = next(self.model.parameters()).device
+        cond = self.condition(vector.reshape(1, -1).cpu()).expand(len(z), -1)
+        return self.model.decode(z.to(device), cond.to(device)).float().cpu()

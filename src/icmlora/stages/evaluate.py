@@ -8,8 +8,12 @@ trained adapter), ``generated`` (every sample, ``z0`` included), and the baselin
 ``avg_checkpoint`` (mean of the task's checkpoints), ``noise`` (the training checkpoint nearest
 to the generated z0 adapter, plus Gaussian noise at the same distance), ``wrong_task``
 (generated with the next task's vector), ``random_condition`` (a random vector with the task
-vectors' mean norm); for held-out tasks also ``nearest_task`` (the trained adapter of the
-training task whose vector is nearest). Each generated adapter gets its parameter-space
+vectors' mean norm); for held-out tasks also what a task never trained could get without a
+generator: ``nearest_task`` (the trained adapter of the training task whose vector is nearest),
+``retrieval_mix`` (the similarity-weighted mean of the ``evaluate.retrieval_k`` nearest training
+tasks' trained adapters, ``retrieval_weights``) and ``mean_training`` (the mean of every training
+task's trained adapter). A held-out task's own ``trained`` adapter is its upper bound: trained for
+evaluation only, it never reaches the generator's data or the normalization statistics. Each generated adapter gets its parameter-space
 novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
 among that task's checkpoints, and the cosine similarity to it.
 
@@ -82,6 +86,15 @@ def novelty(vec: torch.Tensor, train_rows: torch.Tensor, own_rows: torch.Tensor)
             "nn_cosine": cos, "nearest_index": nearest}
 
 
+def retrieval_weights(similarities: torch.Tensor, k: int, temperature: float) -> dict[int, float]:
+    """{index: weight} of the retrieval mix: the ``k`` most similar training tasks (cosine of task
+    vectors), weighted by a softmax of their similarities over ``temperature`` (small: the nearest
+    dominates; large: an even mean of the k)."""
+    top = similarities.topk(min(k, len(similarities)))
+    weights = torch.softmax(top.values.double() / temperature, dim=0)
+    return {int(i): float(w) for i, w in zip(top.indices, weights)}
+
+
 def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR, lora_root: Path = LORA_DIR,
              matrix_root: Path = LORA_MATRIX_DIR, cvae_root: Path = CVAE_DIR, generated_root: Path = GENERATED_DIR,
              vectors_file: Path = TASK_VECTORS_FILE, out_csv: Path = COMPARISON_TABLE,
@@ -133,7 +146,7 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
             m = scorer.metrics(task, preds)
             rows.append({"task": task, "rank": rank, "source": source, "sample": sample, "heldout": task in heldout,
                          **{k: m[k] for k in (*METRIC_KEYS, "num_pred")}, **extra})
-            tables[(task, source, sample)] = ap50_table(truth, preds, task)
+            tables[(task, source, sample)] = ap50_table(truth, preds, cfg.task_label(task))
 
         for ti, task in enumerate(tqdm(tasks, desc=f"evaluate r{rank}", unit="task")):
             truth = [e.boxes for e in scorer.valid_split(task)[0]]
@@ -180,11 +193,18 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
             add(task, "random_condition", "-",
                 scorer.predictions(task, as_weights(manifest.denormalize(gen.sample(rnd, z)[0], stats))))
             if task in heldout:
+                # What a task never trained could get without a generator: an adapter of the training
+                # tasks, chosen or mixed by task-vector similarity, or all of them averaged.
                 train_tasks = [t for t in tasks if t not in heldout]
+                finals = torch.stack([flatten(read_adapter(final_adapter_dir(t, rank, seed0, lora_root))[0], manifest.names)
+                                      for t in train_tasks])
                 sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train_tasks])
-                near = train_tasks[int(sims.argmax())]
-                near_w, _ = read_adapter(final_adapter_dir(near, rank, seed0, lora_root))
-                add(task, "nearest_task", near, scorer.predictions(task, near_w))
+                near = int(sims.argmax())
+                add(task, "nearest_task", train_tasks[near], scorer.predictions(task, as_weights(finals[near])))
+                mix = retrieval_weights(sims, cfg.evaluate.retrieval_k, cfg.evaluate.retrieval_temperature)
+                add(task, "retrieval_mix", "+".join(f"{train_tasks[i]}:{w:.2f}" for i, w in mix.items()),
+                    scorer.predictions(task, as_weights(sum(w * finals[i] for i, w in mix.items()))))
+                add(task, "mean_training", "-", scorer.predictions(task, as_weights(finals.mean(0))))
             if rank in cfg.evaluate.cross_task_ranks:
                 z0_w = as_weights(vecs[Z0_SAMPLE])
                 for other in tasks:
@@ -226,7 +246,7 @@ def _log_runs(frame: pd.DataFrame, params: dict) -> None:
     now = int(time.time() * 1000)
     for r in tqdm(frame.to_dict("records"), desc="evaluate: MLflow runs", unit="run", leave=False):
         tags = base_tags("evaluate", task=r["task"], rank=r["rank"], source=r["source"], sample=r["sample"],
-                         heldout=r["heldout"])
+                         heldout="true" if r["heldout"] else "false")  # the filter: tags.heldout = "true"
         run = client.create_run(exp_id, run_name=f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}")
         metrics = [Metric(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine", "error_iou",
                                                               "error_iou_checkpoints")

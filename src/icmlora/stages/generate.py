@@ -44,6 +44,7 @@ from icmlora.config import Params
 from icmlora.cvae import Generator
 from icmlora.errors import InputError
 from icmlora.files import atomic_dir, write_json
+from icmlora.runtime import scoring_device
 from icmlora.stage_cli import require, run_stage, stage_parser
 
 
@@ -69,10 +70,10 @@ def generate_all(cfg: Params, cvae_root: Path = CVAE_DIR, matrix_root: Path = LO
     timings, count = [], 0
     with atomic_dir(out_root) as tmp:  # the folder is replaced whole: no adapter of a task or rank no longer in params
         for rank in cfg.lora.ranks:
-            gen = read_generator(rank, cvae_root)
+            gen = read_generator(rank, cvae_root).to(scoring_device())  # a GPU when there is one
             matrix = read_lora_matrix(rank, matrix_root)
             for task in tqdm(cfg.data.tasks, desc=f"generate r{rank}", unit="task"):
-                for name, z in latents(cfg.seed, task, rank, cfg.generate.samples, gen.model.config.latent_dim).items():
+                for name, z in latents(cfg.generator_seed(), task, rank, cfg.generate.samples, gen.model.config.latent_dim).items():
                     start = time.perf_counter()
                     row = gen.sample(vectors[task], z[None])[0]
                     matrix.manifest.write_adapter(sample_dir(generated_dir(task, rank, tmp), name), row,
@@ -99,14 +100,15 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
     if len(examples) < 2:
         raise InputError(f"{path}: needs at least 2 labelled examples to compute a task vector")
     labels = sorted({b.label for e in examples for b in e.boxes})
-    if not set(labels) & set(cfg.training_tasks()):
+    known = sorted({cfg.task_label(t) for t in cfg.training_tasks()})
+    if not set(labels) & set(known):
         print(f"icmlora generate: note: {path} labels its boxes {', '.join(map(repr, labels))}, which no training adapter "
-              f"writes (they write {', '.join(map(repr, cfg.training_tasks()))}). A generated adapter writes the labels of "
+              f"writes (they write {', '.join(map(repr, known))}). A generated adapter writes the labels of "
               "the tasks it learned from, so scored on these examples its strict mAP is 0 (see README, 'Generating an "
               "adapter for a new task').", file=sys.stderr)
     model, processor = read_base_model(base_dir)
     images = load_images([path.parent / e.image for e in examples])
-    pooled = icl_vectors(model.eval(), processor, examples, images, cfg.predict.max_new_tokens)
+    pooled = icl_vectors(model.to(scoring_device()).eval(), processor, examples, images, cfg.predict.max_new_tokens)
     return pooled[cfg.task_vectors.pooling].mean(0)
 
 
@@ -114,7 +116,7 @@ def generate_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, sample
                  matrix_root: Path = LORA_MATRIX_DIR, method: str | None = None) -> list[Path]:
     """Adapters for one task vector under ``out``; ``method``: the kind of vector it is (checked
     against the generator's) when known."""
-    gen = read_generator(rank, cvae_root)
+    gen = read_generator(rank, cvae_root).to(scoring_device())
     manifest = read_manifest(rank, matrix_root)
     if method is not None and gen.meta.get("task_vector_method") != method:
         raise InputError(f"{generator_dir(rank, cvae_root)} was conditioned on {gen.meta.get('task_vector_method')!r} task "
@@ -125,7 +127,7 @@ def generate_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, sample
     if vector.numel() != gen.cond_mean.numel():
         raise InputError(f"task vector has {vector.numel()} values; the generator was trained on {gen.cond_mean.numel()}")
     written = []
-    for name, z in latents(cfg.seed, out.name, rank, samples, gen.model.config.latent_dim).items():
+    for name, z in latents(cfg.generator_seed(), out.name, rank, samples, gen.model.config.latent_dim).items():
         row = gen.sample(vector, z[None])[0]
         written.append(manifest.write_adapter(sample_dir(out, name), row, None, readme(out.name, rank, name, gen)))
     return written

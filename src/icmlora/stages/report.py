@@ -9,7 +9,9 @@ the paired-bootstrap difference of generated against each baseline, pooled over 
 tasks, with its interval and verdict; storage), metrics/verdicts.txt (those verdicts in words),
 metrics/timing/report.json (one adapter generated against one trained) and PNG plots under
 metrics/plots/report/: generated vs trained per task and rank, the pooled differences with their
-intervals, the task x task heatmap of generated adapters, CVAE loss curves, and mAP50 vs novelty.
+intervals, the task x task heatmap of generated adapters, CVAE loss curves, mAP50 vs novelty, and
+the held-out tasks x methods (base, mean of the training adapters, nearest task, retrieval mix,
+generated, the task's own trained adapter) with the paired intervals.
 """
 
 from __future__ import annotations
@@ -108,6 +110,12 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.
             "heldout_trained_map50_median": _median(trained[heldout]) if heldout else None,
             "heldout_nearest_task_map50_median": _median(per_task("nearest_task")[heldout]) if heldout else None,
         }
+        if heldout:  # what a task never trained gets, from the generator and without it
+            ranks[str(rank)].update({
+                "heldout_generated_over_trained_median": _median([_ratio(generated[t], trained[t]) for t in heldout]),
+                "heldout_generated_z0_map50_median": _median(z0[heldout]),
+                **{f"heldout_{source}_map50_median": _median(per_task(source).reindex(heldout))
+                   for source in ("retrieval_mix", "mean_training", "base")}})
         if "error_iou" in part:  # function-space novelty beside the parameter-space one
             gen_rows = part[part.source == "generated"]
             ranks[str(rank)].update(error_iou_median=_median(gen_rows["error_iou"]),
@@ -159,6 +167,57 @@ def comparison_plot(paired: pd.DataFrame, out: Path) -> Path:
         ax.set_xlabel("mAP50 difference (interval: paired bootstrap)", fontsize=7)
     fig.tight_layout()
     path = _save(fig, out / "comparisons.png")
+    plt.close(fig)
+    return path
+
+
+HELDOUT_METHODS = ("base", "mean_training", "nearest_task", "retrieval_mix", "generated", "trained")
+HELDOUT_COMPARED = ("trained", "retrieval_mix", "nearest_task", "mean_training", "base")
+
+
+def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], path: Path) -> Path:
+    """One row per rank (or any grouping in the ``rank`` column): for every held-out task, each
+    method's mAP50 (left), and generated minus each baseline with its paired-bootstrap interval, per
+    task and pooled over the held-out tasks (right; a filled marker: the interval excludes 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted(frame["rank"].unique(), key=str)
+    names = [*heldout, POOLED_HELDOUT]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, (1.0 + 0.45 * len(names)) * len(groups) + 0.6),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 1.1]})
+    colours = dict(zip(HELDOUT_COMPARED, ("tab:brown", "tab:red", "tab:green", "tab:orange", "tab:blue")))
+    for (left, right), group in zip(axes, groups):
+        label = group if isinstance(group, str) else f"rank {group}"
+        part = frame[(frame["rank"] == group) & frame["task"].isin(heldout)]
+        table = part.groupby(["task", "source"])["map50"].mean().unstack().reindex(heldout)
+        table[[m for m in HELDOUT_METHODS if m in table]].plot.bar(ax=left, width=0.85, rot=20)
+        left.set_title(f"{label}: held-out tasks, mAP50 by method (generated: mean of its samples)", fontsize=9)
+        left.set_xlabel("")
+        left.set_ylim(0, 1)
+        left.legend(fontsize=7, ncol=3, loc="upper left")
+        rows = paired[paired["rank"] == group]
+        for j, other in enumerate(HELDOUT_COMPARED):
+            for i, task in enumerate(names):
+                hit = rows[(rows["task"] == task) & (rows["comparison"] == f"generated - {other}")]
+                if hit.empty:
+                    continue
+                r = hit.iloc[0]
+                y = i + (j - (len(HELDOUT_COMPARED) - 1) / 2) * 0.15
+                right.plot([r["ci_low"], r["ci_high"]], [y, y], color=colours[other], lw=1.5)
+                filled = r["verdict"] != "indistinguishable"
+                right.plot(r["difference"], y, "o", color=colours[other], mfc=colours[other] if filled else "white",
+                           label=other if i == 0 else None)
+        right.set_yticks(range(len(names)), names, fontsize=8)
+        right.invert_yaxis()
+        right.axvline(0.0, color="black", lw=0.8)
+        right.legend(fontsize=7, title="generated minus", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        right.set_title(f"{label}: generated minus each baseline, 95 % paired-bootstrap interval", fontsize=9)
+        right.set_xlabel("mAP50 difference", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -239,6 +298,8 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
     speed = timings(read_json(generate_timing), lora_metrics)
     with atomic_dir(plots_dir) as tmp:  # the folder is replaced whole: no plot of a rank no longer in params
         drawn = plots(frame, cross, cvae_metrics_dir, tmp) + [comparison_plot(paired, tmp)]
+        if cfg.heldout_tasks:
+            drawn.append(heldout_plot(frame, paired, list(cfg.heldout_tasks), tmp / "heldout.png"))
     written = [Path(plots_dir) / p.name for p in drawn]
     write_json(summary_file, summary)
     write_json(timing, speed)

@@ -47,6 +47,7 @@ from icmlora.errors import InputError
 from icmlora.files import atomic_dir, atomic_path, write_json
 from icmlora.florence.hidden_states import POOLINGS, icl_vectors, reference_vectors, text_vector
 from icmlora.images import load_images
+from icmlora.runtime import scoring_device
 from icmlora.stage_cli import run_stage, stage_parser
 
 
@@ -64,6 +65,31 @@ def silhouette(vectors: dict[str, torch.Tensor]) -> float:
     if len(set(y)) < 2 or len(x) <= len(set(y)):
         return 0.0
     return float(silhouette_score(x, y, metric="cosine"))
+
+
+def attribute_probe(vectors: dict[str, torch.Tensor], cfg: Params) -> dict[str, dict[str, float]]:
+    """How well a family's per-example vectors tell each attribute of their task (``hue``, ``row``)
+    apart: the 4-fold cross-validated accuracy of a linear probe (logistic regression on
+    standardized vectors), beside chance (the largest class's share). A silhouette grouped by one
+    attribute would mix in the spread of the other."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from icmlora.data.family import split_cell
+
+    family = cfg.data.synthetic.family
+    x = torch.cat(list(vectors.values())).double().numpy()
+    x = (x - x.mean(0)) / np.clip(x.std(0), 1e-8, None)
+    attrs = [split_cell(t, family.hues, family.rows) for t, v in vectors.items() for _ in range(len(v))]
+    out = {}
+    for i, attribute in enumerate(("hue", "row")):
+        y = np.array([a[i] for a in attrs])
+        folds = StratifiedKFold(4, shuffle=True, random_state=0)
+        accuracy = cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=folds).mean()
+        out[attribute] = {"probe_accuracy": round(float(accuracy), 4),
+                          "chance": round(float(max(np.mean(y == v) for v in set(y))), 4)}
+    return out
 
 
 def plot_projection(vectors: dict[str, torch.Tensor], title: str, path: Path) -> None:
@@ -100,7 +126,7 @@ def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: P
     tv = cfg.task_vectors
     start = time.perf_counter()
     model, processor = read_base_model(base_dir)
-    model.eval()
+    model = model.to(scoring_device()).eval()  # a GPU when there is one
     per_example: dict[str, dict[str, torch.Tensor]] = {f"icl_{p}": {} for p in POOLINGS}
     per_example.update(reference={}, text={})
     matched: dict[str, float] = {}
@@ -126,6 +152,11 @@ def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: P
             if len(vecs) == len(cfg.data.tasks):
                 metrics["silhouette"][name] = round(silhouette(vecs), 4)
                 plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", tmp / f"{name}.png")
+    if cfg.is_family():
+        # Does the base tell apart what the family's tasks select by? Each attribute of the task
+        # read off the same per-example vectors by a linear probe.
+        metrics["attribute_probe"] = {name: attribute_probe(vecs, cfg) for name, vecs in per_example.items()
+                                      if len(vecs) == len(cfg.data.tasks)}
     chosen_name = f"icl_{tv.pooling}" if tv.method == "icl" else tv.method
     vectors = torch.stack([per_example[chosen_name][t].mean(0) for t in cfg.data.tasks])
     metrics["default_silhouette"] = metrics["silhouette"].get(chosen_name)

@@ -49,7 +49,8 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                out_root: Path = CVAE_DIR, state_root: Path = STATE_DIR, metrics_dir: Path = CVAE_METRICS_DIR) -> dict:
     """Train and write one rank's generator; returns what it wrote ({} on processes other than rank 0)."""
     set_threads(cfg.runtime)
-    seed_everything(cfg.seed)
+    seed = cfg.generator_seed()
+    seed_everything(seed)
     matrix = read_lora_matrix(rank, matrix_root)
     vectors = read_task_vectors(vectors_file)
     tasks = matrix.tasks
@@ -69,7 +70,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     model = CVAE(shape)
     accelerator = make_accelerator(cfg.runtime)
     hp = cfg.cvae.train
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, cond), batch_size=hp.batch_size,
                                          shuffle=True, generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr)
@@ -85,7 +86,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
 
     inputs = content_digest(lora_matrix_file(rank, matrix_root), lora_manifest_file(rank, matrix_root), vectors_file)
     state = TrainingState(cvae_state_dir(rank, state_root),
-                          fingerprint(cfg.cvae, cfg.runtime, cfg.seed, rank, cfg.heldout_tasks, inputs))
+                          fingerprint(cfg.cvae, cfg.runtime, seed, rank, cfg.heldout_tasks, inputs))
     start_epoch, history = 0, []
     if state.resumable():
         extra = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)
