@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family clean-venv
 
 setup: $(STAMP)
 
@@ -55,3 +55,8 @@ scale: $(STAMP)
 # (metrics/seeds.json, metrics/seeds.csv). Long: one full pipeline per seed.
 seeds: $(STAMP)
 	$(BIN)/python bench/seeds.py
+
+# Tasks the generator has not seen: the task family (profiles/family.yaml: 30 (hue, row) tasks, 6 held
+# out) in a clone, at three generator seeds, against retrieval baselines: metrics/family/. About 40 min.
+family: $(STAMP)
+	$(BIN)/python bench/family.py

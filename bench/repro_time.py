@@ -32,19 +32,20 @@ from icmlora.files import write_json  # noqa: E402
 STAGE_LINE = re.compile(r"^Running stage '([^']+)'")
 
 
-def timed_repro(repo: Path, env: dict) -> tuple[float, list[tuple[str, float]]]:
-    """Run `dvc repro` in repo; return (total seconds, [(stage, start offset)])."""
+def timed_repro(repo: Path, env: dict, command: list[str] | None = None) -> tuple[float, list[tuple[str, float]]]:
+    """Run `dvc repro` (or another dvc ``command`` that runs stages, e.g. ``exp run ...``) in repo;
+    return (total seconds, [(stage, start offset)])."""
     starts = []
     begin = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *(command or ["repro"])], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         sys.stdout.write(line)
         match = STAGE_LINE.match(line)
         if match:
             starts.append((match.group(1), time.perf_counter() - begin))
     if proc.wait() != 0:
-        raise SystemExit(f"repro_time: `dvc repro` failed in {repo} (exit {proc.returncode})")
+        raise SystemExit(f"`dvc {' '.join(command or ['repro'])}` failed in {repo} (exit {proc.returncode})")
     return time.perf_counter() - begin, starts
 
 
