@@ -81,12 +81,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator-seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="cvae.seed values, one DVC experiment each (default 0 1 2)")
-    parser.add_argument("--profile", default="family", help="profile to merge (default family)")
+    parser.add_argument("--profile", action="append", help="profile to merge, a name in profiles/ or a file; repeat to "
+                        "merge several in turn (default: family)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="more `dvc exp run -S` overrides for every run (e.g. a smaller family)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
     args = parser.parse_args(argv)
+    args.profile = args.profile or ["family"]
+    args.name = Path(args.profile[-1]).stem  # experiments are <name>-g<seed>
 
     tmp = Path(tempfile.mkdtemp(prefix="family-"))
     repo = tmp / "repo"
@@ -94,13 +97,15 @@ def main(argv=None) -> None:
     env = dict(os.environ, PYTHONPATH=str(repo / "src"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
-    subprocess.run([sys.executable, "-m", "icmlora", "profile", args.profile], cwd=repo, env=env, check=True)
-    subprocess.run(["git", "commit", "--quiet", "-am", f"profile {args.profile}"], cwd=repo, env=env, check=True)
+    for profile in args.profile:
+        subprocess.run([sys.executable, "-m", "icmlora", "profile", str(Path(profile).resolve()) if Path(profile).is_file()
+                        else profile], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "commit", "--quiet", "-am", f"profiles {' + '.join(args.profile)}"], cwd=repo, env=env, check=True)
 
     records, tables, boots, timing = {}, [], [], {}
     begin = time.perf_counter()
     for seed in args.generator_seeds:
-        name = f"{args.profile}-g{seed}"
+        name = f"{args.name}-g{seed}"
         sets = [a for kv in [f"cvae.seed={seed}", *args.set] for a in ("-S", kv)]
         total, starts = timed_repro(repo, env, ["exp", "run", "-n", name, *sets])
         seconds, _ = per_stage(total, starts)
@@ -152,7 +157,7 @@ def plot(repo: Path, args, path: Path) -> None:
     heldout = list(load_params(repo / "params.yaml").heldout_tasks)
     frames, paired = [], []
     for seed in args.generator_seeds:
-        ref = f"{args.profile}-g{seed}"
+        ref = f"{args.name}-g{seed}"
         for name, out in (("comparison.csv", frames), ("bootstrap.csv", paired)):
             text = subprocess.run(["git", "show", f"{exp_commit(repo, ref)}:metrics/{name}"], cwd=repo,
                                   capture_output=True, text=True, check=True).stdout
