@@ -74,3 +74,45 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_2(repo):
     assert proc.returncode == 2
     assert "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert not (repo / "metrics" / "gpu_check.json").exists()
+
+
+def test_a_real_base_with_the_hub_out_of_reach_exits_2_with_the_ways_on(repo, tmp_path):
+    """profiles/real.yaml's base.model, no network (HF_HUB_OFFLINE: the hub is never asked) and an empty
+    Hugging Face cache: one clear message naming the model, its revision and the ways on, no traceback,
+    nothing under the output folder."""
+    import os
+    import subprocess
+    import sys
+
+    from params_helpers import params_dict, with_changes
+    from ruamel.yaml import YAML
+
+    from icmlora.stages.prepare import prepare
+
+    data = params_dict("real")
+    for key, value in {"data.source": "synthetic", "data.synthetic.train_images": 8, "data.synthetic.valid_images": 8,
+                       "data.tasks": ["circle", "square"], "heldout_tasks": ["square"]}.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    cfg = with_changes(data, {})
+    assert cfg.base.model == "florence-community/Florence-2-base-ft"
+    prepare(cfg, tmp_path / "prepared")
+    params = tmp_path / "params.yaml"
+    with params.open("w") as fh:
+        YAML(typ="safe", pure=True).dump(data, fh)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"), ICMLORA_LOG="ERROR")
+    proc = subprocess.run([sys.executable, "-m", "icmlora.stages.base_model", "--params", str(params), "--prepared",
+                           str(tmp_path / "prepared"), "--out", str(tmp_path / "base")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr
+    assert "base.model 'florence-community/Florence-2-base-ft' (revision main) could not be loaded" in message
+    assert f"no cache under {tmp_path / 'hf-home'}" in message
+    for way in ("hf download florence-community/Florence-2-base-ft", "set base.model to it", "HF_ENDPOINT=",
+                "HF_HOME=<folder with hub/models--florence-community--Florence-2-base-ft>"):
+        assert way in message, way
+    assert not (tmp_path / "base").exists()

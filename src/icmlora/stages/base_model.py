@@ -22,6 +22,7 @@ from icmlora.artifacts import BASE_MODEL_DIR, BASE_MODEL_LOSS, BASE_MODEL_METRIC
 from icmlora.artifacts.annotations import AGNOSTIC_LABEL, read_split
 from icmlora.artifacts.base_model import write_base_model
 from icmlora.config import Params
+from icmlora.errors import InputError
 from icmlora.files import write_json, write_text
 from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
@@ -60,10 +61,39 @@ def _load_or_build(cfg: Params, train_examples):
 
     source = cfg.base.model
     kwargs = {"revision": cfg.base.revision} if cfg.base.revision else {}
-    model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **kwargs)
-    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    try:
+        model = Florence2ForConditionalGeneration.from_pretrained(source, dtype=torch.float32, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+    except OSError as exc:  # transformers' way of saying: not reachable, not cached, not there
+        raise not_loadable(source, cfg.base.revision, exc) from None
     optim = cfg.base.train.model_copy(update={"steps": cfg.base.finetune_steps}) if cfg.base.finetune_steps else None
     return model, processor, optim
+
+
+def not_loadable(source: str, revision: str | None, exc: OSError) -> InputError:
+    """What to do when ``base.model`` cannot be loaded: a folder that is not a model, or a hub id
+    the hub could not give (no network, a wrong id or revision) and no cache holds."""
+    import os
+
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(source).exists():
+        return InputError(f"params.yaml: base.model {source!r} is a folder, but not one Florence-2 loads from ({reason})",
+                          ["point base.model at a save_pretrained folder (config.json, the weights and the processor's "
+                           "files), e.g. one `hf download` wrote"])
+    rev = revision or "main"
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    flag = f" --revision {revision}" if revision else ""
+    return InputError(
+        f"params.yaml: base.model {source!r} (revision {rev}) could not be loaded: the hub at {endpoint} could not be "
+        f"reached and no cache under {home} holds it, or the id or revision does not exist ({reason}). Nothing was "
+        "written under models/base", [
+            f"download it where there is network: `hf download {source}{flag} --local-dir <folder>`, bring the folder "
+            "here and set base.model to it (`dvc exp run -S base.model=<folder>`; then nothing needs the network)",
+            "or use a mirror of the hub: HF_ENDPOINT=<its URL> dvc repro base_model",
+            f"or a Hugging Face cache that holds it: HF_HOME=<folder with hub/models--{source.replace('/', '--')}> "
+            "(HF_HUB_OFFLINE=1 to read only from it)",
+        ])
 
 
 def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path = BASE_MODEL_DIR,
