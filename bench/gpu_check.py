@@ -23,7 +23,7 @@ used-memory figure is not any one stage's):
 Per part: the quality figures (base mAP50, LoRA mAP50 median, generated / trained from
 metrics/summary.json) and, for scale, seconds per LoRA step.
 
-Everything is written as it happens to metrics/gpu_check.json (and $OUT/gpu_check.json when OUT is
+Everything is written as it happens to metrics/gpu/gpu_check.json (and $OUT/gpu_check.json when OUT is
 set), so a run stopped from outside keeps what finished. A part still running at --deadline
 seconds is stopped and recorded as incomplete with the stages it finished. Each part's full output
 goes to <part>.log ($OUT/ when set, else beside the copies). Without a CUDA GPU it says so and exits
@@ -385,8 +385,8 @@ def main(argv=None) -> int:
                         help=f"which parts, comma-separated (default {','.join(PARTS)})")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per part (runtime.threads, OMP_NUM_THREADS); default: cores / parts")
-    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "gpu_check.json", help="the record (default "
-                        "metrics/gpu_check.json)")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "gpu" / "gpu_check.json", help="the record (default "
+                        "metrics/gpu/gpu_check.json)")
     # Undocumented, for checking this script's orchestration on a CPU in minutes: not a GPU check.
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-override", help=argparse.SUPPRESS)  # merged into the default parts first

@@ -5,7 +5,7 @@
 # It installs the wheels in .whl/ (see below) into $SITE, puts them and src/ on PYTHONPATH, makes
 # `dvc`, `icmlora`, `python` and `accelerate` commands of that python3 (dvc.yaml's stages run
 # `python -m icmlora.stages.<stage>`), then runs the check. Its output, each part's log and
-# metrics/gpu_check.json go to $OUT as they are written, so a run cut short still returns them.
+# metrics/gpu/gpu_check.json go to $OUT as they are written, so a run cut short still returns them.
 #
 # .whl/ (git-ignored through .git/info/exclude; bench/gpu_check_wheels.sh fills it, and says why
 # each is there) holds cp312 manylinux x86-64 or pure-Python wheels at constraints.txt's versions:
@@ -65,7 +65,7 @@ main() {
     || { echo "gpu_check_device: an import failed (above)"; return 1; }
   PYTHON="$PY" bash bench/gpu_check.sh "$@"
   local rc=$?
-  cp -f metrics/gpu_check.json "$OUT/" 2>/dev/null
+  cp -f metrics/gpu/gpu_check.json "$OUT/" 2>/dev/null
   echo "gpu_check_device: exit $rc after $((SECONDS - start)) s"
   return $rc
 }
