@@ -194,7 +194,7 @@ def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], 
         part = frame[(frame["rank"] == group) & frame["task"].isin(heldout)]
         table = part.groupby(["task", "source"])["map50"].mean().unstack().reindex(heldout)
         table[[m for m in HELDOUT_METHODS if m in table]].plot.bar(ax=left, width=0.85, rot=20)
-        left.set_title(f"{label}: held-out tasks, mAP50 by method (generated: mean of its samples)", fontsize=9)
+        left.set_title(f"{label}: held-out mAP50 by method (generated: mean of samples)", fontsize=9)
         left.set_xlabel("")
         left.set_ylim(0, 1)
         left.legend(fontsize=7, ncol=3, loc="upper left")
@@ -214,7 +214,7 @@ def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], 
         right.invert_yaxis()
         right.axvline(0.0, color="black", lw=0.8)
         right.legend(fontsize=7, title="generated minus", title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        right.set_title(f"{label}: generated minus each baseline, 95 % paired-bootstrap interval", fontsize=9)
+        right.set_title(f"{label}: generated minus each baseline, 95 % bootstrap interval", fontsize=9)
         right.set_xlabel("mAP50 difference", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
