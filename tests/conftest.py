@@ -1,6 +1,7 @@
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,62 @@ def setting(repo, tmp_path_factory):
                             p.add_(0.01 * (ti + 1) + 0.05 * torch.randn_like(p))
                 model.save_pretrained(checkpoints_dir(task, rank, 0, root / "lora") / checkpoint_name(step))
     return cfg, root, processor
+
+
+@dataclass
+class Boxer:
+    """A tiny Florence-2 that writes boxes (a random one writes none that parse, so any comparison of
+    its boxes compares empty lists): trained until it writes, for each of four plain-colour images,
+    exactly that image's boxes (one, two, one, none)."""
+
+    model: torch.nn.Module
+    processor: object
+    images: list
+    targets: list
+
+    def dataset(self, folder: Path) -> Path:
+        """The images as PNG files and their boxes as Florence JSONL; returns the annotations file."""
+        from icmlora.florence.format import Example, write_annotations
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(self.images):
+            image.save(folder / f"{i}.png")
+        write_annotations(folder / "annotations.jsonl", [Example(f"{i}.png", 64, 64, list(boxes))
+                                                         for i, boxes in enumerate(self.targets)])
+        return folder / "annotations.jsonl"
+
+
+@pytest.fixture(scope="session")
+def boxer() -> Boxer:
+    """See Boxer. About 20 AdamW steps on one batch (a few seconds); fails loudly if it does not learn.
+    Session-wide: tests that change the model (a PEFT wrap) work on a copy."""
+    from PIL import Image
+
+    from icmlora.config import PredictParams
+    from icmlora.florence.format import Box, encode_suffix
+    from icmlora.florence.model import encode
+    from icmlora.florence.predict import predict
+
+    cfg = micro_params().base.tiny
+    processor = build_tiny_processor(["circle", "square", "object"], 64, cfg)
+    model = build_tiny_model(cfg, processor, 64, seed=0)
+    images = [Image.new("RGB", (64, 64), c) for c in ((220, 30, 30), (30, 30, 220), (30, 200, 30), (200, 200, 30))]
+    targets = [[Box("circle", 4, 4, 30, 30)], [Box("square", 34, 30, 60, 60), Box("circle", 2, 40, 20, 60)],
+               [Box("square", 10, 10, 50, 50)], []]
+    batch = encode(processor, images, ["<OD>"] * len(images), [encode_suffix(b, 64, 64) for b in targets])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    params = PredictParams(batch_size=4, max_new_tokens=14, num_beams=1, image_cache_mb=0)
+    for step in range(1, 121):
+        model.train()
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            got = predict(model, processor, images, params)
+            if [[b.label for b in boxes] for boxes in got] == [[b.label for b in boxes] for boxes in targets]:
+                break
+    else:
+        raise AssertionError(f"the boxer did not learn its boxes in {step} steps (loss {loss.item():.3f}): {got}")
+    return Boxer(model.eval(), processor, images, targets)

@@ -70,13 +70,17 @@ def test_token_parser_scores_from_probabilities(tiny):
     assert first.x1 == pytest.approx(1.5 * 64 / 1000)  # bin centre, not truncated
 
 
-def test_predict_returns_scored_boxes_per_image(tiny):
-    model, processor = tiny
-    images = [Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(3)]
-    out = predict(model, processor, images, PredictParams(batch_size=2, max_new_tokens=11, num_beams=1, image_cache_mb=0))
-    assert len(out) == 3
-    for boxes in out:
-        assert all(0.0 < b.score <= 1.0 for b in boxes)
+def test_predict_returns_scored_boxes_per_image(boxer):
+    """Each image's boxes, in its order, in pixels (a location token is its bin's centre: within
+    one bin, 64 / 1000 px, of the box it encodes), each scored in (0, 1]; batches split anywhere."""
+    out = predict(boxer.model, boxer.processor, boxer.images,
+                  PredictParams(batch_size=3, max_new_tokens=14, num_beams=1, image_cache_mb=0))
+    assert len(out) == len(boxer.targets) == 4 and sum(map(len, out)) == 4
+    for boxes, targets in zip(out, boxer.targets):
+        assert [b.label for b in boxes] == [t.label for t in targets]
+        for b, t in zip(boxes, targets):
+            assert b.xyxy == pytest.approx(t.xyxy, abs=0.064)
+            assert 0.0 < b.score <= 1.0
 
 
 def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
@@ -296,28 +300,26 @@ def test_generation_from_encoded_images_equals_generation_from_pixels(tiny):
                 assert torch.equal(a, b)
 
 
-def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, monkeypatch):
+def test_scorer_encodes_a_tasks_images_once_for_every_adapter(boxer, tmp_path, monkeypatch):
     """Scoring many language-model adapters on a task runs the image processor and the vision tower
     once (within predict.image_cache_mb), with the boxes scoring without the cache gives; a model
     with an adapter in the vision tower, a plain model, or features over the budget are not cached."""
     from icmlora import scoring
-    from icmlora.florence.format import write_annotations
     from icmlora.florence.predict import image_features_fixed
 
-    model, processor = tiny
-    examples = _toy_examples(tmp_path, 5)
-    task = tmp_path / "valid.jsonl"
-    write_annotations(task, examples)
+    model, processor = boxer.model, boxer.processor
+    task = boxer.dataset(tmp_path / "task")  # 4 images: 2 batches
     calls = []
     real = scoring.encode_images
     monkeypatch.setattr(scoring, "encode_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     lora_params = micro_params().lora
     params = PredictParams(batch_size=2, max_new_tokens=9, num_beams=1, image_cache_mb=1)
-    lora = _with_random_lora(model, lora_params, 2)
+    lora = _with_random_lora(model, lora_params, 2, std=0.03)
     assert image_features_fixed(lora) and not image_features_fixed(model)
-    weights = [{n: p.detach() * s for n, p in lora.named_parameters() if "lora_" in n} for s in (1.0, -0.5, 2.0)]
+    # B x 0: the boxer's own boxes, so the equalities below compare boxes, not empty lists
+    weights = [{n: p.detach() * s for n, p in lora.named_parameters() if "lora_" in n} for s in (1.0, -0.5, 0.0)]
 
-    # A random tiny model rarely writes a parsable box: compare the generated tokens themselves.
+    # The boxes, and the generated tokens themselves.
     generated: list[torch.Tensor] = []
     generate = lora.generate
 
@@ -337,16 +339,18 @@ def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, mo
     hook = lora.get_base_model().model.vision_tower.register_forward_hook(lambda *_: vision_runs.append(1))
     cached = scoring.Scorer(lora, processor, params, 0)
     plain = scoring.Scorer(lora, processor, params.model_copy(update={"image_cache_mb": 0}), 0)
-    seen = []
+    seen, boxes = [], []
     for kwargs in [{"weights": w} for w in weights] + [{"disable_adapter": True}]:
         vision_runs.clear()
         got = tokens(cached, **kwargs)
-        assert len(vision_runs) == (3 if not seen else 0)  # 3 batches encoded once, then never again
+        assert len(vision_runs) == (2 if not seen else 0)  # 2 batches encoded once, then never again
         expected = tokens(plain, **kwargs)
-        assert len(vision_runs) == (6 if not seen else 3)  # without the cache: every batch, every time
+        assert len(vision_runs) == (4 if not seen else 2)  # without the cache: every batch, every time
         assert got[0] == expected[0] and torch.equal(got[1], expected[1])
         seen.append(got[1])
+        boxes.append(got[0])
     hook.remove()
+    assert boxes[2] == boxes[3] and sum(map(len, boxes[3])) >= 3  # B = 0 is the base: the boxer's boxes
     assert len(calls) == 1 and cached.encoded(task) is not None and 0 < cached.cached_bytes <= 2**20
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[-1])  # the adapters matter
 
@@ -361,7 +365,7 @@ def test_scorer_encodes_a_tasks_images_once_for_every_adapter(tiny, tmp_path, mo
 
     small = scoring.Scorer(lora, processor, params, 0)
     small.cache_bytes = cached.cached_bytes - 1  # the task's features do not fit
-    assert small.predictions(task, weights[0]) == plain.predictions(task, weights[0])
+    assert small.predictions(task, weights[2]) == plain.predictions(task, weights[2]) == boxes[2]
     assert small.encoded(task) is None and small.cached_bytes == 0 and len(calls) == 1
 
     # Weights that reach the image path themselves (not through an adapter layer) end the cache.
