@@ -5,32 +5,56 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from params_helpers import micro_params
 
-from icmlora.artifacts import checkpoints_dir
 from icmlora.cli import main as cli
 
 
 @pytest.mark.slow
-def test_score_an_adapter_on_a_florence_jsonl(setting, tmp_path, capsys, monkeypatch):
-    """The same numbers as the pipeline's own scorer, from the command line."""
-    from icmlora.artifacts.base_model import read_base_model
-    from icmlora.scoring import Scorer
+def test_score_an_adapter_on_a_florence_jsonl(boxer, tmp_path, capsys, monkeypatch):
+    """`icmlora score` on a base that writes each image's boxes: with a PEFT adapter that adds
+    nothing (B = 0) every box is found (mAP50 1, precision 1, recall 1: known without our scorer);
+    an adapter that changes the model changes the score; --mlflow logs one run with those metrics."""
+    import copy
 
-    cfg, root, _ = setting
+    import mlflow
+    from peft import get_peft_model
+
+    from icmlora.artifacts.base_model import write_base_model
+    from icmlora.lora import peft_config
+
+    cfg = micro_params(**{"predict.max_new_tokens": 14})
     monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
-    adapter = checkpoints_dir("circle", 1, 0, root / "lora") / "step-6"
-    annotations = root / "prepared" / "circle" / "valid" / "annotations.jsonl"
-    status = cli(["score", "--annotations", str(annotations), "--adapter", str(adapter), "--base", str(root / "base"),
-                  "--out", str(tmp_path / "score.json"), "--mlflow"])
-    assert status == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads((tmp_path / "score.json").read_text())
-    from peft import PeftModel
+    write_base_model(boxer.model, boxer.processor, tmp_path / "base")
+    annotations = boxer.dataset(tmp_path / "task")
+    lora = get_peft_model(copy.deepcopy(boxer.model), peft_config(cfg.lora, 2))
+    lora.save_pretrained(tmp_path / "zero")  # PEFT's init: B = 0
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    lora.save_pretrained(tmp_path / "random")
 
-    base, processor = read_base_model(root / "base")
-    expected = Scorer(PeftModel.from_pretrained(base, adapter).eval(), processor, cfg.predict, 0, root / "prepared")
-    assert printed == expected.score("circle")
-    assert cli(["score", "--annotations", str(annotations), "--adapter", str(tmp_path), "--base", str(root / "base")]) == 2
+    def score(adapter: str, *extra: str) -> dict:
+        status = cli(["score", "--annotations", str(annotations), "--adapter", str(tmp_path / adapter), "--base",
+                      str(tmp_path / "base"), *extra])
+        assert status == 0
+        return json.loads(capsys.readouterr().out)
+
+    printed = score("zero", "--out", str(tmp_path / "score.json"), "--mlflow")
+    assert printed == json.loads((tmp_path / "score.json").read_text())
+    assert printed["num_images"] == 4 and printed["num_gt"] == printed["num_pred"] == 4
+    assert printed["map50"] == printed["precision"] == printed["recall"] == 1.0
+    changed = score("random")
+    assert changed["map50"] < 0.5 and changed["num_pred"] != 4
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'score'", output_format="list")
+    assert len(runs) == 1  # the --mlflow call only
+    run = runs[0]
+    assert run.data.tags["adapter"] == str(tmp_path / "zero") and run.data.tags["annotations"] == str(annotations)
+    assert run.data.metrics == {k: float(v) for k, v in printed.items()}
+    assert cli(["score", "--annotations", str(annotations), "--adapter", str(tmp_path), "--base", str(tmp_path / "base")]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [
