@@ -1,8 +1,8 @@
 import pytest
 from pydantic import BaseModel
-from params_helpers import params_dict
+from params_helpers import REPO, params_dict
 
-from icmlora.config import Params, load_params, params_from_dict
+from icmlora.config import Params, load_params, params_from_dict, read_yaml
 from icmlora.errors import InputError
 from icmlora.profile import apply_profile
 from icmlora.tracking import flatten
@@ -35,12 +35,25 @@ def test_params_yaml_is_the_one_source_of_values(repo):
             node = node[part]
 
 
-@pytest.mark.parametrize("profile", ["micro", "real"])
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (REPO / "profiles").glob("*.yaml")))
 def test_profiles_merge_into_valid_params(repo, tmp_path, profile):
+    """`icmlora profile NAME` changes exactly the profile's values: every dotted key the profile
+    sets has the profile's value in the written params.yaml, every other key keeps params.yaml's
+    value (no key added or lost), and the result validates."""
     params = tmp_path / "params.yaml"
-    params.write_text((repo / "params.yaml").read_text())
-    merged = apply_profile(params, repo / "profiles" / f"{profile}.yaml")
-    assert load_params(params) == params_from_dict(merged)
+    original = (repo / "params.yaml").read_text()
+    params.write_text(original)
+    profile_file = repo / "profiles" / f"{profile}.yaml"
+    merged = apply_profile(params, profile_file)
+    written = read_yaml(params.read_text())
+    assert merged == written
+    before, after = flatten(read_yaml(original)), flatten(written)
+    changes = flatten(read_yaml(profile_file.read_text()))
+    assert changes, f"{profile_file} sets nothing"
+    assert {key: after.get(key, "<missing>") for key in changes} == changes
+    assert set(after) == set(before) | set(changes)
+    assert {k: v for k, v in after.items() if k not in changes} == {k: v for k, v in before.items() if k not in changes}
+    load_params(params)  # validates (InputError otherwise)
 
 
 def test_real_profile_trains_every_rank_at_the_papers_lr(repo, tmp_path):

@@ -342,6 +342,24 @@ def test_an_image_in_both_splits_is_an_error_naming_both_places(tmp_path):
 
 
 def test_florence_ignore_indices_mark_ignore_regions(tmp_path):
+    """A line's ``ignore`` indices mark exactly those boxes (counted in the suffix, requested
+    label or not) as ignore regions, in the boxes read in pixels; an index past the boxes or an
+    ``ignore`` that is not a list is an error naming the line."""
+    ok = tmp_path / "ok"
+    make_image(ok / "a.png", 100, 100)
+    make_image(ok / "b.png", 100, 100)
+    first, second, third = ("<loc_0><loc_0><loc_99><loc_99>", "<loc_200><loc_200><loc_299><loc_299>",
+                            "<loc_500><loc_500><loc_599><loc_599>")
+    write_lines(ok / "train.jsonl", [{"image": "a.png", "suffix": f"dog{first}cat{second}dog{third}", "ignore": [2]}])
+    write_lines(ok / "valid.jsonl", [{"image": "b.png", "suffix": f"dog{first}dog{second}", "ignore": [0]}])
+    out = load_florence_jsonl(ok, ["dog"])
+    [a_img], [b_img] = out["train"], out["valid"]
+    # Box 2 of a.png is its second dog (the cat at index 1 is not requested): only it is ignored.
+    assert [(b.label, b.ignore) for b in a_img.boxes] == [("dog", False), ("dog", True)]
+    assert a_img.boxes[1].xyxy == pytest.approx((50.05, 50.05, 59.95, 59.95))  # the third box's pixels
+    assert [(b.label, b.ignore) for b in b_img.boxes] == [("dog", True), ("dog", False)]
+    assert b_img.boxes[0].xyxy == pytest.approx((0.05, 0.05, 9.95, 9.95))
+
     make_image(tmp_path / "a.png", 100, 100)
     make_image(tmp_path / "b.png", 100, 100)
     box = "<loc_1><loc_1><loc_9><loc_9>"

@@ -168,7 +168,8 @@ def test_task_vectors_shapes_per_method(setting, tmp_path):
     metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
                                    tmp_path / "tv.json", tmp_path / "tv-metrics.json", tmp_path / "plots")
     assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "icl_object", "text"}  # no adapters: no reference
-    assert set(metrics["match_fraction"]) == set(cfg.data.tasks) and all(0 <= f <= 1 for f in metrics["match_fraction"].values())
+    # The untrained tiny base writes no box that parses: not one labelled box of any task is matched.
+    assert metrics["match_fraction"] == {task: 0.0 for task in cfg.data.tasks}
     vectors = read_task_vectors(tmp_path / "tv.safetensors")
     assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
     ex = load_file(str(tmp_path / "tv.safetensors"))

@@ -137,12 +137,15 @@ def test_greedy_matching_prefers_highest_iou():
 
 
 @pytest.mark.parametrize(
-    "gt, pred, sizes",
-    [([[cat()], []], [[cat()]], None), ([[cat()]], [[cat()]], [(10, 10), (10, 10)])],
+    "gt, pred, sizes, message",
+    [([[cat()], []], [[cat()]], None, r"^ground_truth has 2 images but predictions has 1$"),
+     ([[cat()]], [[cat()]], [(10, 10), (10, 10)], r"^sizes has 2 entries but there are 1 images$")],
     ids=["predictions", "sizes"],
 )
-def test_length_mismatch_raises(gt, pred, sizes):
-    with pytest.raises(ValueError):
+def test_length_mismatch_raises(gt, pred, sizes, message):
+    """A list of the wrong length is refused up front, with a message that names both counts
+    (not some later error of a zip or an index)."""
+    with pytest.raises(ValueError, match=message):
         detection_metrics(gt, pred, sizes)
 
 
