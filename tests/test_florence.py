@@ -100,8 +100,10 @@ def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
     assert metrics["train_steps"] == 0 and metrics["num_images"] == 8
     assert {"map50", "map50_95", "train_seconds"} <= set(metrics)
     reloaded, _ = read_base_model(tmp_path / "base")
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    original, copied = model.state_dict(), reloaded.state_dict()
+    assert sorted(copied) == sorted(original) and len(original) > 0
+    for name, value in original.items():
+        assert torch.equal(copied[name], value), name
 
 
 def _toy_examples(tmp_path, n=6):

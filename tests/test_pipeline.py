@@ -106,7 +106,13 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
 
 
 def test_dvc_push_to_the_default_remote(micro_repo, env):
-    run([str(BIN / "dvc"), "push"], micro_repo, env)
+    """`dvc push` to the default remote sends every output: before it, `dvc status --cloud` lists
+    them as new; after it, nothing is missing from the remote."""
+    dvc = str(BIN / "dvc")
+    before = json.loads(run([dvc, "status", "--cloud", "--json"], micro_repo, env).stdout)
+    assert before and set(before.values()) == {"new"}, before
+    run([dvc, "push"], micro_repo, env)
+    assert json.loads(run([dvc, "status", "--cloud", "--json"], micro_repo, env).stdout) == {}
     remote = micro_repo.parent / "icmlora-dvc-remote"
     assert remote.is_dir() and any(remote.rglob("*"))
 

@@ -156,6 +156,11 @@ def test_metrics_and_experiments_read_as_json(micro_pipeline, e2e_env):
     assert "metrics/summary.json" in json.loads(shown.stdout)[""]["data"]
     exps = run([DVC, "exp", "show", "--json"], micro_pipeline, e2e_env, ok=False)
     assert exps.returncode == 0, exps.stderr[-2000:]
+    workspace = next(e for e in json.loads(exps.stdout) if e["rev"] == "workspace")["data"]
+    assert workspace["metrics"]["metrics/summary.json"]["data"] == json.loads(
+        (micro_pipeline / "metrics" / "summary.json").read_text())
+    seed = re.search(r"^seed: (\d+)", (micro_pipeline / "params.yaml").read_text(), re.M).group(1)
+    assert workspace["params"]["params.yaml"]["data"]["seed"] == int(seed)
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +393,9 @@ def test_make_seeds_runs_a_seed_as_a_queued_experiment_and_tabulates_it(micro_pi
     # a different seed is a different draw (the micro base scores 0 either way; its generators differ)
     assert record["seeds"]["7"]["r2.cvae_final_recon"] != record["seeds"][own_seed]["r2.cvae_final_recon"]
     spread = record["spread"]["r2.cvae_final_recon"]
-    assert spread["n"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    values = [row["r2.cvae_final_recon"] for row in record["seeds"].values()]
+    assert spread["n"] == 2 and (spread["min"], spread["max"]) == (min(values), max(values))
+    assert spread["median"] == pytest.approx(sum(values) / 2)
     assert set(record["checks"]) == {own_seed, "7"} and set(record["verdicts"]) == {own_seed, "7"}
     header = (dest / "metrics" / "seeds.csv").read_text().splitlines()[0]
     assert header == f"figure,seed {min(own_seed, '7', key=int)},seed {max(own_seed, '7', key=int)},median,min,max"
