@@ -159,6 +159,56 @@ def collect_params_memory(repo: Path, env: dict, rank: int) -> dict:
             "budget_mb": round(1.5 * (output + checkpoint) / 2**20, 1)}
 
 
+STAND_IN_CHECKPOINT = r"""
+import sys
+from pathlib import Path
+import torch
+from peft import get_peft_model
+from icmlora.artifacts import checkpoint_name, checkpoints_dir
+from icmlora.artifacts.adapters import save_adapter
+from icmlora.config import load_params
+from icmlora.florence.model import build_tiny_model, build_tiny_processor
+from icmlora.lora import peft_config
+
+cfg, rank = load_params(), int(sys.argv[1])
+tiny = cfg.base.tiny
+processor = build_tiny_processor([*cfg.data.tasks, "object"], tiny.image_size, tiny)
+model = get_peft_model(build_tiny_model(tiny, processor, tiny.image_size, seed=0), peft_config(cfg.lora, rank))
+steps = range(cfg.lora.train.steps - cfg.lora.keep_checkpoints + 1, cfg.lora.train.steps + 1)
+for task in cfg.data.tasks:
+    for step in steps:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        save_adapter(model, checkpoints_dir(task, rank, 0, Path("models/lora")) / checkpoint_name(step))
+"""
+
+
+def collect_memory_only(out: Path) -> None:
+    """--collect-memory: collect_params's peak memory at rank 8 of the scale profile, on stand-in
+    checkpoints (PEFT adapters of Florence-2-base's shape with random B, saved as train_lora saves
+    them: the same names, shapes, count and bytes, which memory depends on; not the values).
+    About 2 min instead of the whole run; updates collect_params_memory in --out."""
+    from icmlora.profile import apply_profile
+
+    rev = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    with tempfile.TemporaryDirectory(prefix="collect-memory-") as tmp:
+        repo = Path(tmp)
+        shutil.copy(ROOT / "params.yaml", repo / "params.yaml")
+        apply_profile(repo / "params.yaml", ROOT / "profiles" / "scale.yaml")
+        env = dict(stage_env(repo), PYTHONPATH=str(ROOT / "src"))
+        subprocess.run([sys.executable, "-c", STAND_IN_CHECKPOINT, str(PAPER_RANK)], cwd=repo, env=env, check=True)
+        memory = collect_params_memory(repo, env, PAPER_RANK)
+    memory.update(rev=rev, checkpoints="stand-ins: PEFT adapters of the scale profile's shape, random B (bench/scale.py "
+                                       "--collect-memory)", ratio_to_budget=round(memory["above_imports_mb"] / memory["budget_mb"], 2))
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    record["collect_params_memory"] = memory
+    write_json(out, record)
+    print(f"scale: collect_params r{PAPER_RANK}: {memory['above_imports_mb']} MB above imports, budget "
+          f"{memory['budget_mb']} MB (1.5 x (output {memory['output_mb']} + checkpoint {memory['checkpoint_mb']})) -> {out}")
+
+
 def cvae_probe(repo: Path, env: dict, arch: dict, steps: int) -> dict:
     spec = {"matrix_root": str(repo / "data" / "lora_matrix"), "rows": 0, "steps": steps, "arch": arch}
     out = subprocess.run([sys.executable, "-c", CVAE_PROBE, json.dumps(spec)], cwd=repo, env=env, check=True,
@@ -175,8 +225,12 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse", type=Path, help="a clone kept by an earlier run (--keep): skip the pipeline, keep its "
                                                    "stage figures from --out, measure the rest again")
     parser.add_argument("--reuse-cvae", action="store_true", help="with --reuse: keep the CVAE comparison from --out too")
+    parser.add_argument("--collect-memory", action="store_true", help="measure only collect_params's peak memory at "
+                        "rank 8, on stand-in checkpoints of the scale profile's shape (about 2 min)")
     args = parser.parse_args(argv)
 
+    if args.collect_memory:
+        return collect_memory_only(args.out)
     if args.reuse:
         repo, tmp = args.reuse.resolve(), None
         old = json.loads(args.out.read_text())

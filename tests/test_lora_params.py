@@ -47,6 +47,25 @@ def test_collect_params_manifest_and_train_task_statistics(setting, tmp_path):
     assert first.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["centered", "train_tasks"])
+def test_collect_params_in_place_passes_give_the_whole_row_result_bit_for_bit(setting, tmp_path, mode):
+    """collect_params works a tensor's span at a time to stay near its output's size in memory; its
+    rows, center and statistics equal, bit for bit, the whole-row computation: the center as the
+    float64 mean of the training rows, each row as Manifest.normalize(flatten(its checkpoint))."""
+    cfg, root, _ = setting
+    cfg = micro_params(**{"cvae.normalization": mode})
+    collect_params(cfg, 2, root / "lora", tmp_path)
+    matrix = read_lora_matrix(2, tmp_path)
+    manifest = matrix.manifest
+    raw = torch.stack([flatten(read_adapter(checkpoints_dir(task, 2, 0, root / "lora") / f"step-{step}")[0],
+                               manifest.names) for task in cfg.data.tasks for step in (2, 4, 6)])
+    train = raw[matrix.task_index != cfg.data.tasks.index(cfg.heldout_tasks[0])]
+    if mode == "centered":
+        assert torch.equal(manifest.center, (train.double().sum(0) / len(train)).float())
+    expected = torch.stack([manifest.normalize(row) for row in raw])
+    assert torch.equal(matrix.rows, expected) and expected.abs().sum() > 0
+
+
 def test_row_to_adapter_round_trip_gives_the_same_outputs(setting, tmp_path):
     cfg, root, processor = setting
     collect_params(cfg, 1, root / "lora", tmp_path)
