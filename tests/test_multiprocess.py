@@ -267,3 +267,63 @@ def test_after_bf16_training_scoring_runs_in_float32(setting, tmp_path, monkeypa
                tmp_path / "metrics")
     assert len(seen) >= 3  # the base, rank 1, rank 2
     assert seen == [(False, {torch.float32})] * len(seen)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_agents(stage: str, args: list[str], cwd: Path, env: dict) -> str:
+    """``stage`` as two torchrun agents on 127.0.0.1 (``--nnodes 2``, ``--node_rank`` 0 and 1, one
+    process each, c10d rendezvous; agent 0 hosts it), the way two machines sharing a filesystem
+    run it; both must succeed. Returns their output."""
+    port, rdzv_id = free_port(), f"icmlora-{os.getpid()}-{stage}"
+    procs = []
+    for node in (0, 1):
+        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", rdzv_id,
+               "--rdzv_conf", f"is_host={'true' if node == 0 else 'false'}", "-m", f"icmlora.stages.{stage}", *args]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    return "\n".join(outs)
+
+
+def test_two_machines_train_what_one_process_trains(micro_pipeline, tmp_path, env):
+    """Two torchrun agents (--nnodes 2, c10d rendezvous on 127.0.0.1, one process each) train
+    train_lora and base_model as one process does, within the 2-process tolerances above; process 0
+    alone writes the outputs and logs one MLflow run per adapter."""
+    clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", env)
+    before = listing(clone)
+    params = (clone / "params.yaml").read_text().replace("  dropout: 0.05\n", "  dropout: 0.0\n", 1)
+    (clone / "params.yaml").write_text(params)
+    one_env = {k: v for k, v in env.items() if k != "ACCELERATE_USE_CPU"}
+    run([BIN / "python", "-m", "icmlora.stages.train_lora", "--task", "circle", "--seed", "0"], clone, one_env)
+    one = {rank: (load_file(clone / "models" / "lora" / "circle-s0" / f"r{rank}" / "final" / "adapter_model.safetensors"),
+                  json.loads((clone / "metrics" / "lora" / "circle-s0" / f"r{rank}.json").read_text())) for rank in (1, 2)}
+
+    logs = two_agents("train_lora", ["--task", "circle", "--seed", "0"], clone, env)
+    assert len(re.findall(r"accelerate: 2 process\(es\), MULTI_CPU", logs)) == 1, logs[-3000:]  # printed by process 0
+    timing = ("train_seconds", "eval_seconds")
+    for rank in (1, 2):
+        weights = load_file(clone / "models" / "lora" / "circle-s0" / f"r{rank}" / "final" / "adapter_model.safetensors")
+        close(one[rank][0], weights, rel=1e-4)
+        metrics = json.loads((clone / "metrics" / "lora" / "circle-s0" / f"r{rank}.json").read_text())
+        assert {k: v for k, v in metrics.items() if k not in timing} == {k: v for k, v in one[rank][1].items()
+                                                                          if k not in timing}
+    two_agents("base_model", [], clone, env)
+    l1, l2 = ((root / "metrics" / "base_model_loss.csv").read_text().splitlines()[1:] for root in (micro_pipeline, clone))
+    assert [round(float(a.split(",")[1]), 4) for a in l1] == [round(float(b.split(",")[1]), 4) for b in l2]
+    b1, b2 = (json.loads((root / "metrics" / "base_model.json").read_text()) for root in (micro_pipeline, clone))
+    assert b1 == b2
+
+    assert listing(clone) == before  # the same files, replaced: nothing extra from process 1
+    logged = runs(clone / "mlflow.db")
+    two_ = [r for r in logged if r.get("param:accelerate.num_processes") == "2"]
+    assert all(r["param:accelerate.distributed_type"] == "MULTI_CPU" for r in two_)
+    assert sorted(r["rank"] for r in two_ if r.get("stage") == "train_lora" and r.get("rank")) == ["1", "2"]
+    assert len([r for r in two_ if r.get("stage") == "base_model"]) == 1
