@@ -3,7 +3,7 @@
 # constraints.txt's versions, of what the pipeline needs at run time on a lent GPU machine whose
 # python3 (3.12) has torch, numpy, pandas, matplotlib, scikit-learn, accelerate, safetensors, ...
 # but no dvc, mlflow, pycocotools, pydantic or ruamel.yaml. Run here (it needs the package index):
-#   bash bench/gpu_check_wheels.sh && echo /.whl/ >> .git/info/exclude
+#   bash bench/gpu_check_wheels.sh          (.whl/ is git-ignored)
 # Never torch, numpy or CUDA libraries (the machine's own). mlflow-skinny, not mlflow: the stages
 # log to a sqlite store (SQLAlchemy + Alembic) and need neither the UI nor its server's packages.
 # transformers, peft, huggingface_hub and tokenizers travel although the machine has older ones:
