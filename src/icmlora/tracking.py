@@ -5,16 +5,27 @@ The store defaults to ``sqlite:///<repo>/mlflow.db`` with an absolute path: DVC 
 a temporary workspace land in the repository's store. ``MLFLOW_TRACKING_URI`` wins when set
 (a shared ``mlflow server``). Runs are tagged ``stage``, ``git_commit`` and, under
 ``dvc exp run``, ``dvc_exp``; params are flattened to dotted keys.
+
+A server is checked before the first run of a process (``check_server``): one that cannot be
+reached, or refuses the credentials (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``,
+read by MLflow from the environment, never written anywhere), stops the stage with exit 2 before it
+trains. A run whose process died (killed, out of memory) stays RUNNING on the store for ever: the
+next run of the same stage, name and workspace marks it KILLED and carries ``resumes_run_id``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from icmlora.errors import InputError
 
 EXPERIMENT = "icmlora"
 WORKSPACE = "workspace"  # the dvc_exp tag of runs made outside `dvc exp run`
@@ -110,10 +121,49 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+SERVER_TIMEOUT_S = 10.0  # seconds to wait for a tracking server's answer before the stage gives up
+_checked: set[str] = set()
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """Raise InputError (the stage exits 2, before it trains) when an http(s) tracking server does
+    not answer ``/health`` or refuses this environment's credentials; a store that is not a server
+    (``sqlite:``, a folder) is not checked. MLflow's own client would retry for minutes first."""
+    if not uri.startswith(("http://", "https://")) or uri in _checked:
+        return
+    import requests
+
+    ways = ("start the server (for a try on this machine: `make team`, or `make mlflow` for the repository's "
+            "store), set MLFLOW_TRACKING_URI to one that answers, or unset it to log to "
+            f"sqlite:///{repo_root() / 'mlflow.db'}; nothing was trained or written")
+    base = uri.rstrip("/")
+    try:
+        requests.get(f"{base}/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as exc:
+        raise InputError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) cannot be reached: "
+                         f"{type(exc).__name__}: {exc}", [ways]) from None
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        answer = requests.get(f"{base}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=timeout,
+                              auth=(user, password or "") if user else None,
+                              headers={"Authorization": f"Bearer {token}"} if token and not user else None)
+    except requests.RequestException as exc:
+        raise InputError(f"MLflow tracking server {uri}: {type(exc).__name__}: {exc}", [ways]) from None
+    if answer.status_code in (401, 403):
+        who = f"user {user!r}" if user else "no credentials"
+        raise InputError(f"MLflow tracking server {uri} refused the request ({answer.status_code}, {who})", [
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment (never in a tracked file) "
+            "to an account of the server's basic-auth app, with permission on the experiment; nothing was trained "
+            "or written"])
+    _checked.add(uri)
+
+
 def _mlflow():
     import mlflow
 
     uri = tracking_uri()
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     with _store_lock(uri):
@@ -170,6 +220,58 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
+def _process_tag() -> str:
+    """``host:pid:start``: the start time tells a live process from a later one given the same pid."""
+    pid = os.getpid()
+    try:
+        import psutil
+
+        start = int(psutil.Process(pid).create_time())
+    except Exception:  # no psutil: the pid alone
+        start = 0
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def _process_alive(tag: str) -> bool:
+    """Whether the process a run's ``process`` tag names still runs (True when it cannot tell:
+    another host, or an unreadable tag: such a run is never marked KILLED)."""
+    try:
+        host, pid, start = tag.rsplit(":", 2)
+        pid, start = int(pid), int(start)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        import psutil
+
+        process = psutil.Process(pid)
+        return not start or int(process.create_time()) == start
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    except Exception:  # psutil.NoSuchProcess, AccessDenied on a zombie
+        return False
+
+
+def _close_orphans(mlflow, run_key: str) -> str | None:
+    """Mark KILLED the RUNNING runs of this key whose process is gone; the newest one's id."""
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    found = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.run_key = '{run_key}' and attributes.status = 'RUNNING'",
+                               order_by=["attributes.start_time DESC"], max_results=50)
+    orphans = [run for run in found if not _process_alive(run.data.tags.get("process", ""))]
+    for run in orphans:
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return orphans[0].info.run_id if orphans else None
+
+
 class _Silent:
     """Stands in for the mlflow module on non-main processes: every call does nothing."""
 
@@ -187,9 +289,21 @@ def start_run(stage: str, run_name: str, params: Any = None, nested: bool = Fals
         return
     mlflow = _mlflow()
     all_tags = base_tags(stage, **tags)
+    # One key per (stage, run name, tags, DVC experiment, workspace on this host): a run of it that is
+    # still RUNNING although its process is gone was killed; this run takes over from it.
+    run_key = hashlib.sha256(json.dumps([run_name, {k: v for k, v in all_tags.items() if k != "git_commit"},
+                                         socket.gethostname(), str(repo_root())], sort_keys=True).encode()
+                             ).hexdigest()[:16]
+    all_tags.update(run_key=run_key, process=_process_tag())
+    resumes = _close_orphans(mlflow, run_key)
+    if resumes:
+        all_tags["resumes_run_id"] = resumes
+        print(f"{stage}: MLflow run {resumes} ({run_name}) was left RUNNING by a process that is gone: marked KILLED")
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name, nested=nested and parent_run_id is None, tags=all_tags):
+    with mlflow.start_run(run_name=run_name, nested=nested and parent_run_id is None, tags=all_tags) as run:
+        if resumes:
+            mlflow.MlflowClient().set_tag(resumes, "resumed_by_run_id", run.info.run_id)
         if params is not None:
             flat = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()}
             mlflow.log_params(flat)

@@ -1,0 +1,149 @@
+"""A stage fails fast on a tracking server it cannot use, and a run left RUNNING by a killed
+process is closed (KILLED) by the next run of the same stage, which names it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from params_helpers import params_dict
+
+from icmlora import tracking
+from icmlora.errors import InputError
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the with block ends: nothing listens there
+
+
+def test_an_unreachable_server_stops_a_training_stage_before_it_trains(setting, tmp_path, monkeypatch):
+    from icmlora.stages.train_lora import train_lora
+
+    cfg, root, _ = setting
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    trained = []
+    monkeypatch.setattr("icmlora.stages.train_lora.train", lambda *a, **k: trained.append(1))
+    out, state, metrics = tmp_path / "lora", tmp_path / "state", tmp_path / "metrics"
+    with pytest.raises(InputError) as caught:
+        train_lora(cfg, "circle", 0, prepared=root / "prepared", base_dir=root / "base", out_root=out,
+                   state_root=state, metrics_dir=metrics)
+    message = str(caught.value)
+    assert uri in message and "cannot be reached" in message and "MLFLOW_TRACKING_URI" in message
+    assert "make team" in message and "nothing was trained or written" in message
+    assert trained == [] and not out.exists() and not state.exists() and not metrics.exists()
+
+
+def test_the_stage_command_exits_2_naming_the_server(tmp_path, monkeypatch, capsys):
+    from icmlora.stage_cli import run_stage
+    from icmlora.stages import train_lora as stage
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(stage, "train_lora", lambda cfg, task, seed: tracking.experiment_id())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(params_dict()))
+    assert run_stage(stage.main, ["--task", "circle", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icmlora train_lora: error: MLflow tracking server") and uri in err
+
+
+def test_a_server_that_refuses_the_credentials_is_named_with_the_fix(monkeypatch):
+    """A local HTTP server that answers /health and refuses everything else with 401, as MLflow's
+    basic-auth app does without credentials."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if self.path == "/health" else b"You are not authenticated.")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-her-password")
+        with pytest.raises(InputError) as caught:
+            tracking.check_server(uri)
+        message = str(caught.value)
+        assert "refused the request (401, user 'alice')" in message and "MLFLOW_TRACKING_PASSWORD" in message
+        assert "not-her-password" not in message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_local_store_is_not_probed():
+    tracking.check_server("sqlite:////nonexistent/folder/mlflow.db")  # nothing to reach: no error
+    tracking.check_server("/nonexistent/mlruns")
+
+
+KILLED_CHILD = textwrap.dedent("""
+    import os, signal
+    from icmlora import tracking
+    with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as mlflow:
+        mlflow.log_metric("train_loss", 1.5, step=3)
+        print(mlflow.active_run().info.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def runs_of(name: str) -> list:
+    return mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time ASC"], output_format="list")
+
+
+def test_a_killed_runs_orphan_is_marked_killed_and_named_by_the_run_that_takes_over(tmp_path, monkeypatch):
+    child = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, cwd=tmp_path,
+                           env=os.environ)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    orphan_id = child.stdout.split()[0]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    assert mlflow.get_run(orphan_id).info.status == "RUNNING"  # what a killed process leaves
+    # The run that takes over may come from another commit (a fix after the crash): still its successor.
+    assert mlflow.get_run(orphan_id).data.tags["git_commit"] == "unknown"  # the child ran outside a git repo
+    monkeypatch.setattr(tracking, "git_commit", lambda: "0123abc")
+
+    # Another run of the stage (another task) is not the killed one's successor: the orphan stays.
+    with tracking.start_run("train_lora", "circle-r4-s0", task="circle", rank=4):
+        pass
+    assert mlflow.get_run(orphan_id).info.status == "RUNNING"
+    assert "resumes_run_id" not in runs_of("circle-r4-s0")[0].data.tags
+
+    with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as active:
+        new_id = active.active_run().info.run_id
+    orphan, new = (mlflow.get_run(i) for i in (orphan_id, new_id))
+    assert orphan.info.status == "KILLED" and new.info.status == "FINISHED"
+    assert new.data.tags["resumes_run_id"] == orphan_id and orphan.data.tags["resumed_by_run_id"] == new_id
+    assert orphan.data.metrics == {"train_loss": 1.5}  # what it logged stays
+
+    # A run of this key whose process still runs is not an orphan (another process at work).
+    with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as outer:
+        outer_id = outer.active_run().info.run_id
+        assert tracking._close_orphans(mlflow, outer.get_run(outer_id).data.tags["run_key"]) is None
+        assert mlflow.get_run(outer_id).info.status == "RUNNING"
+
+
+def test_the_process_tag_tells_a_live_process_from_a_gone_one():
+    mine = tracking._process_tag()
+    host, pid, start = mine.rsplit(":", 2)
+    assert host == socket.gethostname() and int(pid) == os.getpid() and int(start) > 0
+    assert tracking._process_alive(mine)
+    assert not tracking._process_alive(f"{host}:{pid}:{int(start) - 100}")  # the pid, given to a later process
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert not tracking._process_alive(f"{host}:{int(gone.stdout)}:{start}")
+    assert tracking._process_alive(f"another-host-{host}:{pid}:1")  # cannot tell: never closed
