@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ mlflow: $(STAMP)
 
 push: $(STAMP)
 	$(BIN)/dvc push
+
+# A team's stack on 127.0.0.1, to try it: PostgreSQL, an S3 endpoint (moto) and an MLflow server with basic
+# auth, artifacts proxied to S3 (src/icmlora/team.py). Prints the exports; team-down stops them (data kept in .team/).
+team: $(STAMP)
+	$(BIN)/python -m icmlora.team up
+
+team-down: $(STAMP)
+	$(BIN)/python -m icmlora.team down
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
