@@ -24,10 +24,12 @@ COMMANDS = {
     "evaluate": "detection metrics of base, trained, generated and baseline adapters",
     "report": "summary metrics, plots and the MLflow summary run",
     "score": "detection metrics of the base model, alone or with an adapter, on a Florence JSONL (not a stage)",
+    "register": "register the generated and trained adapters as servable MLflow models (not a stage)",
     "profile": "merge a params profile (profiles/*.yaml) into params.yaml (not a stage)",
     "synth-voc": "write synthetic shapes as a PASCAL VOC2012 folder (not a stage)",
 }
-COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "profile": "icmlora.profile", "synth-voc": "icmlora.data.voc_writer"}
+COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "register": "icmlora.register", "profile": "icmlora.profile",
+                           "synth-voc": "icmlora.data.voc_writer"}
 
 
 def _module(name: str) -> str:
