@@ -218,11 +218,28 @@ class BaseParams(Section):
     train: OptimizerParams
 
 
+# A launcher that starts several processes for one stage (torchrun, SLURM, MPI, or Accelerate told to).
+_SEVERAL_PROCESSES = re.compile(r"(^|[\s/])(torchrun|srun|mpirun)(\s|$)|--multi_gpu|--nproc[_-]per[_-]node|--nnodes"
+                                r"|--num[_-]machines|--num[_-]processes[=\s]+(?!1(\s|$))")
+
+
 class RuntimeParams(Section):
     mixed_precision: Literal["no", "bf16", "fp16"]
     launcher: str
+    lora_workers: Positive
     threads: NonNegative
     image_cache_mb: NonNegative
+
+    @field_validator("lora_workers")
+    @classmethod
+    def _workers_in_one_process(cls, workers: int, info: ValidationInfo) -> int:
+        launcher = info.data.get("launcher")
+        if workers > 1 and launcher is not None and _SEVERAL_PROCESSES.search(launcher):
+            raise ValueError(f"{workers} workers need a one-process runtime.launcher (python -m, or accelerate "
+                             f"launch -m on one device), but {launcher!r} launches several processes (torchrun, srun, "
+                             f"mpirun, accelerate --multi_gpu/--num_processes N): each would start {workers} workers "
+                             "of its own on the same devices; set lora_workers to 1 with this launcher")
+        return workers
 
 
 class PredictParams(Section):

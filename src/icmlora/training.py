@@ -216,11 +216,13 @@ def train(
     on_checkpoint: Callable[[int], None] | None = None,
     checkpoint_every: int = 0,
     state: TrainingState | None = None,
+    bar_position: int | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``optim.steps`` steps (AdamW, linear warm-up
     then cosine decay, gradient clipping). Every ``checkpoint_every`` steps and at the end,
     ``on_checkpoint(step)`` runs and then, with a ``state``, the training state is saved; a
-    ``state`` saved by the same run (same fingerprint) is resumed from."""
+    ``state`` saved by the same run (same fingerprint) is resumed from. ``bar_position``: the progress
+    bar's line, for processes training side by side (``runtime.lora_workers``)."""
     accelerator = accelerator or make_accelerator(runtime)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -249,7 +251,8 @@ def train(
     losses: list[float] = []
     step = start_step
     start = time.perf_counter()
-    bar = tqdm(total=optim.steps, initial=start_step, desc=desc, unit="step", disable=not accelerator.is_main_process)
+    bar = tqdm(total=optim.steps, initial=start_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
+               position=bar_position)
     while step < optim.steps:
         # A resumed run draws a fresh order from the restored loader RNG rather than replaying
         # the rest of the interrupted epoch: deterministic given the saved state.

@@ -15,6 +15,12 @@ outputs (which are replaced whole when every rank is done): a killed run restart
 and continues the interrupted one from its last saved training state (``icmlora.resume``) if
 its params and inputs are the same. Every rank is trained before any is scored (on process 0),
 so no process waits in a collective while another scores.
+
+``runtime.lora_workers: N`` > 1 trains the ranks side by side instead (``icmlora.workers``): the
+stage's process scores the base, then N spawned worker processes each train and score the ranks
+they take, one at a time, into the same state folders; the stage's process then writes the outputs
+as above. A failed worker fails the stage (naming it and its rank) once the others are done, and
+the outputs are left as they were; run it again to resume.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from icmlora.artifacts import (
     BASE_MODEL_DIR,
@@ -45,6 +53,7 @@ from icmlora.artifacts.adapters import read_adapter, save_adapter
 from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.config import Params
+from icmlora.errors import InputError
 from icmlora.files import atomic_dir, read_json, write_json
 from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, content_digest, fingerprint
@@ -53,6 +62,7 @@ from icmlora.scoring import Scorer
 from icmlora.stage_cli import require, run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run, tracking_uri
 from icmlora.training import DetectionDataset, train
+from icmlora.workers import WorkerFailed, run_workers
 
 DONE = "done"  # in a rank's state folder: its trained adapter (checkpoints/, final/) and TRAINED
 TRAINED = "trained.json"  # what training measured (steps, seconds, MLflow run), written last
@@ -95,7 +105,7 @@ def _scoring_fingerprint(cfg: Params, task: str, rank: int, prepared: Path) -> s
 
 def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, dataset: DetectionDataset,
                inputs: str, parent_id: str | None, base_dir: Path = BASE_MODEL_DIR,
-               state_root: Path = STATE_DIR) -> None:
+               state_root: Path = STATE_DIR, bar_position: int | None = None) -> None:
     """Train one adapter into its state folder (``DONE``, on process 0). A rank an interrupted
     run trained is not trained again. Scoring comes after every rank is trained (``score_rank``):
     process 0 scoring between ranks would keep the other processes waiting in a collective."""
@@ -137,7 +147,8 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
         buffer = MetricBuffer()
         result = train(model, processor, dataset, optim, cfg.runtime, run_seed, accelerator=accelerator,
                        desc=f"train_lora {name}", on_step=lambda step, loss: buffer.add("train_loss", loss, step),
-                       on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every, state=state)
+                       on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every, state=state,
+                       bar_position=bar_position)
         buffer.flush()
         model = accelerator.unwrap_model(model)
         accelerator.free_memory()  # the next rank prepares its own model and optimizer
@@ -186,28 +197,73 @@ def score_rank(cfg: Params, task: str, rank: int, seed: int, base_map50: float, 
     return metrics
 
 
+def _base_map50(cfg: Params, task: str, base, processor, prepared: Path) -> float:
+    """The base's score on the task, once for every rank (the adapters only add to the base)."""
+    scorer = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared)
+    return scorer.score(task, desc=f"{task}: base")["map50"]
+
+
+def _worker(index: int, ranks, cfg: Params, task: str, seed: int, inputs: str, parent_id: str | None,
+            base_map50: float, prepared: Path, base_dir: Path, state_root: Path) -> None:
+    """One of ``runtime.lora_workers`` processes: trains and scores each rank it takes, one at a time,
+    into that rank's state folder (a process of its own: its own Accelerator, data and caches)."""
+    accelerator = make_accelerator(cfg.runtime)
+    train_examples, train_folder = read_split(task, "train", prepared)
+    _, processor = read_base_model(base_dir)
+    dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
+    for rank in ranks:
+        train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root,
+                   bar_position=index)
+        score_rank(cfg, task, rank, seed, base_map50, prepared, base_dir, state_root)
+
+
+def _side_by_side(cfg: Params, task: str, seed: int, workers: int, inputs: str, prepared: Path, base_dir: Path,
+                  state_root: Path) -> float:
+    """Every rank trained and scored in ``workers`` worker processes (their state folders filled);
+    returns the base's score."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # e.g. `accelerate launch -m` with a multi-GPU saved config
+        raise InputError(f"runtime.lora_workers: {cfg.runtime.lora_workers} workers in each of "
+                         f"{os.environ['WORLD_SIZE']} launched processes: set runtime.lora_workers to 1 for a "
+                         "multi-process launch, or launch one process (runtime.launcher: python -m)")
+    # The costliest first (scored on every task, then the largest), so no long one starts last.
+    order = sorted(cfg.lora.ranks, key=lambda r: (r in cfg.lora.cross_task_ranks, r), reverse=True)
+    with parent_run("train_lora", params=cfg.lora) as parent_id:  # (a tracking server is checked here, first)
+        base, processor = read_base_model(base_dir)
+        base_map50 = _base_map50(cfg, task, base, processor, prepared)
+        del base, processor  # the workers load their own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # scored on the GPU: leave its memory to the workers
+        print(f"train_lora: {len(order)} adapters of {task}-s{seed} in {workers} worker processes", flush=True)
+        run_workers(_worker, order, workers, threads=cfg.runtime.threads, what="rank",
+                    args=(cfg, task, seed, inputs, parent_id, base_map50, prepared, base_dir, state_root))
+    return base_map50
+
+
 def train_lora(cfg: Params, task: str, seed: int, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_MODEL_DIR,
                out_root: Path = LORA_DIR, state_root: Path = STATE_DIR,
                metrics_dir: Path = LORA_METRICS_DIR) -> dict[int, dict]:
     """Train, score and write every rank's adapter of (task, seed); returns {rank: metrics}
     ({} on processes other than rank 0)."""
     set_threads(cfg.runtime)
-    accelerator = make_accelerator(cfg.runtime)
-    train_examples, train_folder = read_split(task, "train", prepared)
+    workers = min(cfg.runtime.lora_workers, len(cfg.lora.ranks))
     inputs = content_digest(base_dir, annotations_file(task, "train", prepared))
-    # Kept untouched for the base's own score (each rank adds its adapter to a copy of its own).
-    base, processor = read_base_model(base_dir)
-    dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
-    with parent_run("train_lora", params=cfg.lora) as parent_id:
-        for rank in cfg.lora.ranks:
-            train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root)
-    if not accelerator.is_main_process:
-        return {}
-    del dataset
-    # The base's score on the task, once for every rank (the adapters only add to the base).
-    base_map50 = Scorer(base, processor, cfg.predict, cfg.lora.eval_images, prepared).score(
-        task, desc=f"{task}: base")["map50"]
-    del base
+    if workers > 1:
+        # every rank trained and scored: score_rank below returns the metrics its worker saved
+        base_map50 = _side_by_side(cfg, task, seed, workers, inputs, prepared, base_dir, state_root)
+    else:
+        accelerator = make_accelerator(cfg.runtime)
+        train_examples, train_folder = read_split(task, "train", prepared)
+        # Kept untouched for the base's own score (each rank adds its adapter to a copy of its own).
+        base, processor = read_base_model(base_dir)
+        dataset = DetectionDataset(train_examples, train_folder, processor, cfg.runtime.image_cache_mb)
+        with parent_run("train_lora", params=cfg.lora) as parent_id:
+            for rank in cfg.lora.ranks:
+                train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root)
+        if not accelerator.is_main_process:
+            return {}
+        del dataset
+        base_map50 = _base_map50(cfg, task, base, processor, prepared)
+        del base
     results = {rank: score_rank(cfg, task, rank, seed, base_map50, prepared, base_dir, state_root)
                for rank in cfg.lora.ranks}
     works = [lora_state_dir(task, rank, seed, state_root) for rank in cfg.lora.ranks]
@@ -231,7 +287,11 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     args, cfg = parser.parse(argv)
     require(args.task, cfg.data.tasks, "--task", "data.tasks")
     require(args.seed, cfg.lora.seeds, "--seed", "lora.seeds")
-    results = train_lora(cfg, args.task, args.seed)
+    try:
+        results = train_lora(cfg, args.task, args.seed)
+    except WorkerFailed as exc:  # each worker printed its own traceback above
+        raise SystemExit(f"icmlora train_lora: {exc}; the outputs are unchanged, and the ranks finished are kept "
+                         f"under {STATE_DIR}/: run the stage again to resume") from None
     if results:
         ranks = ", ".join(f"r{r} {m['map50']:.3f}" for r, m in results.items())
         seconds = statistics.median(m["train_seconds"] for m in results.values())
