@@ -76,12 +76,12 @@ def check_inputs(base_dir: Path, folders: dict) -> None:
 
 def dvc_output_md5(path: Path, lock: Path = DVC_LOCK) -> tuple[str, str] | None:
     """(output path, md5) of the DVC output holding ``path``, as dvc.lock records it; None without one."""
-    import yaml
+    from ruamel.yaml import YAML
 
     if not lock.is_file() or Path(path).is_absolute():
         return None
     wanted = Path(path).as_posix()
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+    for stage in (YAML(typ="safe", pure=True).load(lock.read_text()) or {}).get("stages", {}).values():
         for out in stage.get("outs", []):
             if wanted == out["path"] or wanted.startswith(out["path"].rstrip("/") + "/"):
                 return out["path"], out.get("md5", "")
