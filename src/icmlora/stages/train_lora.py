@@ -59,7 +59,7 @@ from icmlora.lora import peft_config
 from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
-from icmlora.stage_cli import require, run_stage, stage_parser
+from icmlora.stage_cli import configure_process, require, run_stage, stage_parser
 from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run, tracking_uri
 from icmlora.training import DetectionDataset, train
 from icmlora.workers import WorkerFailed, run_workers
@@ -207,6 +207,7 @@ def _worker(index: int, ranks, cfg: Params, task: str, seed: int, inputs: str, p
             base_map50: float, prepared: Path, base_dir: Path, state_root: Path) -> None:
     """One of ``runtime.lora_workers`` processes: trains and scores each rank it takes, one at a time,
     into that rank's state folder (a process of its own: its own Accelerator, data and caches)."""
+    configure_process()
     accelerator = make_accelerator(cfg.runtime)
     train_examples, train_folder = read_split(task, "train", prepared)
     _, processor = read_base_model(base_dir)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     try:
         results = train_lora(cfg, args.task, args.seed)
     except WorkerFailed as exc:  # each worker printed its own traceback above
-        raise SystemExit(f"icmlora train_lora: {exc}; the outputs are unchanged, and the ranks finished are kept "
+        raise SystemExit(f"\nicmlora train_lora: {exc}; the outputs are unchanged, and the ranks finished are kept "
                          f"under {STATE_DIR}/: run the stage again to resume") from None
     if results:
         ranks = ", ".join(f"r{r} {m['map50']:.3f}" for r, m in results.items())
