@@ -1,0 +1,159 @@
+"""Benchmark (not a test): every `train_lora@*` stage one adapter after another (`runtime.lora_workers: 1`)
+against side by side (`runtime.lora_workers: 2`), from a fresh clone.
+
+    .venv/bin/python bench/lora_workers.py                      # the default profile (~30 min on a 2-core CPU)
+    .venv/bin/python bench/lora_workers.py --profile micro      # a quick check of the script (~6 min)
+
+Clones this repository at --rev into a temporary folder (stage commands import the clone's own src/,
+MLflow logs to the clone's store), merges --profile into its params.yaml if given, runs `dvc repro
+base_model` (prepare and the base) once, then for each --workers setting sets
+`runtime.lora_workers` and runs exactly the train_lora stages, `dvc repro --force --single-item
+--glob 'train_lora@*'`, timing each stage from its "Running stage" line to the next (or to the
+command's end). The first setting's outputs are the reference: every other setting's adapters
+(every checkpoint and final tensor within --tolerance of the tensor's spread) and metrics files
+(equal, timings aside) are compared with them. Writes metrics/lora_workers.json (under --label,
+other labels kept): per setting the train_lora seconds (the stages' sum and the command's), the
+speed-up over the first setting, and whether its outputs matched, with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from repro_time import per_stage, timed_repro  # noqa: E402
+from scale import stage_env  # noqa: E402
+
+from icmlora.files import write_json  # noqa: E402
+
+TIMING = ("train_seconds", "eval_seconds")
+TRAIN_LORA = ["repro", "--force", "--single-item", "--glob", "train_lora@*"]
+
+
+def set_workers(repo: Path, env: dict, workers: int) -> None:
+    profile = repo.parent / f"workers-{workers}.yaml"
+    profile.write_text(f"runtime:\n  lora_workers: {workers}\n")
+    subprocess.run([sys.executable, "-m", "icmlora", "profile", str(profile)], cwd=repo, env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def compare(reference: Path, other: Path, tolerance: float) -> dict:
+    """Adapters within ``tolerance`` of each tensor's spread, other files and metrics equal (timings aside)."""
+    import torch
+    from safetensors.torch import load_file
+
+    problems, worst, tensors = [], 0.0, 0
+    ref_files = {p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file()}
+    other_files = {p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file()}
+    if ref_files != other_files:
+        problems.append(f"files differ: {sorted(ref_files ^ other_files)[:10]}")
+    for name in sorted(ref_files & other_files):
+        a_path, b_path = reference / name, other / name
+        if name.endswith(".safetensors"):
+            a, b = load_file(a_path), load_file(b_path)
+            if a.keys() != b.keys():
+                problems.append(f"{name}: other tensor names")
+                continue
+            for key in a:
+                tensors += 1
+                if a[key].shape != b[key].shape:
+                    problems.append(f"{name}: {key} shape {tuple(a[key].shape)} vs {tuple(b[key].shape)}")
+                    continue
+                spread = float(a[key].float().std()) or 1.0
+                worst = max(worst, float((a[key].float() - b[key].float()).abs().max()) / spread)
+                if not torch.isfinite(b[key]).all():
+                    problems.append(f"{name}: {key} not finite")
+        elif name.startswith("metrics/") and name.endswith(".json"):
+            a, b = (json.loads(p.read_text()) for p in (a_path, b_path))
+            if {k: v for k, v in a.items() if k not in TIMING} != {k: v for k, v in b.items() if k not in TIMING}:
+                problems.append(f"{name}: metrics differ")
+        elif a_path.read_bytes() != b_path.read_bytes():
+            problems.append(f"{name}: contents differ")
+    if worst > tolerance:
+        problems.append(f"a tensor differs by {worst:.3g} of its spread (tolerance {tolerance:g})")
+    return {"matched": not problems, "tensors_compared": tensors, "max_diff_over_spread": worst,
+            "problems": problems[:20]}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", help="a profile to merge into the clone's params.yaml first (e.g. micro)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="runtime.lora_workers settings, the first the reference (default: 1 2)")
+    parser.add_argument("--tolerance", type=float, default=1e-5,
+                        help="largest tensor difference, over the tensor's spread, that counts as the same (default 1e-5,"
+                             " as tests/test_lora_workers.py)")
+    parser.add_argument("--label", help="name of this run in the output file (default: the profile, or default)")
+    parser.add_argument("--rev", default="HEAD", help="git revision to clone (default HEAD)")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "lora_workers.json")
+    parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    args = parser.parse_args(argv)
+    label = args.label or args.profile or "default"
+
+    rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
+    tmp = Path(tempfile.mkdtemp(prefix="lora-workers-"))
+    repo = tmp / "repo"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
+    subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
+    env = stage_env(repo)
+    if args.profile:
+        subprocess.run([sys.executable, "-m", "icmlora", "profile", args.profile], cwd=repo, env=env, check=True)
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "base_model"], cwd=repo, env=env, check=True)
+    setup = time.perf_counter() - begin
+
+    settings: dict[str, dict] = {}
+    reference = None
+    for workers in args.workers:
+        print(f"lora_workers: train_lora stages with runtime.lora_workers = {workers}", flush=True)
+        set_workers(repo, env, workers)
+        total, starts = timed_repro(repo, env, TRAIN_LORA)
+        seconds, items = per_stage(total, starts)
+        kept = tmp / f"outputs-{workers}"
+        for part in ("models/lora", "metrics/lora"):
+            shutil.copytree(repo / part, kept / part)
+        record = {"train_lora_seconds": seconds.get("train_lora"), "command_seconds": round(total, 1),
+                  "stages": items.get("train_lora", 0),
+                  "stage_seconds": {name: round(nxt - start, 1) for (name, start), nxt in
+                                    zip(starts, [s for _, s in starts[1:]] + [total])}}
+        if reference is None:
+            reference = (workers, kept, record["train_lora_seconds"])
+            record.update(speedup=1.0, outputs_match=None)
+        else:
+            record["speedup"] = round(reference[2] / record["train_lora_seconds"], 2)
+            record["comparison"] = compare(reference[1], kept, args.tolerance)
+            record["outputs_match"] = record["comparison"]["matched"]
+        settings[str(workers)] = record
+        print(f"lora_workers: {workers} worker(s): {record['train_lora_seconds']} s of train_lora "
+              f"({record['stages']} stages), speed-up {record['speedup']}x"
+              + ("" if record["outputs_match"] is None else f", outputs match: {record['outputs_match']}"), flush=True)
+
+    import torch
+
+    result = {"rev": rev, "profile": args.profile or "default", "reference_workers": args.workers[0],
+              "tolerance": args.tolerance, "setup_seconds": round(setup, 1), "settings": settings,
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "platform": platform.platform(), "python": platform.python_version()}}
+    runs = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs[label] = result
+    write_json(args.out, runs)
+    print(f"lora_workers: wrote {label} to {args.out}" + (f"; clone kept at {repo}" if args.keep else ""))
+    if not args.keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
