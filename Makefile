@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down mutation clean-venv
 
 setup: $(STAMP)
 
@@ -68,3 +68,9 @@ seeds: $(STAMP)
 # out) in a clone, at three generator seeds, against retrieval baselines: metrics/family/. About 40 min.
 family: $(STAMP)
 	$(BIN)/python bench/family.py
+
+# Mutation score of the modules that decide figures (pyproject.toml [tool.mutmut]): mutmut against the
+# fast tests, per module in metrics/mutation.json; survivors explained in docs/mutation-survivors.md.
+# Not part of `make test`; about 40 min on 2 busy cores.
+mutation: $(STAMP)
+	$(BIN)/python bench/mutation.py

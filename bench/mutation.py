@@ -1,0 +1,114 @@
+"""Benchmark (not a test): the mutation score of the modules that decide figures, per module.
+
+    .venv/bin/python bench/mutation.py                 # what `make mutation` runs
+    .venv/bin/python bench/mutation.py --label before  # the same, kept under another name
+
+Runs mutmut (pinned in constraints.txt) as pyproject.toml's [tool.mutmut] says: it copies the
+project into mutants/ (git-ignored), writes every mutant of the modules in ``only_mutate`` into
+the copy, and for each mutant runs the fast tests (`make test-fast`'s set) that reach the mutated
+function; a mutant is killed when one of them fails. The copy is made afresh each run (a result
+never comes from an earlier run's cache). Writes metrics/mutation.json under --label (other labels
+kept): per module the mutants killed, survived, timed out and not reached by any fast test, the
+score (killed + timeout) / total, and the surviving mutants' names (``mutmut show <name>`` in this
+folder prints one's diff while mutants/ is there); docs/mutation-survivors.md says why each survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from icmlora.files import write_json  # noqa: E402
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: mutmut's own dependency reads TOML there
+    import toml as tomllib
+
+# mutmut's exit-code table (mutmut.stats.status_by_exit_code), for the statuses a score needs.
+KILLED, TIMEOUT = "killed", "timeout"
+STATUS_BY_EXIT_CODE = {1: KILLED, 3: KILLED, 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+                       36: TIMEOUT, -24: TIMEOUT, 24: TIMEOUT, 152: TIMEOUT, 255: TIMEOUT, None: "not checked"}
+
+
+def modules() -> list[str]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
+def run_mutmut(max_children: int) -> float:
+    """A fresh mutants/ and one `mutmut run`; returns its wall time in seconds."""
+    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+    # mutmut puts mutants/src first on the test process's path; a test's subprocess (`python -m
+    # icmlora...`) imports this checkout's unmutated src/ (not whichever one the venv's editable
+    # install names): mutated code outside mutmut's process cannot report to it.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    # One thread per test process: mutmut's limits are CPU seconds, which torch's thread pool
+    # would spend several at a time, and `--max-children` processes already share the cores.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    begin = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)], cwd=ROOT,
+                          env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"`mutmut run` failed (exit {proc.returncode}); its output is above")
+    return time.perf_counter() - begin
+
+
+def module_scores(module: str) -> dict:
+    exit_codes = json.loads((ROOT / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"]
+    statuses = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in exit_codes.items()}
+    counts = Counter(statuses.values())
+    total = len(statuses)
+    return {
+        "total": total,
+        "killed": counts[KILLED],
+        "timeout": counts[TIMEOUT],
+        "survived": counts["survived"],
+        "no_tests": counts["no tests"],
+        "other": total - counts[KILLED] - counts[TIMEOUT] - counts["survived"] - counts["no tests"],
+        "score": round((counts[KILLED] + counts[TIMEOUT]) / total, 4) if total else None,
+        "not_killed": sorted(name for name, status in statuses.items() if status not in (KILLED, TIMEOUT)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="after", help="the name this run is kept under in the output")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--output", type=Path, default=ROOT / "metrics" / "mutation.json")
+    args = parser.parse_args(argv)
+
+    wall_s = run_mutmut(args.max_children)
+    scores = {module: module_scores(module) for module in modules()}
+    out = json.loads(args.output.read_text()) if args.output.exists() else {}
+    out[args.label] = {
+        "command": "make mutation",
+        "wall_s": round(wall_s, 1),
+        "max_children": args.max_children,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "score_is": "(killed + timeout) / total",
+        "modules": scores,
+    }
+    write_json(args.output, out)
+
+    print(f"\nmutation score ({args.label}, {wall_s:.0f} s):")
+    print(f"{'module':40} {'total':>6} {'killed':>6} {'timeout':>7} {'survived':>8} {'no tests':>8} {'score':>6}")
+    for module, s in scores.items():
+        print(f"{module:40} {s['total']:6} {s['killed']:6} {s['timeout']:7} {s['survived']:8} {s['no_tests']:8} "
+              f"{s['score']:6.1%}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
