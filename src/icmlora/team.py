@@ -139,6 +139,25 @@ def _stop_group(pid: int, timeout: float = 20) -> None:
         pass
 
 
+def _repair_recording(path: Path) -> bool:
+    """Cut a recording back to its last whole request (the endpoint may die while writing one, as a
+    log's last record is lost in a crash); whether anything is left to replay."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as handle:
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1  # whole lines only
+        while keep:
+            start = data.rfind(b"\n", 0, keep - 1) + 1
+            try:
+                json.loads(data[start:keep])
+                break
+            except ValueError:  # a line cut short (or garbled): drop it
+                keep = start
+        handle.truncate(keep)
+    return keep > 0
+
+
 class Stack:
     """The three servers of one folder (``.team`` for `make team`; a temporary one in tests)."""
 
@@ -153,6 +172,7 @@ class Stack:
                              ["stop it first (`make team-down`), or use the ports it runs on"])
         if ports is not None:
             self.state.ports = ports
+            self._write_state()
         self.credentials = self._credentials()
 
     # --- state and secrets ------------------------------------------------------------------
@@ -288,7 +308,7 @@ class Stack:
         if self._running("s3"):
             return
         recording = self.root / "s3-recording.jsonl"
-        replay = recording.is_file() and recording.stat().st_size > 0
+        replay = _repair_recording(recording)
         log = self.root / "s3.log"
         env = dict(os.environ, MOTO_ENABLE_RECORDING="True", MOTO_RECORDER_FILEPATH=str(recording))
         with log.open("a") as out:
