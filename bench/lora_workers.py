@@ -3,6 +3,7 @@ against side by side (`runtime.lora_workers: 2`), from a fresh clone.
 
     .venv/bin/python bench/lora_workers.py                      # the default profile (~30 min on a 2-core CPU)
     .venv/bin/python bench/lora_workers.py --profile micro      # a quick check of the script (~6 min)
+    .venv/bin/python bench/lora_workers.py --repo DIR           # in a checkout reproduced up to base_model
 
 Clones this repository at --rev into a temporary folder (stage commands import the clone's own src/,
 MLflow logs to the clone's store), merges --profile into its params.yaml if given, runs `dvc repro
@@ -42,8 +43,8 @@ TIMING = ("train_seconds", "eval_seconds")
 TRAIN_LORA = ["repro", "--force", "--single-item", "--glob", "train_lora@*"]
 
 
-def set_workers(repo: Path, env: dict, workers: int) -> None:
-    profile = repo.parent / f"workers-{workers}.yaml"
+def set_workers(repo: Path, env: dict, workers: int, folder: Path) -> None:
+    profile = folder / f"workers-{workers}.yaml"
     profile.write_text(f"runtime:\n  lora_workers: {workers}\n")
     subprocess.run([sys.executable, "-m", "icmlora", "profile", str(profile)], cwd=repo, env=env, check=True,
                    stdout=subprocess.DEVNULL)
@@ -99,26 +100,42 @@ def main(argv=None) -> dict:
     parser.add_argument("--rev", default="HEAD", help="git revision to clone (default HEAD)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "lora_workers.json")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    parser.add_argument("--repo", type=Path,
+                        help="a checkout already reproduced up to base_model to use in place of a fresh clone (e.g. "
+                             "bench/repro_time.py --keep's): only its train_lora stages run; its params.yaml is put "
+                             "back at the end, its train_lora outputs and dvc.lock entries are the last setting's")
     args = parser.parse_args(argv)
     label = args.label or args.profile or "default"
 
-    rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
     tmp = Path(tempfile.mkdtemp(prefix="lora-workers-"))
-    repo = tmp / "repo"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
-    subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
-    env = stage_env(repo)
-    if args.profile:
-        subprocess.run([sys.executable, "-m", "icmlora", "profile", args.profile], cwd=repo, env=env, check=True)
-    begin = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "base_model"], cwd=repo, env=env, check=True)
-    setup = time.perf_counter() - begin
+    if args.repo:
+        repo = args.repo.resolve()
+        rev = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=repo, text=True).strip()
+        env = stage_env(repo)
+        stale = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "base_model"], cwd=repo, env=env,
+                               capture_output=True, text=True, check=True).stdout
+        if json.loads(stale or "{}"):
+            raise SystemExit(f"{repo}: base_model or prepare is not up to date: `dvc repro base_model` there first")
+        saved_params = (repo / "params.yaml").read_text()
+        setup = 0.0
+    else:
+        rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
+        repo = tmp / "repo"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
+        subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
+        env = stage_env(repo)
+        saved_params = None
+        if args.profile:
+            subprocess.run([sys.executable, "-m", "icmlora", "profile", args.profile], cwd=repo, env=env, check=True)
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dvc", "repro", "base_model"], cwd=repo, env=env, check=True)
+        setup = time.perf_counter() - begin
 
     settings: dict[str, dict] = {}
     reference = None
     for workers in args.workers:
         print(f"lora_workers: train_lora stages with runtime.lora_workers = {workers}", flush=True)
-        set_workers(repo, env, workers)
+        set_workers(repo, env, workers, tmp)
         total, starts = timed_repro(repo, env, TRAIN_LORA)
         seconds, items = per_stage(total, starts)
         kept = tmp / f"outputs-{workers}"
@@ -140,6 +157,8 @@ def main(argv=None) -> dict:
               f"({record['stages']} stages), speed-up {record['speedup']}x"
               + ("" if record["outputs_match"] is None else f", outputs match: {record['outputs_match']}"), flush=True)
 
+    if saved_params is not None:
+        (repo / "params.yaml").write_text(saved_params)
     import torch
 
     result = {"rev": rev, "profile": args.profile or "default", "reference_workers": args.workers[0],
@@ -150,7 +169,7 @@ def main(argv=None) -> dict:
     runs[label] = result
     write_json(args.out, runs)
     print(f"lora_workers: wrote {label} to {args.out}" + (f"; clone kept at {repo}" if args.keep else ""))
-    if not args.keep:
+    if not args.keep or args.repo:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
 
