@@ -147,3 +147,47 @@ def test_the_process_tag_tells_a_live_process_from_a_gone_one():
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert not tracking._process_alive(f"{host}:{int(gone.stdout)}:{start}")
     assert tracking._process_alive(f"another-host-{host}:{pid}:1")  # cannot tell: never closed
+
+
+KILLED_STAGE = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    from icmlora.config import Params
+    from icmlora.resume import TrainingState
+    import icmlora.stages.train_lora as stage
+    cfg = Params.model_validate(json.loads(Path(sys.argv[1]).read_text()))
+    real = TrainingState.save
+    def save_then_die(self, *args, **extra):  # a kill -9 right after rank 2 saved its step 4
+        real(self, *args, **extra)
+        if extra.get("step") == 4 and "-r2-" in str(self.folder):
+            os.kill(os.getpid(), signal.SIGKILL)
+    TrainingState.save = save_then_die
+    root, tmp = Path(sys.argv[2]), Path(sys.argv[3])
+    stage.train_lora(cfg, "circle", 0, prepared=root / "prepared", base_dir=root / "base", out_root=tmp / "lora",
+                     state_root=tmp / "state", metrics_dir=tmp / "metrics")
+""")
+
+
+@pytest.mark.slow
+def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes_it(setting, tmp_path):
+    """The stage itself, killed with SIGKILL (no handler runs) while training rank 2, then run again."""
+    from icmlora.stages.train_lora import train_lora
+
+    cfg, root, _ = setting
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    child = subprocess.run([sys.executable, "-c", KILLED_STAGE, tmp_path / "cfg.json", root, tmp_path],
+                           capture_output=True, text=True, cwd=tmp_path, env=os.environ)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    (orphan,) = [r for r in runs_of("circle-r2-s0") if r.info.status == "RUNNING"]
+    assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]
+
+    train_lora(cfg, "circle", 0, prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
+               state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
+    old, new = runs_of("circle-r2-s0")
+    assert old.info.run_id == orphan.info.run_id and mlflow.get_run(old.info.run_id).info.status == "KILLED"
+    assert new.info.status == "FINISHED" and new.data.tags["resumes_run_id"] == orphan.info.run_id
+    assert mlflow.get_run(old.info.run_id).data.tags["resumed_by_run_id"] == new.info.run_id
+    assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]  # rank 1 was kept, not run again
+    steps = mlflow.MlflowClient().get_metric_history(new.info.run_id, "train_loss")
+    assert [m.step for m in steps] == list(range(5, cfg.lora.train.steps + 1))  # resumed after step 4
