@@ -19,6 +19,9 @@ def test_a_recording_cut_by_a_crash_keeps_its_whole_requests(tmp_path):
     path.write_text(whole + '{"method": "PUT"\n')  # a whole line that is not a whole request
     assert team._repair_recording(path) and path.read_text() == whole
     assert team._repair_recording(path) and path.read_text() == whole  # nothing more to cut
+    lines = whole.splitlines()  # two threads appended at once: two requests on one line, then an empty one
+    path.write_text(lines[0] + lines[1] + "\n\n" + lines[2] + "\n")
+    assert team._repair_recording(path) and path.read_text() == whole
     path.write_text('{"method": "PU')
     assert not team._repair_recording(path) and path.read_text() == ""
     assert not team._repair_recording(tmp_path / "none.jsonl")

@@ -140,22 +140,31 @@ def _stop_group(pid: int, timeout: float = 20) -> None:
 
 
 def _repair_recording(path: Path) -> bool:
-    """Cut a recording back to its last whole request (the endpoint may die while writing one, as a
-    log's last record is lost in a crash); whether anything is left to replay."""
+    """Make a recording replayable: one whole request per line. moto's threads append requests
+    concurrently, so two may share a line (their newlines written after both), and the endpoint may
+    die while writing one (its tail is cut, as a log's last record is lost in a crash). Requests are
+    read one JSON object after another, whatever the whitespace between them, up to the first that
+    is not whole; the file is rewritten (temporary name, then rename). Whether any is left to replay."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
-    with path.open("rb+") as handle:
-        data = handle.read()
-        keep = data.rfind(b"\n") + 1  # whole lines only
-        while keep:
-            start = data.rfind(b"\n", 0, keep - 1) + 1
-            try:
-                json.loads(data[start:keep])
-                break
-            except ValueError:  # a line cut short (or garbled): drop it
-                keep = start
-        handle.truncate(keep)
-    return keep > 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    decoder, records, pos = json.JSONDecoder(), [], 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except ValueError:  # cut short by the crash: the rest is dropped
+            break
+        if isinstance(record, dict):
+            records.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+    return bool(records)
 
 
 class Stack:
