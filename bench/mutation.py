@@ -46,9 +46,11 @@ def modules() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
 
 
-def run_mutmut(max_children: int) -> float:
-    """A fresh mutants/ and one `mutmut run`; returns its wall time in seconds."""
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
+def run_mutmut(max_children: int, mutant_names: list[str] | None = None) -> float:
+    """One `mutmut run` in a fresh mutants/, or (``mutant_names``) in the last run's mutants/ on just
+    these mutants; returns its wall time in seconds."""
+    if mutant_names is None:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     # mutmut puts mutants/src first on the test process's path; a test's subprocess (`python -m
     # icmlora...`) imports this checkout's unmutated src/ (not whichever one the venv's editable
     # install names): mutated code outside mutmut's process cannot report to it.
@@ -57,16 +59,20 @@ def run_mutmut(max_children: int) -> float:
     # would spend several at a time, and `--max-children` processes already share the cores.
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     begin = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)], cwd=ROOT,
-                          env=env)
+    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children),
+                           *(mutant_names or [])], cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"`mutmut run` failed (exit {proc.returncode}); its output is above")
     return time.perf_counter() - begin
 
 
+def exit_codes(module: str) -> dict:
+    return json.loads((ROOT / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"]
+
+
 def module_scores(module: str) -> dict:
-    exit_codes = json.loads((ROOT / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"]
-    statuses = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in exit_codes.items()}
+    exit_codes_ = exit_codes(module)
+    statuses = {name: STATUS_BY_EXIT_CODE.get(code, "suspicious") for name, code in exit_codes_.items()}
     counts = Counter(statuses.values())
     total = len(statuses)
     return {
@@ -86,13 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="after", help="the name this run is kept under in the output")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--output", type=Path, default=ROOT / "metrics" / "mutation.json")
+    parser.add_argument("--retest", nargs="*", metavar="MODULE",
+                        help="keep the last run's mutants/ and test again only its mutants that no test killed (of "
+                             "these modules; none named: all), against today's tests: tests are only ever added, "
+                             "so a mutant killed stays killed")
     args = parser.parse_args(argv)
 
-    wall_s = run_mutmut(args.max_children)
+    retest = None
+    if args.retest is not None:
+        retest = [name for module in (args.retest or modules()) for name, code in exit_codes(module).items()
+                  if STATUS_BY_EXIT_CODE.get(code) != KILLED]
+        print(f"testing again {len(retest)} mutants no test killed")
+    wall_s = run_mutmut(args.max_children, retest)
     scores = {module: module_scores(module) for module in modules()}
     out = json.loads(args.output.read_text()) if args.output.exists() else {}
     out[args.label] = {
-        "command": "make mutation",
+        "command": "make mutation" if retest is None else f"bench/mutation.py --retest {' '.join(args.retest)}".strip(),
         "wall_s": round(wall_s, 1),
         "max_children": args.max_children,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},

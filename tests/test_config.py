@@ -1,4 +1,7 @@
+import re
+
 import pytest
+from ruamel.yaml import YAML
 from pydantic import BaseModel
 from params_helpers import REPO, params_dict
 
@@ -164,3 +167,49 @@ def test_flatten_gives_dotted_keys(repo):
     assert flat["base.train.lr"] == 2e-3
     assert flat["data.synthetic.image_size"] == 64
     assert flat["cvae.train.epochs"] == 100
+
+
+@pytest.mark.parametrize("key, section", [("sede", "the top level"), ("data.synthetic.image_sizee", "data.synthetic")])
+def test_an_unknown_key_lists_exactly_the_keys_of_its_own_section(key, section):
+    from icmlora.config import SyntheticParams
+
+    allowed = {"the top level": Params, "data.synthetic": SyntheticParams}[section].model_fields
+    data = params_dict(profile=None)
+    _set(data, key, 3)
+    with pytest.raises(InputError) as err:
+        params_from_dict(data)
+    assert err.value.problems == [f"{key}: unknown key; allowed keys under {section}: {', '.join(allowed)}"]
+    assert "image_size, " in err.value.problems[0] if section == "data.synthetic" else "seed, " in err.value.problems[0]
+
+
+def test_a_list_entry_is_named_by_its_index():
+    data = params_dict(profile=None)
+    data["data"]["tasks"] = ["circle", 3]
+    data["base"]["tiny"]["patch_strides"] = [4, "x", 2]
+    with pytest.raises(InputError) as err:
+        params_from_dict(data)
+    assert err.value.problems == ["data.tasks[1]: input should be a valid string, got 3",
+                                  "base.tiny.patch_strides[1]: input should be a valid integer, got 'x'"]
+
+
+def test_load_params_names_its_own_file_in_every_error(tmp_path):
+    missing = tmp_path / "nowhere.yaml"
+    with pytest.raises(InputError) as err:
+        load_params(missing)
+    assert str(err.value) == f"{missing}: parameters file not found (run from the repository root)"
+    bad_yaml = tmp_path / "other.yaml"
+    bad_yaml.write_text("seed: 1\ndata:\n  tasks: [a, b\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(bad_yaml))}:\d+: invalid YAML"):
+        load_params(bad_yaml)
+    bad_value = tmp_path / "other-params.yaml"
+    data = params_dict(profile=None)
+    data["seed"] = "x"
+    YAML(typ="safe", pure=True).dump(data, bad_value)
+    with pytest.raises(InputError) as err:
+        load_params(bad_value)
+    assert err.value.summary == f"{bad_value}: invalid parameters"
+    assert err.value.problems == ["seed: input should be a valid integer, got 'x'"]
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- 1\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(not_a_mapping))}: expected a mapping at the top level, got list$"):
+        load_params(not_a_mapping)

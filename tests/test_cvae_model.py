@@ -250,3 +250,68 @@ def test_default_channels_respects_max_layers_and_validates():
         default_channels(100, max_layers=0)
     with pytest.raises(ValueError, match="input_dim"):
         default_channels(0)
+
+
+class _Echo(torch.nn.Module):
+    """Stands in for a trained CVAE: decodes (z, cond) to the two side by side."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def decode(self, z, cond):
+        return torch.cat([z, cond], dim=1).double()
+
+
+def test_a_generator_standardizes_the_task_vector_and_decodes_it_with_each_latent():
+    from icmlora.cvae import Generator
+
+    train = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    mean, scale = Generator.standardization(train)
+    # Deviations -1, -2, 1, 2: one spread for every dimension, sqrt(10 / 3) (unbiased).
+    assert torch.equal(mean, torch.tensor([2.0, 4.0]))
+    assert torch.allclose(scale, torch.full((2,), (10 / 3) ** 0.5))
+    _, floor = Generator.standardization(torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+    assert torch.equal(floor, torch.full((2,), 1e-8))  # no spread: the floor, not a division by 0
+
+    generator = Generator(_Echo().train(), mean, torch.tensor([2.0, 2.0]), {"kind": "icl"}).to("cpu")
+    assert not generator.model.training and generator.meta == {"kind": "icl"}
+    assert torch.equal(generator.condition(torch.tensor([[4.0, 8.0]], dtype=torch.float64)), torch.tensor([[1.0, 2.0]]))
+    rows = generator.sample(torch.tensor([6.0, 0.0]), torch.tensor([[0.5], [-0.5]]))
+    assert rows.dtype == torch.float32
+    assert torch.equal(rows, torch.tensor([[0.5, 2.0, -2.0], [-0.5, 2.0, -2.0]]))
+
+
+def test_generators_saved_before_condition_heads_load_without_one():
+    saved = arch(input_dim=100, condition_dim=4, channels=[4, 8], pad_multiple=4).to_json()
+    for key in ("patch", "condition_head", "decoder_condition"):
+        saved.pop(key)
+    loaded = CVAEArchitecture.from_json(saved)
+    assert (loaded.patch, loaded.condition_head, loaded.decoder_condition) == (1, 0, True)
+
+
+def test_default_channels_at_the_smallest_limits():
+    assert default_channels(1_929_928, max_layers=1) == [8]
+    assert default_channels(16, max_layers=3, min_length=1) == [8, 16, 8]  # 16 / 2**3 = 2 positions left
+    assert default_channels(16, max_layers=3, min_length=2) == [8, 16, 8]
+    assert default_channels(16, max_layers=3, min_length=3) == [8, 8]
+    for bad in (0, "x"):
+        with pytest.raises(ValueError, match=rf"^min_length: must be a positive integer, got {bad!r}$"):
+            default_channels(16, min_length=bad)
+
+
+def test_architecture_takes_every_knob_that_is_set():
+    knobs = micro_params().cvae.model_copy(update={
+        "channels": [], "pad_multiple": 0, "max_layers": 2, "hidden_dim": 32, "patch": 2, "condition_head": 4,
+        "decoder_condition": False})
+    cfg = architecture(knobs, 1000, condition_dim=3)
+    assert cfg.channels == [8, 8] and cfg.pad_multiple == 2 * 2**2  # max_layers 2, patch 2
+    assert (cfg.hidden_dim, cfg.feature_dim, cfg.patch, cfg.condition_head, cfg.decoder_condition) == (32, 32, 2, 4, False)
+    assert architecture(knobs.model_copy(update={"hidden_dim": 0}), 1000, 3).hidden_dim is None  # 0: latent_dim
+
+
+def test_a_generator_moves_its_model():
+    from icmlora.cvae import Generator
+
+    generator = Generator(_Echo(), torch.zeros(2), torch.ones(2), {}).to("meta")
+    assert next(generator.model.parameters()).device.type == "meta"

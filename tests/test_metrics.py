@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+from dataclasses import replace
 
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from icmlora.florence.format import Box
-from icmlora.metrics import detection_metrics
+from icmlora.metrics import box_iou, detection_metrics, greedy_assignment
 
 MAPS = ("map50_95", "map50", "map75")
 RATES = ("precision", "recall", "f1")
@@ -228,3 +229,55 @@ def test_an_image_with_only_ignore_regions_scores_no_boxes_to_find():
     result = detection_metrics([[replace(cat(), ignore=True)], [cat()]], [[cat(score=0.8)], [cat()]], [(100, 100)] * 2)
     assert result["num_gt"] == 1
     assert_metrics(result, precision=1.0, recall=1.0, map50=1.0)
+
+
+def test_f1_is_the_harmonic_mean_of_precision_and_recall():
+    # Recall 1/2 at precision 1: F1 2/3. Precision 1/2, recall 1/2: F1 1/2 (their sum is not above 1).
+    assert_metrics(detection_metrics([[cat(), cat(**FAR)]], [[cat()]]), precision=1.0, recall=0.5, f1=2 / 3)
+    assert_metrics(detection_metrics([[cat(), cat(**FAR)]], [[cat(score=0.9), cat(x1=100.0, x2=140.0, score=0.8)]]),
+                   precision=0.5, recall=0.5, f1=0.5)
+
+
+def test_box_iou_on_touching_disjoint_tiny_and_thin_boxes():
+    a = Box("cat", 0, 0, 10, 10)
+    assert box_iou(a, Box("cat", 20, 0, 30, 10)) == 0.0  # apart in x only: no negative overlap
+    assert box_iou(a, Box("cat", 0, 20, 10, 30)) == 0.0
+    assert box_iou(a, Box("cat", 10, 0, 20, 10)) == 0.0  # touching
+    assert box_iou(a, Box("cat", 0, 0, 10, 5)) == 0.5
+    thin = Box("cat", 0, 0, 1, 10)  # one pixel wide (and one pixel high, below)
+    assert box_iou(thin, thin) == 1.0 and box_iou(Box("cat", 0, 0, 10, 1), Box("cat", 0, 0, 10, 1)) == 1.0
+    tiny = Box("cat", 0, 0, 0.5, 0.5)  # union below one square pixel
+    assert box_iou(tiny, tiny) == 1.0 and box_iou(tiny, Box("cat", 0, 0, 0.5, 0.25)) == 0.5
+
+
+def test_greedy_assignment_by_score_first_box_on_ties_and_iou_half_counts():
+    g = Box("cat", 0, 0, 10, 10)
+    # The higher score is served first, whatever the input order.
+    assert greedy_assignment([g], [replace(g, score=0.3), replace(g, score=0.9)]) == ({1: 0}, set())
+    # Equal IoU with two boxes to find: the first box is taken.
+    twins = [Box("cat", 0, 0, 10, 10), Box("cat", 0, 0, 10, 10)]
+    assert greedy_assignment(twins, [replace(g, score=0.9)]) == ({0: 0}, set())
+    # IoU exactly 0.5: a match with a box to find, and with an ignore region (then ignored).
+    half = Box("cat", 0, 0, 10, 5, 0.9)
+    assert greedy_assignment([g], [half]) == ({0: 0}, set())
+    assert greedy_assignment([replace(g, ignore=True)], [Box("cat", 50, 50, 60, 60, 0.8), half]) == ({}, {1})
+
+
+def test_metrics_print_nothing(capsys):
+    detection_metrics([[cat()]], [[cat()]])
+    assert capsys.readouterr().out == ""
+
+
+def test_a_zero_height_box_and_the_area_limit_as_cocoeval():
+    """A detection of area 0 is a detection (a false positive here); one of area just above 1e10 is
+    outside COCO's area range "all" and, unmatched, not counted in the mAP."""
+    flat = Box("cat", 100, 100, 140, 100, 0.9)
+    assert_metrics(detection_metrics([[cat()]], [[flat, cat(score=0.5)]]), map50=0.5, precision=0.5)
+    huge = Box("cat", 0, 0, 1e5, 100000.000005, 0.9)  # area 1e10 + 0.5
+    assert_metrics(detection_metrics([[cat()]], [[huge, cat(score=0.5)]]), map50=1.0, precision=0.5)
+
+
+def test_a_category_with_only_ignore_regions_is_left_out_of_the_mean():
+    gt = [[cat(), Box("dog", 100, 100, 140, 140, ignore=True)]]
+    pred = [[cat(score=0.9), Box("dog", 100, 100, 140, 140, 0.8)]]
+    assert_metrics(detection_metrics(gt, pred), map50=1.0, map50_95=1.0, precision=1.0, recall=1.0)

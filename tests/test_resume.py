@@ -1,11 +1,13 @@
 """A killed training run continues from its last saved state (safetensors + JSON) when started
 again, running only what was left; a state from other parameters is never resumed."""
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import icmlora.stages.train_lora as train_lora_stage
 from icmlora.resume import TrainingState
@@ -240,3 +242,151 @@ def test_a_killed_lora_run_on_another_base_model_starts_over(setting, tmp_path, 
     metrics = train_lora_stage.train_lora(cfg, "circle", 0, base_dir=other, **paths)
     assert [len(r.losses) for r in results] == [steps, steps]  # both ranks, every step: nothing resumed
     assert [m["train_steps"] for m in metrics.values()] == [steps, steps]
+
+
+class _Wrapper:
+    """Accelerate's way: AcceleratedOptimizer / AcceleratedScheduler keep the torch object in
+    ``.optimizer`` / ``.scheduler``. This one offers nothing else: the state must come from inside."""
+
+    def __init__(self, **inner):
+        self.__dict__.update(inner)
+
+
+def _same(a, b, where="state") -> None:
+    """Equal values of equal types, tensors element for element with the same dtype."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _same(u, v, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _adamw_run(seed: int):
+    torch.manual_seed(seed)
+    # A frozen tensor (not saved), a one-element one (its moments are tensors of one value).
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    model[0].bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, betas=(0.8, 0.95))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler, torch.Generator().manual_seed(seed)
+
+
+def _train_step(model, optimizer, scheduler, loader) -> None:
+    x = torch.randn(4, 3, generator=loader)  # the data loader's draw
+    noise = torch.randn(1)  # torch's global RNG (dropout, sampling)
+    (model(x).pow(2).sum() + noise * model[1].bias.sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+
+
+def test_a_resumed_run_continues_bit_for_bit_through_accelerate_style_wrappers(tmp_path):
+    """Saved after 3 steps and loaded into a fresh run (other initial weights, other RNG states):
+    parameters, AdamW's moments and step counts (float32 tensors, as torch keeps them), the betas
+    (a tuple), the scheduler and both RNG streams are back, so 3 more steps give the very weights
+    the uninterrupted run reaches."""
+    model, optimizer, scheduler, loader = _adamw_run(0)
+    for _ in range(3):
+        _train_step(model, optimizer, scheduler, loader)
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    saved_scheduler = scheduler.state_dict()
+    state = TrainingState(tmp_path / "s", "fp")
+    state.save(model, _Wrapper(optimizer=optimizer), _Wrapper(scheduler=scheduler, optimizer=optimizer), loader,
+               step=3, losses=torch.tensor([0.5, 0.25]), lr=torch.tensor([0.125]), note="x")
+    for _ in range(3):
+        _train_step(model, optimizer, scheduler, loader)
+
+    model2, optimizer2, scheduler2, loader2 = _adamw_run(1)
+    with torch.no_grad():
+        model2[0].bias.copy_(model[0].bias)  # the frozen base is the same in both runs, and never saved
+    assert sorted(load_file(str(tmp_path / "s" / "state.safetensors"))) == [
+        "optim/0/exp_avg", "optim/0/exp_avg_sq", "optim/1/exp_avg", "optim/1/exp_avg_sq", "optim/2/exp_avg",
+        "optim/2/exp_avg_sq", "param/0.weight", "param/1.bias", "param/1.weight", "rng/loader", "rng/torch"]
+    torch.manual_seed(123)
+    extra = state.load(model2, _Wrapper(optimizer=optimizer2), _Wrapper(scheduler=scheduler2, optimizer=optimizer2),
+                       loader2)
+    assert extra == {"step": 3, "losses": [0.5, 0.25], "lr": 0.125, "note": "x", "fingerprint": "fp"}
+    _same(optimizer2.state_dict(), saved_optimizer, "optimizer")
+    _same(scheduler2.state_dict(), saved_scheduler, "scheduler")
+    assert optimizer2.state_dict()["param_groups"][0]["betas"] == (0.8, 0.95)
+    assert optimizer2.state[model2[1].bias]["exp_avg"].shape == (1,)
+    for _ in range(3):
+        _train_step(model2, optimizer2, scheduler2, loader2)
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, p2), name
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr() == [0.05 * 0.5 ** 3]
+
+
+def test_momentum_buffers_of_more_than_one_value_are_tensors_again(tmp_path):
+    """Another torch optimizer's state (SGD's momentum buffers, not named exp_avg) comes back as tensors."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = TrainingState(tmp_path / "s", "fp")
+    state.save(model, optimizer, scheduler, torch.Generator())
+    model2 = torch.nn.Linear(3, 2)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    state.load(model2, optimizer2, torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0), torch.Generator())
+    _same(optimizer2.state_dict(), optimizer.state_dict(), "optimizer")
+
+
+def test_a_state_is_resumable_only_with_its_own_fingerprint(tmp_path):
+    model, optimizer, scheduler, loader = _adamw_run(0)
+    folder = tmp_path / "s"
+    assert TrainingState(folder, "fp").saved_fingerprint() is None and not TrainingState(folder, "fp").resumable()
+    TrainingState(folder, "fp").save(model, optimizer, scheduler, loader, step=0)
+    assert json.loads((folder / "state.json").read_text())["extra"] == {"step": 0, "fingerprint": "fp"}
+    assert TrainingState(folder, "fp").resumable() and not TrainingState(folder, "other").resumable()
+    (folder / "state.json").write_text("[1]")  # not the layout save writes
+    assert TrainingState(folder, "fp").saved_fingerprint() is None
+    TrainingState(folder, "fp").clear()
+    assert not folder.exists()
+
+
+def test_fingerprints_ignore_key_order_and_digests_cover_names_and_places(tmp_path):
+    from icmlora.resume import content_digest, fingerprint
+
+    assert fingerprint({"a": 1, "b": [2, 3]}, "x") == fingerprint({"b": [2, 3], "a": 1}, "x")
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2}) and len(fingerprint({"a": 1})) == 16
+    # Same bytes under another name (a file given alone), or in another subfolder: another digest.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "x.bin").write_bytes(b"w")
+    (tmp_path / "one" / "y.bin").write_bytes(b"w")
+    assert content_digest(tmp_path / "one" / "x.bin") != content_digest(tmp_path / "one" / "y.bin")
+    assert len(content_digest(tmp_path / "one")) == 16
+    for sub in ("a", "b"):
+        (tmp_path / sub / sub).mkdir(parents=True)
+        (tmp_path / sub / sub / "w.bin").write_bytes(b"w")
+    assert content_digest(tmp_path / "a") != content_digest(tmp_path / "b")
+    before = content_digest(tmp_path / "one")
+    (tmp_path / "one" / "y.bin").rename(tmp_path / "one" / "z.bin")
+    assert content_digest(tmp_path / "one") != before
+
+
+@pytest.mark.parametrize("where", ["optimizer.state.0.odd", "scheduler.odd", "extra.odd"])
+def test_a_value_json_cannot_hold_is_named_by_where_it_is(tmp_path, where):
+    model, optimizer, scheduler, gen = _tiny_run(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2))
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    extra = {}
+    if where.startswith("optimizer"):
+        optimizer.state[model.weight]["odd"] = {1}
+    elif where.startswith("scheduler"):
+        scheduler.odd = {1}
+    else:
+        extra["odd"] = {1}
+    with pytest.raises(TypeError) as err:
+        TrainingState(tmp_path / "s", "fp").save(model, optimizer, scheduler, gen, **extra)
+    assert str(err.value) == f"training state: {where} is a set, which cannot be saved as JSON"
