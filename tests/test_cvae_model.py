@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -315,3 +316,98 @@ def test_a_generator_moves_its_model():
 
     generator = Generator(_Echo(), torch.zeros(2), torch.ones(2), {}).to("meta")
     assert next(generator.model.parameters()).device.type == "meta"
+
+
+def test_architecture_problems_in_full():
+    ok = arch(input_dim=8, condition_dim=2, channels=(1, 1), pad_multiple=4, hidden_dim=1, kl_weight=0, norm="none")
+    assert ok.channels == [1, 1] and ok.hidden_dim == 1  # a tuple is kept as a list; 1 and 0 are allowed
+    with pytest.raises(ValueError) as err:
+        arch(input_dim=8, condition_dim=True, channels=[4, 8, 8], pad_multiple=1, condition_head=-1,
+             decoder_condition="yes", hidden_dim=0, kl_weight=True, norm="layer")
+    assert str(err.value) == (
+        "invalid CVAEArchitecture: condition_dim: must be a positive integer, got True; "
+        "condition_head: must be an integer >= 0, got -1; decoder_condition: must be true or false, got 'yes'; "
+        "hidden_dim: must be a positive integer or null, got 0; "
+        "pad_multiple: 1 is not a multiple of patch * 2**len(channels) = 8; "
+        "kl_weight: must be a finite number >= 0, got True; norm: must be one of ['group', 'batch', 'none'], got 'layer'")
+    with pytest.raises(ValueError) as err:  # a bad patch: the stride is the layers' alone
+        arch(input_dim=8, condition_dim=2, channels=[4, 8, 8], pad_multiple=8, patch=0, decoder_condition=False,
+             kl_weight=float("inf"))
+    assert str(err.value) == (
+        "invalid CVAEArchitecture: patch: must be a positive integer, got 0; "
+        "decoder_condition: false needs a condition_head: otherwise nothing generated depends on the task; "
+        "kl_weight: must be a finite number >= 0, got inf")
+    with pytest.raises(ValueError) as err:
+        arch(input_dim=8, condition_dim=2, channels=[0], pad_multiple="x", condition_head="x", kl_weight=-0.5)
+    assert str(err.value) == (
+        "invalid CVAEArchitecture: pad_multiple: must be a positive integer, got 'x'; "
+        "condition_head: must be an integer >= 0, got 'x'; channels: every entry must be a positive integer, got [0]; "
+        "kl_weight: must be a finite number >= 0, got -0.5")
+
+
+def test_norm_layers_and_the_decoders_inputs():
+    for norm, kind in (("batch", torch.nn.BatchNorm1d), ("group", torch.nn.GroupNorm), ("none", torch.nn.Identity)):
+        model = CVAE(arch(input_dim=40, condition_dim=3, channels=[12, 8], pad_multiple=4, latent_dim=5, norm=norm))
+        assert type(model.encoder[1]) is kind and type(model.encoder[4]) is kind
+        assert isinstance(model.enc_fc[1], torch.nn.LeakyReLU)
+    assert model.dec_fc.in_features == 5 + 3 and not hasattr(model, "condition_head")
+    group = CVAE(arch(input_dim=40, condition_dim=3, channels=[12, 8], pad_multiple=4, latent_dim=5))
+    assert (group.encoder[1].num_groups, group.encoder[4].num_groups) == (4, 8)  # gcd with 8
+    headed = CVAE(arch(input_dim=40, condition_dim=3, channels=[12, 8], pad_multiple=4, latent_dim=5,
+                       condition_head=2, decoder_condition=False))
+    assert headed.dec_fc.in_features == 5 and headed.condition_head[0].bias is None
+
+
+def test_the_condition_head_adds_an_affine_map_of_the_condition():
+    torch.manual_seed(0)
+    model = CVAE(arch(input_dim=40, condition_dim=3, channels=[4], pad_multiple=2, latent_dim=5, condition_head=2,
+                      decoder_condition=False)).eval()
+    z, cond = torch.randn(2, 5), torch.randn(2, 3)
+    base = model.decode(z, cond)
+    with torch.no_grad():
+        model.condition_head[1].bias.fill_(0.25)
+    assert torch.allclose(model.decode(z, cond.double()), base + 0.25, atol=1e-6)
+
+
+def test_forward_samples_with_the_noise_given_or_takes_the_mean():
+    torch.manual_seed(0)
+    model = CVAE(arch(input_dim=40, condition_dim=3, channels=[4], pad_multiple=2, latent_dim=5)).eval()
+    x, cond, noise = torch.randn(2, 40), torch.randn(2, 3).double(), torch.randn(2, 5)
+    mu, logvar = model.encode(x, cond)
+    recon, mu2, logvar2 = model(x, cond, sample=True, noise=noise.double())
+    assert torch.equal(mu2, mu) and torch.equal(logvar2, logvar)
+    assert torch.allclose(recon, model.decode(mu + noise * torch.exp(0.5 * logvar), cond), atol=1e-6)
+    assert torch.allclose(model(x, cond)[0], model.decode(mu, cond), atol=1e-6)  # eval: z = mu
+    model.train()
+    assert torch.allclose(model(x, cond, sample=False)[0], model.decode(mu, cond), atol=1e-6)
+
+
+def test_loss_at_known_values_and_its_shape_checks():
+    model = CVAE(arch(input_dim=2, condition_dim=1, channels=[4], pad_multiple=2, latent_dim=2, kl_weight=0.5))
+    x, recon = torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2)
+    mu, logvar = torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    total, mse, kl = model.loss(x, recon, mu, logvar)
+    # KL = -0.5 * ((1 + 1 - 4 - e) + (1 + 0 - 0 - 1)) = (2 + e) / 2
+    assert mse.item() == 1.0 and kl.item() == pytest.approx((2 + math.e) / 2)
+    assert total.item() == pytest.approx(1.0 + 0.5 * (2 + math.e) / 2)
+    for args, message in [
+        ((torch.ones(1, 2, 3), torch.ones(1, 2, 3), mu, logvar), "recon and x must both be [batch, D]; got [1, 2, 3] and [1, 2, 3]"),
+        ((x, recon, torch.ones(1, 2), torch.ones(1, 3)), "mu and logvar must both be [batch, latent]; got [1, 2] and [1, 3]"),
+        ((x, recon, torch.ones(3, 2), torch.ones(3, 2)), "mu and logvar must both be [batch, latent]; got [3, 2] and [3, 2]"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            model.loss(*args)
+        assert str(err.value) == message
+
+
+def test_encode_and_decode_name_the_bad_input():
+    model = CVAE(arch(input_dim=40, condition_dim=3, channels=[4], pad_multiple=2, latent_dim=5))
+    for call, message in [
+        (lambda: model.encode(torch.ones(2, 40), torch.ones(2, 4)), "cond must have shape [batch, 3], got [2, 4]"),
+        (lambda: model.encode(torch.ones(2, 40), torch.ones(1, 3)), "x and cond batch sizes differ: 2 vs 1"),
+        (lambda: model.decode(torch.ones(2, 4), torch.ones(2, 3)), "z must have shape [batch, 5], got [2, 4]"),
+        (lambda: model.decode(torch.ones(2, 5), torch.ones(3, 3)), "z and cond batch sizes differ: 2 vs 3"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message

@@ -84,10 +84,10 @@ def test_rows_come_back_with_their_own_statistics_and_a_task_averages_its_own():
 
 def test_the_matrix_files_round_trip(tmp_path):
     matrix = per_checkpoint_matrix()
-    tensor_file, manifest_file = write_lora_matrix(2, matrix, tmp_path / "m")
-    assert (tensor_file.name, manifest_file.name) == ("r2.safetensors", "r2.json")
+    tensor_file, manifest_file = write_lora_matrix(2, matrix, tmp_path / "m" / "new")  # folders made as needed
+    assert (tensor_file, manifest_file) == (tmp_path / "m" / "new" / "r2.safetensors", tmp_path / "m" / "new" / "r2.json")
     assert json.loads(manifest_file.read_text()) == matrix.manifest.data
-    back = read_lora_matrix(2, tmp_path / "m")
+    back = read_lora_matrix(2, tmp_path / "m" / "new")
     for name in ("rows", "task_index", "seed", "step", "row_mean", "row_std"):
         assert torch.equal(getattr(back, name), getattr(matrix, name)), name
     assert back.manifest.data == matrix.manifest.data and back.manifest.center is None
@@ -107,17 +107,18 @@ def test_missing_or_damaged_matrix_files_are_named_with_the_stage_to_rerun(tmp_p
     with pytest.raises(InputError, match=r"r3.json: not found \(run `dvc repro collect_params@3`\)"):
         read_manifest(3, tmp_path)
     (tmp_path / "r3.json").write_text(json.dumps({k: 0 for k in MANIFEST_KEYS if k not in ("names", "shapes")}))
-    with pytest.raises(InputError, match=r"r3.json: not a LoRA matrix manifest \(missing names, shapes\)"):
+    with pytest.raises(InputError, match=r"r3.json: not a LoRA matrix manifest \(missing names, shapes\); re-run collect_params$"):
         read_manifest(3, tmp_path)
 
     # A centered manifest whose tensor file has a center of the wrong length.
     matrix = per_checkpoint_matrix()
     write_lora_matrix(1, LoraMatrix(matrix.rows, matrix.task_index, matrix.seed, matrix.step,
                                     Manifest(manifest_data("centered"), torch.zeros(4))), tmp_path)
-    with pytest.raises(InputError, match=r"r1.safetensors: 'center' has shape \[4\], the manifest says \[5\]"):
+    with pytest.raises(InputError, match=r"r1.safetensors: 'center' has shape \[4\], the manifest says \[5\]$"):
         read_manifest(1, tmp_path)
     (tmp_path / "r1.safetensors").unlink()
-    with pytest.raises(InputError, match=r"r1.safetensors: cannot read the 'center' tensor the manifest .*r1.json needs"):
+    with pytest.raises(InputError, match=r"r1.safetensors: cannot read the 'center' tensor the manifest .*r1.json needs "
+                                         r"\(.*\); re-run collect_params$"):
         read_manifest(1, tmp_path)
 
 
@@ -130,3 +131,22 @@ def test_a_row_becomes_a_peft_folder_with_its_readme(tmp_path):
     tensors, config = read_adapter(folder)
     assert torch.equal(tensors["a"], torch.tensor([3.0, 5.0])) and torch.equal(tensors["b"], torch.tensor([[3.0, 7.0, -5.0]]))
     assert config == {"r": 1} and (folder / "README.md").read_text() == "generated for circle"
+
+
+def test_the_streamed_file_has_a_compact_header_padded_to_8_bytes(tmp_path, monkeypatch):
+    """safetensors' layout: an 8-byte little-endian length, a compact JSON header of sorted names padded
+    with spaces so the data starts 8-aligned, then the tensors' bytes in that order."""
+    from icmlora.artifacts.lora_matrix import save_streamed
+
+    tensors = {"b": torch.arange(3, dtype=torch.int64), "a": torch.tensor([1.5, -2.0])}
+    save_streamed(tensors, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length]
+    assert (8 + length) % 8 == 0 and len(header) - len(header.rstrip(b" ")) < 8
+    assert header.rstrip(b" ") == (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+                                   b'"b":{"dtype":"I64","shape":[3],"data_offsets":[8,32]}}')
+    assert data[8 + length:] == tensors["a"].numpy().tobytes() + tensors["b"].numpy().tobytes()
+    monkeypatch.setattr("sys.byteorder", "big")
+    with pytest.raises(RuntimeError, match="^safetensors stores little-endian values; this writer does not byte-swap$"):
+        save_streamed(tensors, tmp_path / "big.safetensors")
