@@ -213,3 +213,10 @@ def test_load_params_names_its_own_file_in_every_error(tmp_path):
     not_a_mapping.write_text("- 1\n")
     with pytest.raises(InputError, match=rf"^{re.escape(str(not_a_mapping))}: expected a mapping at the top level, got list$"):
         load_params(not_a_mapping)
+
+
+def test_read_yaml_is_yaml_1_2_and_names_the_line_of_a_syntax_error():
+    assert read_yaml("a: no\nb: 1.0e-3\nc: ~\n") == {"a": "no", "b": 0.001, "c": None}  # `no` is a string in 1.2
+    with pytest.raises(InputError) as err:
+        read_yaml("seed: 1\ndata:\n  tasks: [a, b\n", "p.yaml")
+    assert str(err.value) == "p.yaml:4: invalid YAML (expected ',' or ']', but got '<stream end>')"
