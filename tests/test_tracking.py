@@ -191,3 +191,32 @@ def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes
     assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]  # rank 1 was kept, not run again
     steps = mlflow.MlflowClient().get_metric_history(new.info.run_id, "train_loss")
     assert [m.step for m in steps] == list(range(5, cfg.lora.train.steps + 1))  # resumed after step 4
+
+
+def test_an_experiment_created_by_another_process_at_the_same_moment_still_gets_the_run(monkeypatch):
+    """Two stages starting at once on a fresh server both find no experiment and both create it; the
+    second's create fails with RESOURCE_ALREADY_EXISTS. Its run must still go to the experiment
+    (MLflow's set_experiment, left to create it, returns without activating it: the run went to Default)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    real_get = mlflow.get_experiment_by_name
+    real_create = mlflow.tracking.client.MlflowClient.create_experiment
+    raced = []
+
+    def get_before_the_other_created_it(name):  # the first look: not there yet
+        return None if not raced else real_get(name)
+
+    def create_after_the_other(self, name, *args, **kwargs):
+        real_create(self, name)  # the other process wins the race ...
+        raced.append(name)
+        raise MlflowException(f"Experiment(name={name}) already exists.", error_code=RESOURCE_ALREADY_EXISTS)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", get_before_the_other_created_it)
+    monkeypatch.setattr(mlflow.tracking.client.MlflowClient, "create_experiment", create_after_the_other)
+    with tracking.start_run("base_model", "base_model-tiny", source="base") as active:
+        run_id = active.active_run().info.run_id
+    monkeypatch.undo()
+    assert raced == [tracking.EXPERIMENT]
+    assert mlflow.get_run(run_id).info.experiment_id == real_get(tracking.EXPERIMENT).experiment_id != "0"

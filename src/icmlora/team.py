@@ -362,11 +362,16 @@ class Stack:
         ini = self.root / "basic_auth.ini"
         ini.write_text("[mlflow]\ndefault_permission = EDIT\n"
                        f"database_uri = {self._pg_uri('mlflow_auth')}\nadmin_username = admin\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       # A checked password is trusted for 60 s per worker: without it every request pays a
+                       # PBKDF2 hash (a stage logs hundreds); a changed password reaches other workers late.
+                       "auth_cache_ttl_seconds = 60\n")
         env = dict(os.environ, **self.aws_env(), PGPASSWORD=self.credentials["postgres"],
                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.credentials["admin"],
                    MLFLOW_FLASK_SERVER_SECRET_KEY=self.credentials["flask_secret"],
-                   MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint)
+                   MLFLOW_S3_ENDPOINT_URL=self.s3_endpoint,
+                   # No GenAI job runners (about ten huey consumers, ~250 MB each): the pipeline logs runs only.
+                   MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(key, None)
         log = self.root / "mlflow.log"

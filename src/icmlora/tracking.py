@@ -167,10 +167,18 @@ def _mlflow():
     mlflow.set_tracking_uri(uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     with _store_lock(uri):
-        if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        if mlflow.get_experiment_by_name(name) is None:
             # Without a server, artifacts would land under the current folder, which is a
             # throw-away copy under `dvc exp run --temp`: pin them beside the store.
-            mlflow.create_experiment(name, artifact_location=(repo_root() / "mlflow-artifacts").as_uri())
+            location = (repo_root() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
+            try:
+                mlflow.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:
+                # A colleague's stage created it at the same moment. (mlflow.set_experiment would take
+                # that in its stride but return without making the experiment active, so the run would
+                # go to the Default experiment: it is created here, and set_experiment only finds it.)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
         experiment = mlflow.set_experiment(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
