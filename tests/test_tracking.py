@@ -169,6 +169,7 @@ KILLED_STAGE = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.long  # a stage killed and run again (about 40 s): `make test-long`
 def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes_it(setting, tmp_path):
     """The stage itself, killed with SIGKILL (no handler runs) while training rank 2, then run again."""
     from icmlora.stages.train_lora import train_lora
