@@ -129,6 +129,7 @@ def test_two_workers_write_what_one_process_writes(setting, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+@pytest.mark.long  # about a minute: `make test` keeps the equality test, `make test-long` adds this one
 def test_a_failed_worker_fails_the_stage_naming_it_and_a_rerun_resumes(setting, tmp_path):
     """A worker that fails on rank 2 fails the stage with its name and rank once the other is done;
     nothing is written to the outputs, rank 1 is kept, and a rerun trains only rank 2."""
