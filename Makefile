@@ -71,6 +71,6 @@ family: $(STAMP)
 
 # Mutation score of the modules that decide figures (pyproject.toml [tool.mutmut]): mutmut against the
 # fast tests, per module in metrics/mutation.json; survivors explained in docs/mutation-survivors.md.
-# Not part of `make test`; about 40 min on 2 busy cores.
+# Not part of `make test`; over an hour on 2 cores (63 min with other work beside it).
 mutation: $(STAMP)
 	$(BIN)/python bench/mutation.py
