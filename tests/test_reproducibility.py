@@ -267,6 +267,23 @@ def queue_state(repo: Path, env: dict, name: str) -> str:
     return line.split()[-1] if line else "?"
 
 
+def run_queue(repo: Path, env: dict, name: str, timeout: float = 900) -> str:
+    """`dvc queue start`, wait until experiment ``name`` leaves Queued/Running (or ``timeout`` s), stop
+    the workers; its last state ("Success" when it ran)."""
+    state = "?"
+    try:
+        run([DVC, "queue", "start"], repo, env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = queue_state(repo, env, name)
+            if state not in ("Queued", "Running"):
+                break
+            time.sleep(5)
+    finally:
+        stop_queue(repo, env)
+    return state
+
+
 @pytest.mark.long
 def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
     """`dvc exp run --queue` + `dvc queue start`: the experiment runs in a temporary copy under
@@ -276,17 +293,7 @@ def test_queued_experiment_logs_to_the_repository_store(exp_repo, e2e_env):
     assert "up to date" in run([DVC, "status"], exp_repo, e2e_env).stdout
     out = run([DVC, "exp", "run", "--queue", "-S", "evaluate.confidence=0.8"], exp_repo, e2e_env).stdout
     name = re.search(r"Queued experiment '([^']+)'", out).group(1)
-    state = "?"
-    try:
-        run([DVC, "queue", "start"], exp_repo, e2e_env)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            state = queue_state(exp_repo, e2e_env, name)
-            if state not in ("Queued", "Running"):
-                break
-            time.sleep(5)
-    finally:
-        stop_queue(exp_repo, e2e_env)
+    state = run_queue(exp_repo, e2e_env, name)
     log = run([DVC, "queue", "logs", name], exp_repo, e2e_env, ok=False).stdout
     assert state == "Success", f"{name}: {state}\n{log[-3000:]}"
     assert not _worker_pids(exp_repo)

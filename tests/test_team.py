@@ -22,7 +22,7 @@ import requests
 from e2e_helpers import DVC, GIT_ID, clone_sharing_cache, commit_all, file_hashes, free_port, run
 from icmlora import team
 from icmlora.errors import InputError
-from test_reproducibility import queue_state, stop_queue
+from test_reproducibility import run_queue
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 OUTS = ("data", "models", "metrics")
@@ -166,17 +166,7 @@ def test_an_experiment_travels_between_clones(pusher, stack, tmp_path, e2e_env):
 
     name = "noise-1"
     run([DVC, "exp", "run", "--queue", "-S", "evaluate.noise_seed=1", "-n", name], first, env)
-    state = "?"
-    try:
-        run([DVC, "queue", "start"], first, env)
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            state = queue_state(first, env, name)
-            if state not in ("Queued", "Running"):
-                break
-            time.sleep(5)
-    finally:
-        stop_queue(first, env)
+    state = run_queue(first, env, name)
     assert state == "Success", run([DVC, "queue", "logs", name], first, env, ok=False).stdout[-3000:]
     run([DVC, "exp", "push", "origin-bare", name], first, env)
 
