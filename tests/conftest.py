@@ -43,6 +43,21 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Under `dvc repro` each stage is a process of its own; a test that calls a stage in-process
+    must not inherit the Accelerator an earlier test made (Accelerate keeps it in process-wide
+    shared state and refuses a second one with other settings, e.g. bf16 then "no")."""
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
