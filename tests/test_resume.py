@@ -308,8 +308,9 @@ def test_a_resumed_run_continues_bit_for_bit_through_accelerate_style_wrappers(t
     with torch.no_grad():
         model2[0].bias.copy_(model[0].bias)  # the frozen base is the same in both runs, and never saved
     assert sorted(load_file(str(tmp_path / "s" / "state.safetensors"))) == [
-        "optim/0/exp_avg", "optim/0/exp_avg_sq", "optim/1/exp_avg", "optim/1/exp_avg_sq", "optim/2/exp_avg",
-        "optim/2/exp_avg_sq", "param/0.weight", "param/1.bias", "param/1.weight", "rng/loader", "rng/torch"]
+        "optim/0/exp_avg", "optim/0/exp_avg_sq", "optim/0/step", "optim/1/exp_avg", "optim/1/exp_avg_sq",
+        "optim/1/step", "optim/2/exp_avg", "optim/2/exp_avg_sq", "optim/2/step", "param/0.weight", "param/1.bias",
+        "param/1.weight", "rng/loader", "rng/torch"]
     torch.manual_seed(123)
     extra = state.load(model2, _Wrapper(optimizer=optimizer2), _Wrapper(scheduler=scheduler2, optimizer=optimizer2),
                        loader2)
@@ -338,6 +339,63 @@ def test_momentum_buffers_of_more_than_one_value_are_tensors_again(tmp_path):
     state.save(model, optimizer, scheduler, torch.Generator())
     model2 = torch.nn.Linear(3, 2)
     optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    state.load(model2, optimizer2, torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0), torch.Generator())
+    _same(optimizer2.state_dict(), optimizer.state_dict(), "optimizer")
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    lambda params: torch.optim.AdamW(params, lr=0.1, amsgrad=True),
+], ids=["sgd-momentum", "adamw-amsgrad"])
+def test_one_value_optimizer_buffers_come_back_as_tensors_and_training_goes_on(tmp_path, make):
+    """A parameter of one value (a one-output layer's bias) has one-value buffers: SGD's momentum,
+    AdamW's max_exp_avg_sq. They come back as tensors (not floats), so the next step runs and
+    gives the weights the uninterrupted run reaches."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = make(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    x = torch.arange(6.0).reshape(2, 3)
+
+    def step(m, opt):
+        m(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(model, optimizer)
+    state = TrainingState(tmp_path / "s", "fp")
+    state.save(model, optimizer, scheduler, torch.Generator())
+    model2 = torch.nn.Linear(3, 1)
+    optimizer2 = make(model2.parameters())
+    state.load(model2, optimizer2, torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0), torch.Generator())
+    _same(optimizer2.state_dict(), optimizer.state_dict(), "optimizer")
+    step(model, optimizer)
+    step(model2, optimizer2)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, p2)
+
+
+def test_a_state_written_with_step_counts_as_numbers_still_loads(tmp_path):
+    """States written before step counts were saved as tensors keep them in the JSON, as numbers:
+    they load as float32 tensors, as torch keeps them."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = TrainingState(tmp_path / "s", "fp")
+    state.save(model, optimizer, scheduler, torch.Generator())
+    tensors = load_file(str(tmp_path / "s" / "state.safetensors"))
+    meta = json.loads((tmp_path / "s" / "state.json").read_text())
+    for key in [k for k in tensors if k.endswith("/step")]:
+        meta["optimizer_scalars"][key.removeprefix("optim/")] = tensors.pop(key).item()
+    save_file(tensors, str(tmp_path / "s" / "state.safetensors"))
+    (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
+    model2 = torch.nn.Linear(3, 2)
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
     state.load(model2, optimizer2, torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0), torch.Generator())
     _same(optimizer2.state_dict(), optimizer.state_dict(), "optimizer")
 

@@ -101,7 +101,9 @@ class TrainingState:
         opt_meta = {}
         for index, state in opt["state"].items():
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.numel() > 1 or key.startswith("exp_avg"):
+                # Every tensor stays a tensor, of its dtype and shape (a one-value momentum buffer,
+                # AdamW's step count); only what torch keeps as Python values goes to the JSON.
+                if isinstance(value, torch.Tensor):
                     tensors[f"optim/{index}/{key}"] = value.detach().cpu().contiguous()
                 else:
                     opt_meta[f"{index}/{key}"] = _jsonable(value, f"optimizer.state.{index}.{key}")
@@ -130,7 +132,9 @@ class TrainingState:
                 state.setdefault(int(index), {})[name] = value
         for key, value in meta["optimizer_scalars"].items():
             index, name = key.split("/", 1)
-            state.setdefault(int(index), {})[name] = torch.tensor(value, dtype=torch.float32) if name == "step" else value
+            # (A state written before step counts were saved as tensors has them here, as numbers:
+            # torch's Adam/AdamW make them float32 tensors again as they load.)
+            state.setdefault(int(index), {})[name] = value
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
         _torch_optimizer(optimizer).load_state_dict({"state": state, "param_groups": groups})
         _torch_scheduler(scheduler).load_state_dict(meta["scheduler"])
