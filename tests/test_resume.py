@@ -74,6 +74,39 @@ def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(se
 
 
 @pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_adapters(setting, tmp_path, kill_after):
+    """Killed after step 2 of rank 2, half-way through an epoch (32 images a task, batches of 8): the
+    resumed run draws that epoch's order again and passes over the 2 batches trained, and the
+    dropout RNG is the saved one, so every checkpoint and final adapter equals, bit for bit, the
+    one an uninterrupted run writes."""
+    from safetensors.torch import load_file
+
+    cfg, root, _ = setting
+    assert cfg.lora.dropout > 0 and cfg.lora.checkpoint_every == 2
+
+    def run(where: Path, kill: bool):
+        paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=where / "lora",
+                     state_root=where / "state", metrics_dir=where / "metrics")
+        if kill:
+            disarm = kill_after("step", 2, occurrence=2)  # rank 2 at step 2, rank 1 finished
+            with pytest.raises(Killed):
+                train_lora_stage.train_lora(cfg, "circle", 0, **paths)
+            saved = json.loads((where / "state" / "lora" / "circle-r2-s0" / "train" / "state.json").read_text())
+            assert saved["extra"]["step"] == 2 and saved["extra"]["epoch_batches"] == 2  # of 4: mid-epoch
+            disarm()
+        train_lora_stage.train_lora(cfg, "circle", 0, **paths)
+        return {p.relative_to(where).as_posix(): load_file(str(p))
+                for p in sorted((where / "lora").rglob("adapter_model.safetensors"))}
+
+    whole, resumed = run(tmp_path / "whole", kill=False), run(tmp_path / "resumed", kill=True)
+    assert len(whole) == 2 * (3 + 1) and whole.keys() == resumed.keys()  # 2 ranks: 3 checkpoints + final
+    for path, tensors in whole.items():
+        assert tensors and tensors.keys() == resumed[path].keys(), path
+        for name, value in tensors.items():
+            assert torch.equal(value, resumed[path][name]), f"{path}: {name}"
+
+
+@pytest.mark.slow
 def test_state_from_other_params_is_discarded(setting, tmp_path):
     cfg, root, _ = setting
     train_state = tmp_path / "state" / "lora" / "circle-r1-s0" / "train"

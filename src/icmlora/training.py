@@ -244,9 +244,14 @@ def train(
         dataset.cache_image_features(model, optim.batch_size, accelerator)
     else:
         dataset.drop_image_features()  # features a previous adapter kept would not follow this training
-    start_step = 0
+    start_step, skip = 0, 0
     if state is not None and state.resumable():
-        start_step = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)["step"]
+        # The state holds the loader RNG as it was when the interrupted epoch began and how many of
+        # its batches were trained: that epoch's order is drawn again and those batches are passed
+        # over, so a resumed run trains on what the uninterrupted run trains on, batch for batch. (A
+        # state without the count, written before it was kept, starts a fresh order instead.)
+        extra = state.load(accelerator.unwrap_model(model), optimizer, scheduler, generator)
+        start_step, skip = extra["step"], extra.get("epoch_batches", 0)
     model.train()
     losses: list[float] = []
     step = start_step
@@ -254,9 +259,14 @@ def train(
     bar = tqdm(total=optim.steps, initial=start_step, desc=desc, unit="step", disable=not accelerator.is_main_process,
                position=bar_position)
     while step < optim.steps:
-        # A resumed run draws a fresh order from the restored loader RNG rather than replaying
-        # the rest of the interrupted epoch: deterministic given the saved state.
-        for batch in loader:
+        epoch_start = generator.get_state()  # the epoch's order is drawn from here as the loader starts
+        batches, into = iter(loader), 0
+        if skip:  # loading a batch draws nothing from torch's RNG: dropout's stream stays the saved one
+            for _ in range(skip):
+                next(batches)
+            into, skip = skip, 0
+        for batch in batches:
+            into += 1
             if "image_features" in batch:
                 batch = _embed_inputs(core, batch)
             with accelerator.accumulate(model):
@@ -286,7 +296,8 @@ def train(
                 if on_checkpoint is not None:
                     on_checkpoint(step)
                 if state is not None and accelerator.is_main_process:
-                    state.save(accelerator.unwrap_model(model), optimizer, scheduler, generator, step=step)
+                    state.save(accelerator.unwrap_model(model), optimizer, scheduler,
+                               torch.Generator().set_state(epoch_start), step=step, epoch_batches=into)
             if step >= optim.steps:
                 break
     bar.close()
