@@ -398,23 +398,18 @@ def test_a_state_written_with_step_counts_as_numbers_still_loads(tmp_path):
     they load as float32 tensors, as torch keeps them."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model(torch.ones(1, 3)).sum().backward()
-    optimizer.step()
+    model, optimizer, scheduler, loader = _adamw_run(0)
+    _train_step(model, optimizer, scheduler, loader)
     state = TrainingState(tmp_path / "s", "fp")
-    state.save(model, optimizer, scheduler, torch.Generator())
+    state.save(model, optimizer, scheduler, loader)
     tensors = load_file(str(tmp_path / "s" / "state.safetensors"))
     meta = json.loads((tmp_path / "s" / "state.json").read_text())
     for key in [k for k in tensors if k.endswith("/step")]:
         meta["optimizer_scalars"][key.removeprefix("optim/")] = tensors.pop(key).item()
     save_file(tensors, str(tmp_path / "s" / "state.safetensors"))
     (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
-    model2 = torch.nn.Linear(3, 2)
-    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
-    state.load(model2, optimizer2, torch.optim.lr_scheduler.LambdaLR(optimizer2, lambda s: 1.0), torch.Generator())
+    model2, optimizer2, scheduler2, loader2 = _adamw_run(1)
+    state.load(model2, optimizer2, scheduler2, loader2)
     _same(optimizer2.state_dict(), optimizer.state_dict(), "optimizer")
 
 
