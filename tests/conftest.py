@@ -4,8 +4,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
+from icmlora.kernels import pin
+
+# The portable kernels, as every stage process runs them (icmlora.kernels), before torch is imported:
+# in-process tests then compute what the stages compute, on any host. Variables set in the
+# environment win (.ci/run runs the equality tests again under the native kernels that way).
+pin([])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from peft import get_peft_model
 
 from icmlora.artifacts import checkpoint_name, checkpoints_dir
@@ -41,6 +48,11 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     # repository root under `dvc repro`): a test that leaves one at its default (a timing file, say)
     # writes into its own folder, never into the repository's outputs.
     monkeypatch.chdir(tmp_path)
+    yield
+    import sys
+
+    if "icmlora.tracking" in sys.modules:  # what a stage called in-process logged goes to this test's store
+        sys.modules["icmlora.tracking"].finish()
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 from PIL import Image
-from params_helpers import default_params, micro_params
+from params_helpers import category_params, micro_params
+from spread import within
 
 from icmlora.artifacts.base_model import read_base_model, write_base_model
 from icmlora.config import PredictParams
@@ -92,7 +93,7 @@ def test_base_model_from_a_local_folder(repo, tiny, tmp_path):
     source = tmp_path / "florence-local"
     model.save_pretrained(source)
     processor.save_pretrained(source)
-    cfg = default_params(**{"data.tasks": ["circle", "square"], "heldout_tasks": ["square"],
+    cfg = category_params(**{"data.tasks": ["circle", "square"], "heldout_tasks": ["square"],
                             "data.synthetic.train_images": 16, "data.synthetic.valid_images": 8,
                             "base.model": str(source), "predict.batch_size": 8, "predict.max_new_tokens": 6})
     prepare(cfg, tmp_path / "prepared")
@@ -178,9 +179,13 @@ def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, 
         loss = lora(**batch).loss
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}))
-    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
-    for name, grad in grads[0][1].items():
-        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    loss_gap = abs(float(grads[1][0]) - float(grads[0][0])) / abs(float(grads[0][0]))
+    assert within("cached_features.loss_relative", loss_gap, 1e-5), loss_gap
+    # Each gradient within 1e-4 of its own largest value: cached features and the vision tower's
+    # output agree to float rounding, not bit for bit.
+    grad_gap = max(float((grads[1][1][n] - g).abs().max()) / max(float(g.abs().max()), 1e-12)
+                   for n, g in grads[0][1].items())
+    assert within("cached_features.grad_over_max", grad_gap, 1e-4), grad_gap
 
     optim = cfg.lora.train.model_copy(update={"steps": 4, "batch_size": 3, "warmup_steps": 1})
     features = cached.features

@@ -3,12 +3,14 @@
 Tolerance of "2 workers = 1 process": each adapter is trained by one process from the same seed,
 the same data, the same batches and dropout draws (each rank reseeds), so only floating-point
 summation order can differ: a worker runs with ``cores // 2`` torch threads where the stage's
-process runs with torch's default, and a CPU matrix product or reduction split over another number
-of threads adds its partial sums in another order (~1e-7 relative per operation). The bound here is
-1e-5 of each tensor's spread (std), ten times tighter than the 2-process tests' 1e-4
-(test_multiprocess.py: there every batch is split and all-reduced, a larger perturbation than a
-thread count). Measured on the 2-core CPU: 0, every tensor bit-identical; a machine with more
-cores splits the work differently, hence a bound rather than equality. Detection metrics are
+process runs with two (``icmlora.kernels``), and a matrix product or reduction split over another
+number of threads may add its partial sums in another order. Measured (``bench/kernel_spread.py``,
+metrics/kernel_spread.json): 0, every tensor bit-identical, on a 2-core AMD EPYC (AVX-512) under six
+dispatch settings (the portable pin with 2 threads and with 1, the native paths, ATen capped at AVX2,
+MKL and oneDNN capped at AVX2, native with 1 thread); 1.28e-5 of a tensor's spread on a 2-core Intel
+Xeon (AVX-512, AMX) with the native paths (issue #37). The bound, 1e-4 of each tensor's spread (the
+2-process tests' bound, test_multiprocess.py), leaves 7.8x over the largest seen; an adapter trained
+on another rank's or task's data differs by the order of its whole spread. Detection metrics are
 compared exactly (timings aside): greedy decoding from weights this close writes the same boxes.
 """
 
@@ -27,9 +29,10 @@ from icmlora.errors import InputError
 from icmlora.workers import WorkerFailed, run_workers
 
 from params_helpers import micro_params
+from spread import within
 
 TIMING = ("train_seconds", "eval_seconds")
-TOLERANCE = 1e-5  # of each tensor's spread (std): see the module's docstring
+TOLERANCE = 1e-4  # of each tensor's spread (std), and of each step's loss: see the module's docstring
 
 
 def with_workers(cfg, workers: int):
@@ -100,7 +103,7 @@ def test_two_workers_write_what_one_process_writes(setting, tmp_path, monkeypatc
             assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype == torch.float32
             spread = float(a[key].std()) or 1.0
             worst = max(worst, float((a[key] - b[key]).abs().max()) / spread)
-    assert worst <= TOLERANCE, worst
+    assert within("lora_workers.tensor_over_spread", worst, TOLERANCE), worst
     m1, m2 = (files(outputs[w] / "metrics") for w in (1, 2))
     assert m1.keys() == {"circle-s0/r1.json", "circle-s0/r2.json"} == m2.keys()
     for name in m1:
@@ -125,7 +128,8 @@ def test_two_workers_write_what_one_process_writes(setting, tmp_path, monkeypatc
     assert [len(v) for v in losses[1].values()] == [cfg.lora.train.steps] * 2
     for rank, history in losses[1].items():  # the same per-step losses, to the same bound
         assert [s for s, _ in history] == [s for s, _ in losses[2][rank]]
-        assert all(abs(a - b) <= TOLERANCE * abs(a) for (_, a), (_, b) in zip(history, losses[2][rank]))
+        relative = max(abs(a - b) / abs(a) for (_, a), (_, b) in zip(history, losses[2][rank]))
+        assert within("lora_workers.loss_relative", relative, TOLERANCE), (rank, relative)
 
 
 @pytest.mark.slow

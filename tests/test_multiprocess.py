@@ -35,6 +35,7 @@ import pytest
 import torch
 from e2e_helpers import BIN, clone_sharing_cache, run
 from safetensors.torch import load_file
+from spread import within
 
 from icmlora.artifacts.generators import read_generator
 from icmlora.artifacts.task_vectors import read_task_vectors
@@ -58,7 +59,8 @@ def listing(root: Path) -> set[str]:
             if p.is_file() and not p.relative_to(root).as_posix().startswith(skip)}
 
 
-def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -> float:
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float,
+          name: str = "multiprocess.lora_tensor_over_spread") -> float:
     """Largest difference over the tensors' spread; asserts the names and shapes agree."""
     assert a.keys() == b.keys()
     worst = 0.0
@@ -66,7 +68,7 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) ->
         assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype == torch.float32
         spread = float(a[name].std()) or 1.0
         worst = max(worst, float((a[name] - b[name]).abs().max()) / spread)
-    assert worst <= rel, worst
+    assert within(name, worst, rel), worst
     return worst
 
 
@@ -128,21 +130,24 @@ def test_two_processes_train_what_one_process_trains(two, micro_pipeline):
     # (the KL term comes from the encoder, whose weights drift: measured up to 2.8 %; loss and
     # reconstruction ~1e-5)
     tolerance = {"loss": 1e-4, "recon": 1e-4, "kl": 5e-2}
-    assert len(h1) == len(h2) and all(abs(float(a[k]) - float(b[k])) <= tol * abs(float(a[k])) + 1e-6
-                                      for a, b in zip(h1, h2) for k, tol in tolerance.items()), (h1[-1], h2[-1])
+    assert len(h1) == len(h2)
+    for k, tol in tolerance.items():
+        gap = max(abs(float(a[k]) - float(b[k])) / (abs(float(a[k])) + 1e-6 / tol) for a, b in zip(h1, h2))
+        assert within(f"multiprocess.cvae_{k}_relative", gap, tol), (k, h1[-1], h2[-1])
     g1, g2 = (read_generator(2, root / "models" / "cvae") for root in (micro_pipeline, clone))
     vectors = read_task_vectors(clone / "data" / "task_vectors.safetensors")
     for vector in vectors.values():
         z = torch.zeros(1, g1.model.config.latent_dim)
         r1, r2 = g1.sample(vector, z), g2.sample(vector, z)
-        assert float((r1 - r2).norm() / r1.norm()) <= 1e-2  # measured ~5e-4
+        assert within("multiprocess.cvae_row_relative", float((r1 - r2).norm() / r1.norm()), 1e-2)  # measured ~5e-4
     # base: the same per-step losses and detection metrics; weights where gradients carry signal
     l1, l2 = ((root / "metrics" / "base_model_loss.csv").read_text().splitlines()[1:] for root in (micro_pipeline, clone))
     assert [round(float(a.split(",")[1]), 4) for a in l1] == [round(float(b.split(",")[1]), 4) for b in l2]
     w1, w2 = (load_file(root / "models" / "base" / "model.safetensors") for root in (micro_pipeline, clone))
     assert w1.keys() == w2.keys()
     drift = {k: float((w1[k] - w2[k]).norm() / (w1[k].norm() or 1)) for k in w1}
-    assert all(d <= 1e-4 for k, d in drift.items() if not k.endswith("k_proj.bias")), max(drift.items(), key=lambda kv: kv[1])
+    worst = max(d for k, d in drift.items() if not k.endswith("k_proj.bias"))
+    assert within("multiprocess.base_relative_norm", worst, 1e-4), max(drift.items(), key=lambda kv: kv[1])
     b1, b2 = (json.loads((root / "metrics" / "base_model.json").read_text()) for root in (micro_pipeline, clone))
     assert b1 == b2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from icmlora.kernels import pin
 from icmlora.stage_cli import EXIT_BAD_INPUT, run_stage
 
 COMMANDS = {
@@ -26,10 +27,11 @@ COMMANDS = {
     "score": "detection metrics of the base model, alone or with an adapter, on a Florence JSONL (not a stage)",
     "register": "register the generated and trained adapters as servable MLflow models (not a stage)",
     "profile": "merge a params profile (profiles/*.yaml) into params.yaml (not a stage)",
+    "tracking": "send the tracking records stages left waiting: `icmlora tracking sync` (not a stage)",
     "synth-voc": "write synthetic shapes as a PASCAL VOC2012 folder (not a stage)",
 }
 COMMANDS_OUTSIDE_STAGES = {"score": "icmlora.score", "register": "icmlora.register", "profile": "icmlora.profile",
-                           "synth-voc": "icmlora.data.voc_writer"}
+                           "synth-voc": "icmlora.data.voc_writer", "tracking": "icmlora.tracking"}
 
 
 def _module(name: str) -> str:
@@ -52,4 +54,5 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"icmlora: unknown stage {name!r}\n\n{_usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    pin(rest)  # before the command's module imports torch (icmlora.kernels)
     return run_stage(importlib.import_module(_module(name)).main, rest)

@@ -45,7 +45,11 @@ def stage_parser(stage: str, doc: str | None) -> StageParser:
 
 
 def configure_process() -> None:
-    """Warnings and logging as a stage shows them; worker processes a stage spawns call it too."""
+    """Warnings and logging as a stage shows them, and the pinned thread count (``icmlora.kernels``);
+    worker processes a stage spawns call it too."""
+    from icmlora.kernels import apply_threads
+
+    apply_threads()
     # peft calls a transformers API that transformers marks deprecated: noise for our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=os.environ.get("ICMLORA_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
@@ -64,6 +68,9 @@ def run_stage(main: Callable[[list[str] | None], object], argv: list[str] | None
     except InputError as exc:
         print(f"icmlora {stage}: error: {exc}", file=sys.stderr)
         status = EXIT_BAD_INPUT
+    finally:
+        if "icmlora.tracking" in sys.modules:  # what the stage logged: sent, or spooled with one warning
+            sys.modules["icmlora.tracking"].finish()
     if as_program:
         raise SystemExit(status)
     return status

@@ -31,9 +31,13 @@ def cores() -> int:
 
 
 def worker_threads(threads: int, workers: int) -> int:
-    """Torch intra-op threads per worker: ``threads`` when set (``runtime.threads``), else an equal share
-    of the cores, so N workers do not each start a thread per core and fight over them."""
-    return threads or max(1, cores() // workers)
+    """Torch intra-op threads per worker: ``threads`` when set (``runtime.threads``); the pinned count
+    under the portable kernels (``icmlora.kernels``: a reduction's summation order follows the thread
+    count, so a worker with fewer threads would write other bits than one process); else an equal
+    share of the cores, so N workers do not each start a thread per core and fight over them."""
+    from icmlora.kernels import PINNED_MARK
+
+    return threads or int(os.environ.get(PINNED_MARK) or 0) or max(1, cores() // workers)
 
 
 def visible_devices() -> list[str]:
