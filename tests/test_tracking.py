@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import mlflow
@@ -95,9 +96,9 @@ def test_a_local_store_is_not_probed():
 KILLED_CHILD = textwrap.dedent("""
     import os, signal
     from icmlora import tracking
-    with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as mlflow:
-        mlflow.log_metric("train_loss", 1.5, step=3)
-        print(mlflow.active_run().info.run_id, flush=True)
+    with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as run:
+        run.log_metrics({"train_loss": 1.5}, step=3)
+        print(run.run_id, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 """)
 
@@ -111,7 +112,10 @@ def test_a_killed_runs_orphan_is_marked_killed_and_named_by_the_run_that_takes_o
     child = subprocess.run([sys.executable, "-c", KILLED_CHILD], capture_output=True, text=True, cwd=tmp_path,
                            env=os.environ)
     assert child.returncode == -signal.SIGKILL, child.stderr
-    orphan_id = child.stdout.split()[0]
+    # What the killed process logged reaches the store (its background thread, or the next stage's
+    # start, or `icmlora tracking sync`: here the last, as a user would after a crash).
+    assert tracking.main(["sync"])["waiting"] == 0
+    orphan_id = tracking.store_run_id(child.stdout.split()[0])
     mlflow.set_tracking_uri(tracking.tracking_uri())
     assert mlflow.get_run(orphan_id).info.status == "RUNNING"  # what a killed process leaves
     # The run that takes over may come from another commit (a fix after the crash): still its successor.
@@ -121,11 +125,14 @@ def test_a_killed_runs_orphan_is_marked_killed_and_named_by_the_run_that_takes_o
     # Another run of the stage (another task) is not the killed one's successor: the orphan stays.
     with tracking.start_run("train_lora", "circle-r4-s0", task="circle", rank=4):
         pass
+    tracking.finish()  # (sent in the background: the process's end waits for it)
     assert mlflow.get_run(orphan_id).info.status == "RUNNING"
     assert "resumes_run_id" not in runs_of("circle-r4-s0")[0].data.tags
 
     with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as active:
-        new_id = active.active_run().info.run_id
+        new_id = active.run_id
+    tracking.finish()
+    new_id = tracking.store_run_id(new_id)
     orphan, new = (mlflow.get_run(i) for i in (orphan_id, new_id))
     assert orphan.info.status == "KILLED" and new.info.status == "FINISHED"
     assert new.data.tags["resumes_run_id"] == orphan_id and orphan.data.tags["resumed_by_run_id"] == new_id
@@ -133,8 +140,10 @@ def test_a_killed_runs_orphan_is_marked_killed_and_named_by_the_run_that_takes_o
 
     # A run of this key whose process still runs is not an orphan (another process at work).
     with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as outer:
-        outer_id = outer.active_run().info.run_id
-        assert tracking._close_orphans(mlflow, outer.get_run(outer_id).data.tags["run_key"]) is None
+        while tracking.store_run_id(outer.run_id) is None:  # sent in the background: wait for it
+            time.sleep(0.05)
+        outer_id = tracking.store_run_id(outer.run_id)
+        assert tracking._close_orphans(mlflow, mlflow.get_run(outer_id).data.tags["run_key"]) is None
         assert mlflow.get_run(outer_id).info.status == "RUNNING"
 
 
@@ -179,12 +188,14 @@ def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes
     child = subprocess.run([sys.executable, "-c", KILLED_STAGE, tmp_path / "cfg.json", root, tmp_path],
                            capture_output=True, text=True, cwd=tmp_path, env=os.environ)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    tracking.main(["sync"])  # what the killed process had not sent yet
     mlflow.set_tracking_uri(tracking.tracking_uri())
     (orphan,) = [r for r in runs_of("circle-r2-s0") if r.info.status == "RUNNING"]
     assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]
 
     train_lora(cfg, "circle", 0, prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
                state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
+    tracking.finish()
     old, new = runs_of("circle-r2-s0")
     assert old.info.run_id == orphan.info.run_id and mlflow.get_run(old.info.run_id).info.status == "KILLED"
     assert new.info.status == "FINISHED" and new.data.tags["resumes_run_id"] == orphan.info.run_id
@@ -201,23 +212,27 @@ def test_an_experiment_created_by_another_process_at_the_same_moment_still_gets_
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    real_get = mlflow.get_experiment_by_name
-    real_create = mlflow.tracking.client.MlflowClient.create_experiment
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.client.MlflowClient
+    real_get, real_create = client.get_experiment_by_name, client.create_experiment
     raced = []
 
-    def get_before_the_other_created_it(name):  # the first look: not there yet
-        return None if not raced else real_get(name)
+    def get_before_the_other_created_it(self, name):  # the first look: not there yet
+        return None if not raced else real_get(self, name)
 
     def create_after_the_other(self, name, *args, **kwargs):
         real_create(self, name)  # the other process wins the race ...
         raced.append(name)
         raise MlflowException(f"Experiment(name={name}) already exists.", error_code=RESOURCE_ALREADY_EXISTS)
 
-    monkeypatch.setattr(mlflow, "get_experiment_by_name", get_before_the_other_created_it)
-    monkeypatch.setattr(mlflow.tracking.client.MlflowClient, "create_experiment", create_after_the_other)
+    monkeypatch.setattr(client, "get_experiment_by_name", get_before_the_other_created_it)
+    monkeypatch.setattr(client, "create_experiment", create_after_the_other)
     with tracking.start_run("base_model", "base_model-tiny", source="base") as active:
-        run_id = active.active_run().info.run_id
-    monkeypatch.undo()
+        run_id = active.run_id
+    tracking.finish()
+    run_id = tracking.store_run_id(run_id)
+    monkeypatch.undo()  # (the test's patches, and conftest's working folder and store: read them first)
     assert raced == [tracking.EXPERIMENT]
-    assert mlflow.get_run(run_id).info.experiment_id == real_get(tracking.EXPERIMENT).experiment_id != "0"
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.get_run(run_id).info.experiment_id == mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id != "0"

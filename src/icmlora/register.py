@@ -38,7 +38,7 @@ from icmlora.artifacts.adapters import CONFIG_FILE as ADAPTER_CONFIG
 from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.stage_cli import require, run_stage, stage_parser
-from icmlora.tracking import git_commit, start_run, tracking_uri
+from icmlora.tracking import git_commit, store_run, tracking_uri
 
 SOURCES = ("generated", "trained")  # the aliases, one per source
 # What the served code imports (icmlora itself travels as the model's code): pinned as installed.
@@ -128,7 +128,7 @@ def register_adapter(cfg: Params, task: str, rank: int, source: str, adapter: Pa
         found = dvc_output_md5(path)
         if found:
             tags[f"dvc.{key}.out"], tags[f"dvc.{key}.md5"] = found
-    with start_run("register", f"register-{name}-{source}", params={"predict": cfg.predict}, source=source,
+    with store_run("register", f"register-{name}-{source}", params={"predict": cfg.predict}, source=source,
                    task=task, rank=rank, registered_model=name) as mlflow:
         from icmlora.serving import signature
 

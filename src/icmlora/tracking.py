@@ -9,12 +9,18 @@ a temporary workspace land in the repository's store. ``MLFLOW_TRACKING_URI`` wi
 A server is checked before the first run of a process (``check_server``): one that cannot be
 reached, or refuses the credentials (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``,
 read by MLflow from the environment, never written anywhere), stops the stage with exit 2 before it
-trains. A run whose process died (killed, out of memory) stays RUNNING on the store for ever: the
-next run of the same stage, name and workspace marks it KILLED and carries ``resumes_run_id``.
+trains (unless ``ICMLORA_TRACKING=offline``). A run whose process died (killed, out of memory) stays
+RUNNING on the store for ever: the next run of the same stage, name and workspace marks it KILLED and
+carries ``resumes_run_id``.
+
+After that check, nothing a stage logs waits for the store: runs, params, metrics, tags and
+artifacts go through the process's spool (``icmlora.spool``), sent in the background; a server that
+goes away mid-stage costs no training and no record (``icmlora tracking sync`` sends what waits).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -26,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from icmlora.errors import InputError
+from icmlora.spool import SPOOL_FOLDER, Tracker, offline, public_uri, spools, sync
 
 EXPERIMENT = "icmlora"
 WORKSPACE = "workspace"  # the dvc_exp tag of runs made outside `dvc exp run`
@@ -159,36 +166,86 @@ def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
     _checked.add(uri)
 
 
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name`` in the client's store, created (tagged to open on its runs
+    table) if it is not there; a colleague's stage creating it at the same moment is no error."""
+    import mlflow
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        # Without a server, artifacts would land under the current folder, which is a throw-away copy
+        # under `dvc exp run --temp`: pin them beside the store.
+        uri = client.tracking_uri
+        location = (repo_root() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
+        with _store_lock(uri):
+            try:
+                client.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:
+                # (mlflow.set_experiment would take that in its stride but return without making the
+                # experiment active, so a run would go to the Default experiment.)
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        experiment = client.get_experiment_by_name(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+
+
+def spool_folder() -> Path:
+    """state/tracking/ of the repository (DVC_ROOT under `dvc exp run --temp`: one place to sync)."""
+    return repo_root() / SPOOL_FOLDER
+
+
 def _mlflow():
+    """The client side of the store, checked and ready (``check_server``; the experiment exists; the
+    spools earlier stages left for this store sent, oldest first). Only at a stage's start."""
     import mlflow
 
     uri = tracking_uri()
     check_server(uri)
     mlflow.set_tracking_uri(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-    with _store_lock(uri):
-        if mlflow.get_experiment_by_name(name) is None:
-            # Without a server, artifacts would land under the current folder, which is a
-            # throw-away copy under `dvc exp run --temp`: pin them beside the store.
-            location = (repo_root() / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
-            try:
-                mlflow.create_experiment(name, artifact_location=location)
-            except mlflow.exceptions.MlflowException as exc:
-                # A colleague's stage created it at the same moment. (mlflow.set_experiment would take
-                # that in its stride but return without making the experiment active, so the run would
-                # go to the Default experiment: it is created here, and set_experiment only finds it.)
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        experiment = mlflow.set_experiment(name)
-    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    ensure_experiment(mlflow.MlflowClient(), experiment_name())
+    if uri not in _synced:
+        _synced.add(uri)
+        sent, waiting, problems = sync(spool_folder(), uri)
+        if sent or problems:
+            print(f"icmlora: sent {sent} tracking record(s) that earlier stages left waiting for {public_uri(uri)}"
+                  + (f"; {waiting} still wait ({'; '.join(problems)})" if problems else ""), flush=True)
     return mlflow
+
+
+_synced: set[str] = set()
+_trackers: dict[str, Tracker] = {}
+
+
+def tracker(stage: str) -> Tracker:
+    """This process's tracker for the current store (made on first use: the server checked then,
+    unless offline); its records are sent or left waiting when the process ends (``finish``)."""
+    uri = tracking_uri()
+    if uri not in _trackers:
+        if not offline():
+            _mlflow()
+        _trackers[uri] = Tracker(uri, experiment_name(), stage, spool_folder(), send=not offline())
+        if len(_trackers) == 1:
+            atexit.register(finish)
+    return _trackers[uri]
+
+
+def finish() -> None:
+    """Send or spool what this process logged (waiting while the store answers); say what is left.
+    At exit by itself; a worker process (which exits without atexit) calls it."""
+    while _trackers:
+        _trackers.popitem()[1].close()
 
 
 def experiment_id() -> str:
     """The id of the experiment runs go to (created on first use)."""
     mlflow = _mlflow()
-    return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)).experiment_id
+    return ensure_experiment(mlflow.MlflowClient(), experiment_name())
 
 
 @contextlib.contextmanager
@@ -199,28 +256,26 @@ def parent_run(stage: str, params: Any = None) -> Iterator[str]:
     first one creates it; children point at it with the ``mlflow.parentRunId`` tag, which is
     what the UI nests by (``start_run(parent_run_id=...)`` would need the parent active).
     """
-    import hashlib
-    import json
-
     if not is_main_process():
         yield None
         return
-    mlflow = _mlflow()
+    track = tracker(stage)
     tags = base_tags(stage, role="parent")
     key = hashlib.sha256(json.dumps([tags, flatten(params) if params is not None else {}], sort_keys=True, default=str)
                          .encode()).hexdigest()[:16]
-    found = mlflow.search_runs(filter_string=f"tags.parent_key = '{key}'", max_results=1, output_format="list")
-    if found:
-        yield found[0].info.run_id
-        return
-    client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    run = client.create_run(experiment.experiment_id, run_name=stage, tags={**tags, "parent_key": key})
+    if not offline():
+        client = _mlflow().MlflowClient()
+        found = client.search_runs([ensure_experiment(client, experiment_name())],
+                                   filter_string=f"tags.parent_key = '{key}'", max_results=1)
+        if found:
+            yield found[0].info.run_id
+            return
+    # Created through the spool; one an item of another process made meanwhile is found, not made twice.
+    run = track.create_run(stage, {**tags, "parent_key": key}, dedupe=("parent_key", key))
     if params is not None:
-        for k, v in flatten(params).items():
-            client.log_param(run.info.run_id, k, str(v)[:MLFLOW_PARAM_LIMIT])
-    client.set_terminated(run.info.run_id)
-    yield run.info.run_id
+        track.log(run, params={k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()})
+    track.end(run)
+    yield run
 
 
 def is_main_process() -> bool:
@@ -270,7 +325,7 @@ def _process_alive(tag: str) -> bool:
 def _close_orphans(mlflow, run_key: str) -> str | None:
     """Mark KILLED the RUNNING runs of this key whose process is gone; the newest one's id."""
     client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    experiment = mlflow.get_experiment_by_name(experiment_name())
     found = client.search_runs([experiment.experiment_id],
                                filter_string=f"tags.run_key = '{run_key}' and attributes.status = 'RUNNING'",
                                order_by=["attributes.start_time DESC"], max_results=50)
@@ -280,22 +335,61 @@ def _close_orphans(mlflow, run_key: str) -> str | None:
     return orphans[0].info.run_id if orphans else None
 
 
+class Run:
+    """A run being logged through the process's tracker: what stages log into (the methods are
+    MLflow's names); nothing here waits for the store."""
+
+    def __init__(self, track: Tracker, run_id: str):
+        self.track, self.run_id = track, run_id
+        self._tables: list[dict] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.track.log(self.run_id, metrics=[(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.track.log(self.run_id, params={k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in params.items()})
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.track.log(self.run_id, tags={key: str(value)})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.track.artifacts(self.run_id, path, artifact_path)
+
+    log_artifacts = log_artifact  # a folder: its files under artifact_path
+
+    def log_table(self, frame, artifact_file: str) -> None:
+        """A table artifact as ``mlflow.log_table`` writes one (pandas' split orient, the run's
+        ``mlflow.loggedArtifacts`` tag), replaced rather than appended to when sent again."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            frame.to_json(path, orient="split", index=False, date_format="iso")
+            self.track.artifacts(self.run_id, path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        self._tables.append({"path": artifact_file, "type": "table"})
+        self.set_tag("mlflow.loggedArtifacts", json.dumps(self._tables))
+
+
 class _Silent:
-    """Stands in for the mlflow module on non-main processes: every call does nothing."""
+    """Stands in for a run on non-main processes: every call does nothing."""
+
+    run_id = None
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
 
 @contextlib.contextmanager
-def start_run(stage: str, run_name: str, params: Any = None, nested: bool = False, parent_run_id: str | None = None,
-              **tags: Any) -> Iterator[Any]:
-    """An MLflow run with the standard tags and flattened params; yields the mlflow module
-    (a do-nothing stand-in on non-main processes)."""
+def start_run(stage: str, run_name: str, params: Any = None, parent_run_id: str | None = None,
+              **tags: Any) -> Iterator[Run]:
+    """A run with the standard tags and flattened params, logged through the process's tracker;
+    yields it (a do-nothing stand-in on non-main processes). It ends FINISHED, or FAILED when the
+    body raises."""
     if not is_main_process():
         yield _Silent()
         return
-    mlflow = _mlflow()
+    track = tracker(stage)
     all_tags = base_tags(stage, **tags)
     # One key per (stage, run name, tags, DVC experiment, workspace on this host): a run of it that is
     # still RUNNING although its process is gone was killed; this run takes over from it.
@@ -303,39 +397,99 @@ def start_run(stage: str, run_name: str, params: Any = None, nested: bool = Fals
                                          socket.gethostname(), str(repo_root())], sort_keys=True).encode()
                              ).hexdigest()[:16]
     all_tags.update(run_key=run_key, process=_process_tag())
-    resumes = _close_orphans(mlflow, run_key)
+    resumes = None if offline() else _close_orphans(_mlflow(), run_key)
     if resumes:
         all_tags["resumes_run_id"] = resumes
         print(f"{stage}: MLflow run {resumes} ({run_name}) was left RUNNING by a process that is gone: marked KILLED")
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=run_name, nested=nested and parent_run_id is None, tags=all_tags) as run:
-        if resumes:
-            mlflow.MlflowClient().set_tag(resumes, "resumed_by_run_id", run.info.run_id)
+    run = Run(track, track.create_run(run_name, all_tags))
+    if resumes:
+        track.log(resumes, tags={"resumed_by_run_id": run.run_id})
+    if params is not None:
+        run.log_params(flatten(params))
+    try:
+        yield run
+    except BaseException:
+        track.end(run.run_id, "FAILED")
+        raise
+    track.end(run.run_id)
+
+
+@contextlib.contextmanager
+def store_run(stage: str, run_name: str, params: Any = None, **tags: Any) -> Iterator[Any]:
+    """A run made in the store at once, through MLflow's own API (yields the mlflow module, the run
+    active): for commands that need it there before they go on (``icmlora register``: a model
+    version is logged into a run). Stages log through ``start_run``, which never waits."""
+    mlflow = _mlflow()
+    mlflow.set_experiment(experiment_name())
+    with mlflow.start_run(run_name=run_name, tags=base_tags(stage, **tags)):
         if params is not None:
-            flat = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()}
-            mlflow.log_params(flat)
+            mlflow.log_params({k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(params).items()})
         yield mlflow
 
 
-class MetricBuffer:
-    """Collects per-step metrics and sends them in batches: one SQLite transaction per
-    metric would cost more than a tiny model's training step."""
+def store_run_id(run_id: str) -> str | None:
+    """The store's id of a run this package logged (a ``local-...`` id until its creation was sent;
+    None while it waits in a spool)."""
+    from icmlora.spool import RunIds
 
-    def __init__(self, flush_every: int = 200):
-        self.flush_every = flush_every
-        self.pending: list = []
+    return RunIds(spool_folder()).get(run_id)
+
+
+def log_to_run(stage: str, run_id: str | None, metrics: dict[str, float]) -> None:
+    """Metrics into a run by id (a local id an earlier process of the stage made, too), through the tracker."""
+    if run_id is None or not is_main_process():
+        return
+    now = int(time.time() * 1000)
+    tracker(stage).log(run_id, metrics=[(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+class MetricBuffer:
+    """Collects per-step metrics of a run and hands them to the tracker in batches (one spool record
+    per batch, not per step)."""
+
+    def __init__(self, run: Run, flush_every: int = 200):
+        self.run, self.flush_every = run, flush_every
+        self.pending: list[tuple[str, float, int, int]] = []
 
     def add(self, key: str, value: float, step: int) -> None:
-        from mlflow.entities import Metric
-
-        self.pending.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+        self.pending.append((key, float(value), int(time.time() * 1000), int(step)))
         if len(self.pending) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        import mlflow
-
-        if self.pending and mlflow.active_run() is not None:
-            mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=self.pending)
+        if self.pending and isinstance(self.run, Run):
+            self.run.track.log(self.run.run_id, metrics=self.pending)
         self.pending = []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``icmlora tracking sync``: send the records stages left waiting for the tracking store
+    (MLFLOW_TRACKING_URI, else the repository's mlflow.db), oldest first; ``icmlora tracking status``:
+    list them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="icmlora tracking", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("sync", help="send every waiting record to the tracking store, in order, each once")
+    commands.add_parser("status", help="list the spools that wait, and how many records each holds")
+    args = parser.parse_args(argv)
+    uri, folder = tracking_uri(), spool_folder()
+    if args.command == "status":
+        waiting = {str(s.path): {"uri": s.header().get("uri"), "stage": s.header().get("stage"), "waiting": s.pending()}
+                   for s in spools(folder)}
+        for path, info in waiting.items():
+            print(f"{info['waiting']:6d}  {info['stage']:<14} {info['uri']}  {path}")
+        print(f"icmlora tracking: {sum(i['waiting'] for i in waiting.values())} record(s) wait in {len(waiting)} spool(s)")
+        return waiting
+    check_server(uri)
+    import mlflow
+
+    ensure_experiment(mlflow.MlflowClient(tracking_uri=uri), experiment_name())
+    sent, waiting, problems = sync(folder, uri)
+    if problems:
+        raise InputError(f"icmlora tracking sync: sent {sent} record(s) to {public_uri(uri)}, {waiting} still wait",
+                         problems + ["run `icmlora tracking sync` again once the store answers"])
+    print(f"icmlora tracking: sent {sent} record(s) to {public_uri(uri)}; none wait")
+    return {"sent": sent, "waiting": waiting}

@@ -109,10 +109,10 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
     metrics: dict = {"model": cfg.base.model, "parameters": n_params, "train_steps": 0}
     seconds = {"train_seconds": 0.0}
     with start_run("base_model", f"base_model-{cfg.base.model.replace('/', '_')}", params={**stage_params(cfg, "base_model"), **accelerate_params(accelerator)},
-                   source="base") as mlflow:
+                   source="base") as run:
         losses: list[float] = []
         if optim is not None:
-            buffer = MetricBuffer()
+            buffer = MetricBuffer(run)
 
             def on_step(step: int, loss: float) -> None:
                 buffer.add("train_loss", loss, step)
@@ -135,7 +135,7 @@ def build_base_model(cfg: Params, prepared: Path = PREPARED_DIR, out_dir: Path =
         write_text(loss_file, "step,loss\n" + "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(losses)))
         write_json(metrics_file, metrics)
         write_json(timing, seconds)
-        mlflow.log_metrics({k: float(v) for k, v in {**metrics, **seconds}.items() if isinstance(v, (int, float))})
+        run.log_metrics({k: float(v) for k, v in {**metrics, **seconds}.items() if isinstance(v, (int, float))})
     return {**metrics, **seconds}
 
 

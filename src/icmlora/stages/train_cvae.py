@@ -96,7 +96,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     run_params = {**stage_params(cfg, "train_cvae"), **accelerate_params(accelerator), "model": shape.to_json(),
                   "rank": rank, "rows": len(x)}
     with start_run("train_cvae", f"cvae-r{rank}", params=run_params,
-                   rank=rank, source="generator") as mlflow:
+                   rank=rank, source="generator") as run:
         start = time.perf_counter()
         model.train()
         for epoch in tqdm(range(start_epoch, hp.epochs), desc=f"train_cvae r{rank}", unit="epoch",
@@ -141,15 +141,15 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
         csv = "epoch,loss,recon,kl\n" + "".join(f"{h['epoch']},{h['loss']:.6f},{h['recon']:.6f},{h['kl']:.6f}\n"
                                                 for h in history)
         write_text(cvae_loss_file(rank, metrics_dir), csv)
-        buffer = MetricBuffer()
+        buffer = MetricBuffer(run)
         for h in history:
             for key in ("loss", "recon", "kl"):
                 buffer.add(key, h[key], h["epoch"])
         buffer.flush()
-        mlflow.set_tag("generator_dir", str(folder))
-        mlflow.log_metrics({"train_seconds": seconds, "parameters": model.num_parameters(),
-                            "final_recon": history[-1]["recon"]})
-        mlflow.log_artifacts(str(folder), artifact_path="generator")
+        run.set_tag("generator_dir", str(folder))
+        run.log_metrics({"train_seconds": seconds, "parameters": model.num_parameters(),
+                         "final_recon": history[-1]["recon"]})
+        run.log_artifacts(str(folder), artifact_path="generator")
     state.clear()
     return {**meta, "train_seconds": round(seconds, 2), "epochs_run": hp.epochs - start_epoch, "final": history[-1]}
 

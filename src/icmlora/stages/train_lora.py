@@ -60,7 +60,7 @@ from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import configure_process, require, run_stage, stage_parser
-from icmlora.tracking import MetricBuffer, parent_run, stage_params, start_run, tracking_uri
+from icmlora.tracking import MetricBuffer, finish, log_to_run, parent_run, stage_params, start_run
 from icmlora.training import DetectionDataset, train
 from icmlora.workers import WorkerFailed, run_workers
 
@@ -75,18 +75,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _log_to_run(run_id: str | None, metrics: dict[str, float]) -> None:
-    """Log a rank's scores into its training run, which has ended (scoring follows all training)."""
-    if run_id is None:
-        return
-    import mlflow
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
-    mlflow.MlflowClient(tracking_uri=tracking_uri()).log_batch(run_id, metrics=batch)
 
 
 def _training_fingerprint(cfg: Params, task: str, rank: int, seed: int, inputs: str) -> str:
@@ -143,8 +131,8 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
     optim = cfg.lora.optimizer(rank)  # lora.train, with this rank's lr from lora.lr_by_rank if given
     with start_run("train_lora", name, params={**stage_params(cfg, "train_lora"), **accelerate_params(accelerator),
                                                "lr": optim.lr}, parent_run_id=parent_id,
-                   task=task, rank=rank, seed=seed, source="trained") as mlflow:
-        buffer = MetricBuffer()
+                   task=task, rank=rank, seed=seed, source="trained") as run:
+        buffer = MetricBuffer(run)
         result = train(model, processor, dataset, optim, cfg.runtime, run_seed, accelerator=accelerator,
                        desc=f"train_lora {name}", on_step=lambda step, loss: buffer.add("train_loss", loss, step),
                        on_checkpoint=on_checkpoint, checkpoint_every=cfg.lora.checkpoint_every, state=state,
@@ -157,10 +145,8 @@ def train_rank(cfg: Params, task: str, rank: int, seed: int, accelerator, datase
         with atomic_dir(work / DONE) as tmp:
             shutil.copytree(trajectory, tmp / "checkpoints")
             save_adapter(model, tmp / "final")
-        run = mlflow.active_run()
         write_json(work / TRAINED, {"trainable_parameters": n_trainable, "train_steps": result.steps,
-                                    "train_seconds": round(result.seconds, 2),
-                                    "mlflow_run_id": run.info.run_id if run else None})
+                                    "train_seconds": round(result.seconds, 2), "mlflow_run_id": run.run_id})
 
 
 def score_rank(cfg: Params, task: str, rank: int, seed: int, base_map50: float, prepared: Path = PREPARED_DIR,
@@ -193,7 +179,7 @@ def score_rank(cfg: Params, task: str, rank: int, seed: int, base_map50: float, 
     write_json(work / SCORED, {"scoring_fingerprint": scoring, "metrics": metrics})
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("rank", "seed")}
     flat.update({f"cross.{o}.map50": m["map50"] for o, m in metrics.get("cross_task", {}).items()})
-    _log_to_run(trained["mlflow_run_id"], flat)
+    log_to_run("train_lora", trained["mlflow_run_id"], flat)  # training's run, ended: scoring follows all training
     return metrics
 
 
@@ -216,6 +202,7 @@ def _worker(index: int, ranks, cfg: Params, task: str, seed: int, inputs: str, p
         train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root,
                    bar_position=index)
         score_rank(cfg, task, rank, seed, base_map50, prepared, base_dir, state_root)
+    finish()  # a spawned worker exits without atexit: its tracking records are sent (or spooled) here
 
 
 def _side_by_side(cfg: Params, task: str, seed: int, workers: int, inputs: str, prepared: Path, base_dir: Path,
