@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/repro_time.py --label after            # this checkout's HEAD
     .venv/bin/python bench/repro_time.py --label before --rev 6bf29a0
+    .venv/bin/python bench/repro_time.py --label issue34 --compare b28e932   # two revisions side by side
+
+With --compare REV, both revisions (REV and --rev, default HEAD) are cloned fresh and reproduced in the
+same run, stage group by stage group in pipeline order (`dvc repro <group>`: every item of a matrix
+stage), alternating which revision goes first, so a machine that speeds up or slows down during the
+run weighs on both alike; the record holds both runs' per-stage seconds and their ratios (after /
+before).
 
 Clones this repository at --rev into a temporary folder, runs `dvc repro` there (stage commands
 import the clone's own src/, MLflow logs to the clone's store), timestamps each "Running stage"
@@ -58,13 +65,68 @@ def per_stage(total: float, starts: list[tuple[str, float]]) -> tuple[dict, dict
     return seconds, items
 
 
+GROUPS = ("prepare", "base_model", "train_lora", "collect_params", "task_vectors", "train_cvae", "generate", "evaluate",
+          "report")
+
+
+def clone(rev: str, dest: Path) -> tuple[Path, dict, str]:
+    """A fresh clone of ``rev`` at ``dest``, the environment its stage commands run with, its full sha."""
+    full = subprocess.check_output(["git", "rev-parse", rev], cwd=ROOT, text=True).strip()
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)
+    subprocess.run(["git", "checkout", "--quiet", full], cwd=dest, check=True)
+    env = dict(os.environ, PYTHONPATH=str(dest / "src"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    return dest, env, full
+
+
+def compare(before_rev: str, after_rev: str, keep: bool) -> dict:
+    """Both revisions reproduced side by side, group by group; returns the record."""
+    tmp = Path(tempfile.mkdtemp(prefix="repro-compare-"))
+    repos = {"before": clone(before_rev, tmp / "before"), "after": clone(after_rev, tmp / "after")}
+    seconds = {name: {} for name in repos}
+    for i, group in enumerate(GROUPS):
+        for name in (("before", "after") if i % 2 == 0 else ("after", "before")):
+            repo, env, _ = repos[name]
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "dvc", "repro", group], cwd=repo, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            seconds[name][group] = round(time.perf_counter() - start, 1)
+            print(f"repro_time: {name} {group} {seconds[name][group]} s", flush=True)
+    record = {}
+    for name, (repo, env, rev) in repos.items():
+        noop_start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+        total = sum(seconds[name].values())
+        record[name] = {"rev": rev, "total_seconds": round(total, 1), "total_minutes": round(total / 60, 1),
+                        "stage_seconds": seconds[name], "noop_repro_seconds": round(time.perf_counter() - noop_start, 1)}
+    record["ratio"] = round(record["after"]["total_seconds"] / record["before"]["total_seconds"], 3)
+    record["stage_ratio"] = {g: round(seconds["after"][g] / seconds["before"][g], 3) for g in GROUPS if seconds["before"][g]}
+    record["order"] = "stage groups in pipeline order, alternating which revision runs first"
+    record["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    if keep:
+        record["clones"] = {name: str(repo) for name, (repo, _, _) in repos.items()}
+    else:
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    return record
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True, help="name of this run in the output file (e.g. before, after)")
     parser.add_argument("--rev", default="HEAD", help="git revision to clone (default HEAD)")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "repro_time.json")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    parser.add_argument("--compare", metavar="REV", help="reproduce REV and --rev side by side (before, after)")
     args = parser.parse_args(argv)
+    if args.compare:
+        record = compare(args.compare, args.rev, args.keep)
+        runs = json.loads(args.out.read_text()) if args.out.exists() else {}
+        runs[args.label] = record
+        write_json(args.out, runs)
+        print(f"repro_time: {args.label}: after / before = {record['ratio']} ({record['after']['total_minutes']} vs "
+              f"{record['before']['total_minutes']} min) -> {args.out}"
+              + (f"; clones kept at {record['clones']}" if args.keep else ""))
+        return
 
     rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
     tmp = Path(tempfile.mkdtemp(prefix="repro-time-"))

@@ -32,6 +32,17 @@ def default_params(**changes) -> Params:
     return with_changes(params_dict(profile=None), changes)
 
 
+# The synthetic source's other task kind, as the default was before category_row: a task is a
+# category (a shape with its own hue) named by its own word; images hold distinct categories.
+CATEGORY_KIND = {"data.synthetic.task_kind": "category", "data.tasks": ["circle", "square", "triangle", "cross", "ring", "star"],
+                 "heldout_tasks": ["star"], "data.synthetic.objects_per_image": [1, 3], "data.synthetic.object_size": [14, 30]}
+
+
+def category_params(**changes) -> Params:
+    """params.yaml with ``task_kind: category`` tasks (CATEGORY_KIND), then dotted-key changes."""
+    return default_params(**{**CATEGORY_KIND, **changes})
+
+
 def with_changes(data: dict, changes: dict) -> Params:
     for key, value in changes.items():
         *parents, last = key.split(".")

@@ -115,7 +115,8 @@ def test_a_real_base_with_the_hub_out_of_reach_exits_2_with_the_ways_on(repo, tm
 
     data = params_dict("real")
     for key, value in {"data.source": "synthetic", "data.synthetic.train_images": 8, "data.synthetic.valid_images": 8,
-                       "data.tasks": ["circle", "square"], "heldout_tasks": ["square"]}.items():
+                       "data.tasks": ["circle", "square"], "heldout_tasks": ["square"],
+                       "data.synthetic.task_kind": "category"}.items():
         *parents, last = key.split(".")
         node = data
         for part in parents:

@@ -116,6 +116,9 @@ def _set(data, key, value):
 )
 def test_bad_params_name_the_dotted_key(key, value, expected):
     data = params_dict(profile=None)
+    if key == "data.tasks":  # tasks that are categories, none held out
+        _set(data, "data.synthetic.task_kind", "category")
+        _set(data, "heldout_tasks", [])
     _set(data, key, value)
     with pytest.raises(InputError) as err:
         params_from_dict(data)

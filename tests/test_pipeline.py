@@ -76,10 +76,23 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
     assert all(c["ci_low"] <= c["difference"] <= c["ci_high"] and c["verdict"] in ("better", "worse", "indistinguishable")
                for c in pooled.values())
     assert "generated - nearest_task" in summary["ranks"]["2"]["heldout_comparisons"]
+    # The held-out task (triangle) through the whole pipeline: every baseline a user could use instead,
+    # the ridge map among them, at every rank, by name in the summary and in the verdicts.
+    for rank in ("1", "2"):
+        held = summary["ranks"][rank]["heldout_tasks"]["triangle"]
+        assert {"generated", "trained", "ridge", "nearest_task", "retrieval_mix", "mean_training", "base"} <= set(held["map50"])
+        assert {"generated - ridge", "generated - nearest_task", "generated - retrieval_mix"} <= set(held["comparisons"])
+        assert summary["ranks"][rank]["heldout_ridge_map50_median"] is not None
+    assert (micro_repo / "metrics/plots/report/heldout.png").stat().st_size > 1000
+    evaluate_json = json.loads((micro_repo / "metrics/evaluate.json").read_text())
+    assert set(evaluate_json["ridge"]) == {"1", "2"} and all(r["lam"] > 0 for r in evaluate_json["ridge"].values())
     boot = (micro_repo / "metrics/bootstrap.csv").read_text().splitlines()
     assert boot[0] == "rank,task,comparison,difference,ci_low,ci_high,verdict,resamples,confidence"
     verdicts = (micro_repo / "metrics/verdicts.txt").read_text().splitlines()
     assert any(v.startswith("rank 2, training tasks: generated vs trained: ") for v in verdicts)
+    assert any(v.startswith("rank 2, held-out task triangle (no adapter of it in the generator's data): generated mAP50 ")
+               for v in verdicts)
+    assert any(v.startswith("rank 2, held-out task triangle: generated vs ridge: ") for v in verdicts)
     assert {"error_iou_median", "error_iou_checkpoints_median"} <= set(summary["ranks"]["2"])
     with sqlite3.connect(micro_repo / "mlflow.db") as db:
         pairs = db.execute(

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from params_helpers import default_params
+from params_helpers import category_params
 
 from icmlora.artifacts import BASE_SPLIT as AGNOSTIC_TASK
 from icmlora.data.synthetic import generate_split
@@ -11,7 +11,7 @@ from icmlora.stages.prepare import prepare
 
 
 def _micro(repo, **changes):
-    return default_params(**{"data.synthetic.train_images": 40, "data.synthetic.valid_images": 12, **changes})
+    return category_params(**{"data.synthetic.train_images": 40, "data.synthetic.valid_images": 12, **changes})
 
 
 def test_synthetic_split_is_deterministic_and_holds_distractors(repo):
@@ -100,7 +100,7 @@ def test_prepare_is_deterministic(repo, tmp_path):
 
 
 def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp_path):
-    cfg = default_params(**{"data.tasks": ["circle", "dog"], "heldout_tasks": ["dog"]})
+    cfg = category_params(**{"data.tasks": ["circle", "dog"], "heldout_tasks": ["dog"]})
     with pytest.raises(InputError, match="'dog' is not one of"):
         prepare(cfg, tmp_path / "prepared")
     assert not (tmp_path / "prepared").exists()
@@ -108,7 +108,7 @@ def test_unknown_synthetic_category_is_an_error_and_nothing_is_written(repo, tmp
 
 
 def test_task_without_examples_is_an_error(repo, tmp_path):
-    cfg = default_params(**{"data.synthetic.train_images": 1, "data.synthetic.valid_images": 1,
+    cfg = category_params(**{"data.synthetic.train_images": 1, "data.synthetic.valid_images": 1,
                             "data.synthetic.objects_per_image": [1, 1]})
     with pytest.raises(InputError, match="has no .* examples"):
         prepare(cfg, tmp_path / "prepared")
@@ -160,7 +160,7 @@ def _jsonl_source(root):
 @pytest.mark.parametrize("policy", ["keep", "drop_images"])
 def test_ignore_regions_keep_their_flag_and_the_policy_decides_training(tmp_path, policy):
     source = _jsonl_source(tmp_path / "source")
-    cfg = default_params(**{"data.source": "florence_jsonl", "data.root": str(source), "data.tasks": ["dog", "hot dog"],
+    cfg = category_params(**{"data.source": "florence_jsonl", "data.root": str(source), "data.tasks": ["dog", "hot dog"],
                             "heldout_tasks": ["hot dog"], "data.ignore_regions": policy})
     summary = prepare(cfg, tmp_path / "prepared")
     dog_train = read_annotations(tmp_path / "prepared" / "dog" / "train" / "annotations.jsonl")

@@ -37,7 +37,8 @@ class Section(BaseModel):
 
 
 class FamilyParams(Section):
-    """``task_kind: family``: tasks are (hue band, grid row) pairs (``icmlora.data.family``)."""
+    """``task_kind: family``: tasks are (hue band, grid row) pairs (``icmlora.data.family``).
+    ``task_kind: category_row`` reads ``rows`` and ``confusers`` from here too."""
 
     hues: Annotated[int, Field(ge=2, le=12)]  # bands evenly spaced, named as the base names hues (12 names)
     rows: list[str]  # the grid's rows top to bottom (a square grid of len(rows) x len(rows) cells)
@@ -89,7 +90,8 @@ class SyntheticParams(Section):
     grid_cells: Positive
     category_colours: bool
     base_labels: Literal["hue", "object"]
-    task_kind: Literal["category", "family"]  # a task is a shape (its own hue), or a (hue, row) pair of ``family``
+    # a task is a shape (its own hue), a (hue, row) pair of ``family``, or a (shape, row) pair on family's grid
+    task_kind: Literal["category", "family", "category_row"]
     family: FamilyParams
 
     @field_validator("objects_per_image", "object_size")
@@ -112,14 +114,15 @@ class SyntheticParams(Section):
     @field_validator("family")
     @classmethod
     def _family_fits(cls, family: FamilyParams, info: ValidationInfo) -> FamilyParams:
-        if info.data.get("task_kind") != "family":
+        kind = info.data.get("task_kind")
+        if kind not in ("family", "category_row"):
             return family
         size, sides = info.data.get("image_size"), info.data.get("object_size")
         if size is not None and sides is not None and sides[0] > size // len(family.rows) - 2:
             raise ValueError(f"object_size min {sides[0]} does not fit a grid cell of {size // len(family.rows)} pixels "
                              "less a 2-pixel gap (fewer rows or a larger image_size)")
         if info.data.get("category_colours") is False:
-            raise ValueError("task_kind 'family' selects objects by hue: it needs category_colours: true")
+            raise ValueError(f"task_kind {kind!r} selects objects by hue: it needs category_colours: true")
         return family
 
 
@@ -229,6 +232,7 @@ class RuntimeParams(Section):
     lora_workers: Positive
     threads: NonNegative
     image_cache_mb: NonNegative
+    portable_kernels: bool  # icmlora.kernels: the same bits on any x86-64 host with AVX2 (CPU)
 
     @field_validator("lora_workers")
     @classmethod
@@ -402,11 +406,12 @@ class Params(Section):
             raise ValueError("has duplicates")
         if len(heldout) >= len(data.tasks):
             raise ValueError("leaves no training task for the generator")
-        if data.source == "synthetic" and data.synthetic.task_kind == "family":
-            from icmlora.data.family import problems
+        kind, family = data.synthetic.task_kind, data.synthetic.family
+        if data.source == "synthetic" and kind in ("family", "category_row"):
+            from icmlora.data.family import SHAPES, category_row_problems, problems
 
-            family = data.synthetic.family
-            found = problems(data.tasks, heldout, family.hues, family.rows)
+            found = (problems(data.tasks, heldout, family.hues, family.rows) if kind == "family"
+                     else category_row_problems(data.tasks, heldout, family.rows, SHAPES))
             if found:
                 raise ValueError("; ".join(found))
         return heldout
@@ -439,9 +444,27 @@ class Params(Section):
     def is_family(self) -> bool:
         return self.data.source == "synthetic" and self.data.synthetic.task_kind == "family"
 
+    def is_category_row(self) -> bool:
+        return self.data.source == "synthetic" and self.data.synthetic.task_kind == "category_row"
+
+    def task_attributes(self, task: str) -> dict[str, str]:
+        """What a grid task selects by ({"hue": ..., "row": ...} in a family, {"category": ...,
+        "row": ...} for category_row); {} for a task that is a category."""
+        from icmlora.data.family import split_category_row, split_cell
+
+        family = self.data.synthetic.family
+        if self.is_family():
+            return dict(zip(("hue", "row"), split_cell(task, family.hues, family.rows)))
+        if self.is_category_row():
+            return dict(zip(("category", "row"), split_category_row(task, family.rows)))
+        return {}
+
     def task_label(self, task: str) -> str:
-        """The label word a task's targets write: its own name (a category), or the family's one word."""
-        return self.data.synthetic.family.label if self.is_family() else task
+        """The label word a task's targets write: its own name (a category), the family's one word,
+        or a category_row task's category."""
+        if self.is_family():
+            return self.data.synthetic.family.label
+        return self.task_attributes(task)["category"] if self.is_category_row() else task
 
 
 # --------------------------------------------------------------------------- loading

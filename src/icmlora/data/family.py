@@ -17,12 +17,21 @@ to pick one size class of three picked between small and medium at chance.
 A held-out task must be a new combination only: its hue band and its row each occur in some
 training task (``problems`` says which do not), and its label word is the family's, which every
 training task writes.
+
+The embedded default's tasks (``task_kind: category_row``) are the same grid with categories in
+place of hue bands: a task is a (category, row) pair, ``circle-top``, that boxes the category's
+objects in that row and writes the category's own word, ``circle``. Each category is a shape
+with its own hue, as in ``task_kind: category``. A held-out task is again a new combination
+only: its category (so its label word) and its row each occur in some training task
+(``category_row_problems``).
 """
 
 from __future__ import annotations
 
 # The colour wheel in 30-degree steps: the base model's pre-training names objects by these.
 HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta", "pink")
+# The outlines the synthetic source draws (``icmlora.data.synthetic``): the categories a task may name.
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon")
 
 
 def hue_name(index: int, count: int) -> str:
@@ -53,21 +62,40 @@ def split_cell(task: str, hues: int, rows: list[str]) -> tuple[str, str] | None:
     return None
 
 
+def _new_values(pairs: dict[str, tuple[str, str]], heldout: list[str], first: str) -> list[str]:
+    """A held-out task whose first attribute (``first``: hue, category) or row no training task has."""
+    training = [pair for t, pair in pairs.items() if t not in heldout]
+    seen = ({a for a, _ in training}, {r for _, r in training})
+    return [f"heldout_tasks: {task!r} has {name} {value!r}, which no training task has: a held-out task may only "
+            "combine values that training tasks use"
+            for task in heldout for name, value, known in zip((first, "row"), pairs[task], seen) if value not in known]
+
+
 def problems(tasks: list[str], heldout: list[str], hues: int, rows: list[str]) -> list[str]:
     """What makes ``tasks`` / ``heldout`` not a family split: a name that is no cell, or a held-out
     task whose hue or row no training task has (it would be a new value, not a new combination)."""
     out = [f"data.tasks: {t!r} is not a family task (<hue>-<row> with hue one of {', '.join(hue_bands(hues))} and "
            f"row one of {', '.join(rows)})" for t in tasks if split_cell(t, hues, rows) is None]
-    if out:
-        return out
-    training = [split_cell(t, hues, rows) for t in tasks if t not in heldout]
-    seen_hues, seen_rows = {h for h, _ in training}, {s for _, s in training}
-    for task in heldout:
-        hue, row = split_cell(task, hues, rows)
-        if hue not in seen_hues:
-            out.append(f"heldout_tasks: {task!r} has hue {hue!r}, which no training task has: a held-out task may only "
-                       "combine values that training tasks use")
-        if row not in seen_rows:
-            out.append(f"heldout_tasks: {task!r} has row {row!r}, which no training task has: a held-out task may only "
-                       "combine values that training tasks use")
-    return out
+    return out or _new_values({t: split_cell(t, hues, rows) for t in tasks}, heldout, "hue")
+
+
+def split_category_row(task: str, rows: list[str]) -> tuple[str, str] | None:
+    """(category, row) of a ``category_row`` task's name (``circle-top``), or None if it names none."""
+    category, dash, row = task.rpartition("-")
+    return (category, row) if dash and category and row in rows else None
+
+
+def row_categories(tasks: list[str], rows: list[str]) -> list[str]:
+    """The categories of ``category_row`` tasks, in order of first appearance (each its own hue)."""
+    found = [split_category_row(t, rows) for t in tasks]
+    return list(dict.fromkeys(pair[0] for pair in found if pair is not None))
+
+
+def category_row_problems(tasks: list[str], heldout: list[str], rows: list[str], shapes: tuple[str, ...]) -> list[str]:
+    """What makes ``tasks`` / ``heldout`` not a ``category_row`` split: a name that is no
+    <category>-<row> pair of a shape the synthetic source draws, or a held-out task whose category
+    (its label word) or row no training task has."""
+    out = [f"data.tasks: {t!r} is not a category_row task (<category>-<row> with category one of "
+           f"{', '.join(shapes)} and row one of {', '.join(rows)})" for t in tasks
+           if (split_category_row(t, rows) or ("", ""))[0] not in shapes]
+    return out or _new_values({t: split_category_row(t, rows) for t in tasks}, heldout, "category")

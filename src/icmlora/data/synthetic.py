@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from icmlora.config import SyntheticParams
-from icmlora.data.family import cell_name, hue_bands
+from icmlora.data.family import SHAPES, cell_name, hue_bands
 from icmlora.florence.format import Box
 
 
@@ -72,9 +72,6 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, s: float, c
         draw.polygon([(cx + r * math.cos(math.pi / 3 * i), cy + r * math.sin(math.pi / 3 * i)) for i in range(6)], fill=colour)
     else:  # guarded by SHAPES, kept for a clear message if that list and this drift apart
         raise ValueError(f"unknown shape {shape!r}")
-
-
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon")
 
 
 def _place(rng: np.random.Generator, cfg: SyntheticParams, count: int) -> list[tuple[int, int, int]]:
@@ -141,17 +138,23 @@ def generate_split(cfg: SyntheticParams, categories: list[str], count: int, seed
 
 
 
-def generate_family_split(cfg: SyntheticParams, count: int, seed: int) -> list[tuple[Image.Image, list[Box]]]:
+def generate_family_split(cfg: SyntheticParams, count: int, seed: int,
+                          categories: list[str] | None = None) -> list[tuple[Image.Image, list[Box]]]:
     """``count`` images of the task family (``icmlora.data.family``): objects in distinct cells of
     a square grid of ``len(family.rows)`` rows (sides from ``object_size``, kept inside the cell, 2
     pixels apart), each of a hue band, its box labelled with its cell, ``<hue>-<row>``; prepare keeps
     a task's cell and writes the family's label word.
 
+    With ``categories`` (``task_kind: category_row``) the bands are those categories instead: each
+    drawn as its own shape in its own hue (as ``generate_split`` draws categories), its box
+    labelled ``<category>-<row>``; prepare writes the category's word.
+
     An object after the first is, with probability ``family.confusers``, a near miss of an object
     already drawn: its hue in another row, or another hue in its row (equally often), the two
     distractors a (hue, row) task must leave out; otherwise its hue and cell are drawn freely."""
     family = cfg.family
-    names, rows = hue_bands(family.hues), list(family.rows)
+    names = hue_bands(family.hues) if categories is None else list(categories)
+    bands, rows = len(names), list(family.rows)
     rng = np.random.default_rng(seed)
     n, grid = cfg.image_size, len(rows)
     cell = n // grid
@@ -161,13 +164,13 @@ def generate_family_split(cfg: SyntheticParams, count: int, seed: int) -> list[t
         free = [(r, c) for r in range(grid) for c in range(grid)]
         objects: list[tuple[int, int, int]] = []  # (hue band, row, column)
         for _ in range(int(rng.integers(cfg.objects_per_image[0], cfg.objects_per_image[1] + 1))):
-            hue, choices = int(rng.integers(family.hues)), free
+            hue, choices = int(rng.integers(bands)), free
             if objects and rng.random() < family.confusers:
                 like_hue, like_row, _ = objects[int(rng.integers(len(objects)))]
                 if rng.random() < 0.5:  # the same hue in another row
                     hue, choices = like_hue, [rc for rc in free if rc[0] != like_row]
                 else:  # another hue in the same row
-                    hue = (like_hue + 1 + int(rng.integers(family.hues - 1))) % family.hues
+                    hue = (like_hue + 1 + int(rng.integers(bands - 1))) % bands
                     choices = [rc for rc in free if rc[0] == like_row]
             if not choices:
                 continue
@@ -182,8 +185,12 @@ def generate_family_split(cfg: SyntheticParams, count: int, seed: int) -> list[t
             s = int(rng.integers(lo, hi + 1))
             # Anywhere in the cell with a pixel of margin: neighbours stay 2 pixels apart.
             x, y = (int(k * cell + 1 + rng.integers(0, cell - s - 1)) for k in (c, r))
-            shape = family.shapes[int(rng.integers(len(family.shapes)))]
-            _draw(draw, shape, x, y, s, _colour(rng, cfg, hue, family.hues, family.colour_floor))
+            if categories is None:
+                shape = family.shapes[int(rng.integers(len(family.shapes)))]
+                colour = _colour(rng, cfg, hue, bands, family.colour_floor)
+            else:  # a category: its own outline and hue, with the categories' colour floor
+                shape, colour = names[hue], _colour(rng, cfg, hue, bands)
+            _draw(draw, shape, x, y, s, colour)
             boxes.append(Box(cell_name(names[hue], rows[r]), float(x), float(y), float(x + s), float(y + s)))
         if cfg.noise_sigma > 0 and rng.random() < cfg.noise_fraction:
             pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, cfg.noise_sigma, size=(n, n, 3))

@@ -11,8 +11,10 @@ to the generated z0 adapter, plus Gaussian noise at the same distance), ``wrong_
 vectors' mean norm); for held-out tasks also what a task never trained could get without a
 generator: ``nearest_task`` (the trained adapter of the training task whose vector is nearest),
 ``retrieval_mix`` (the similarity-weighted mean of the ``evaluate.retrieval_k`` nearest training
-tasks' trained adapters, ``retrieval_weights``) and ``mean_training`` (the mean of every training
-task's trained adapter). A held-out task's own ``trained`` adapter is its upper bound: trained for
+tasks' trained adapters, ``retrieval_weights``), ``mean_training`` (the mean of every training
+task's trained adapter) and ``ridge`` (``icmlora.generators.ridge``: a linear map from the task
+vector to the adapter, fitted in closed form on the training tasks' rows, its regularization
+chosen by leaving one training task out at a time). A held-out task's own ``trained`` adapter is its upper bound: trained for
 evaluation only, it never reaches the generator's data or the normalization statistics. Each generated adapter gets its parameter-space
 novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
 among that task's checkpoints, and the cosine similarity to it.
@@ -25,7 +27,8 @@ generated against another source gets a paired bootstrap over the valid images.
 Writes metrics/comparison.csv (one row per task x rank x source x sample), metrics/bootstrap.csv
 (difference, interval and verdict per rank, task and comparison; pooled rows), metrics/cross_task.csv
 (generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``), metrics/evaluate.json
-(storage) and metrics/timing/evaluate.json. One MLflow run per evaluated adapter, tagged task,
+(storage; the ridge map's regularization and leave-one-task-out errors per rank) and
+metrics/timing/evaluate.json. One MLflow run per evaluated adapter, tagged task,
 rank, source, sample, with the params evaluate reads.
 """
 
@@ -66,6 +69,7 @@ from icmlora.comparison import AP50Table, ap50_table, bootstrap_counts, error_ov
 from icmlora.config import Params
 from icmlora.errors import InputError
 from icmlora.files import atomic_path, write_json
+from icmlora.generators.ridge import fit_training_tasks
 from icmlora.lora import peft_config
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
@@ -110,6 +114,7 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     cross: list[dict] = []
     paired: list[dict] = []
     storage: dict = {}
+    ridges: dict = {}
     g = torch.Generator().manual_seed(cfg.seed + cfg.evaluate.noise_seed)
     mean_norm = torch.stack([vectors[t] for t in tasks]).norm(dim=1).mean()
     start = time.perf_counter()
@@ -130,6 +135,10 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
         raw_rows = torch.stack([matrix.raw(i) for i in range(len(matrix.rows))])
         train_rows = raw_rows[train_mask]
         train_index = train_mask.nonzero()[:, 0]
+        ridge = None
+        if heldout:  # fitted on the training tasks' rows and vectors only
+            ridge, scores = fit_training_tasks(matrix.rows, matrix.task_index, tasks, vectors, heldout)
+            ridges[str(rank)] = {"lam": ridge.lam, "loto_cosine": {f"{c:.3g}": round(v, 6) for c, v in scores.items()}}
         tables: dict[tuple[str, str, str], AP50Table] = {}
         checkpoint_preds: dict[tuple[str, int], list] = {}
 
@@ -205,6 +214,8 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
                 add(task, "retrieval_mix", "+".join(f"{train_tasks[i]}:{w:.2f}" for i, w in mix.items()),
                     scorer.predictions(task, as_weights(sum(w * finals[i] for i, w in mix.items()))))
                 add(task, "mean_training", "-", scorer.predictions(task, as_weights(finals.mean(0))))
+                add(task, "ridge", f"lam={ridge.lam:.3g}",
+                    scorer.predictions(task, as_weights(manifest.denormalize(ridge.predict(vectors[task]), stats))))
             if rank in cfg.evaluate.cross_task_ranks:
                 z0_w = as_weights(vecs[Z0_SAMPLE])
                 for other in tasks:
@@ -228,7 +239,7 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     with atomic_path(bootstrap_csv) as tmp:
         pd.DataFrame(paired).assign(resamples=cfg.evaluate.bootstrap_resamples, confidence=cfg.evaluate.confidence
                                     ).to_csv(tmp, index=False, float_format="%.6g")
-    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross)})
+    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross), **({"ridge": ridges} if ridges else {})})
     write_json(timing, {"seconds": round(time.perf_counter() - start, 2)})
     _log_runs(frame, stage_params(cfg, "evaluate"))
     return frame
@@ -236,25 +247,19 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
 
 def _log_runs(frame: pd.DataFrame, params: dict) -> None:
     """One MLflow run per evaluated adapter, so the compare view puts sources side by side."""
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from icmlora.tracking import tracker
 
-    from icmlora.tracking import experiment_id
-
-    exp_id = experiment_id()
-    client = mlflow.MlflowClient()
+    track = tracker("evaluate")
     now = int(time.time() * 1000)
+    shared = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in params.items()}
     for r in tqdm(frame.to_dict("records"), desc="evaluate: MLflow runs", unit="run", leave=False):
         tags = base_tags("evaluate", task=r["task"], rank=r["rank"], source=r["source"], sample=r["sample"],
                          heldout="true" if r["heldout"] else "false")  # the filter: tags.heldout = "true"
-        run = client.create_run(exp_id, run_name=f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}")
-        metrics = [Metric(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine", "error_iou",
-                                                              "error_iou_checkpoints")
-                   if k in r and pd.notna(r[k])]
-        client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()],
-                         params=[Param(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in
-                                 {**params, "task": r["task"], "rank": r["rank"], "source": r["source"]}.items()])
-        client.set_terminated(run.info.run_id)
+        run = track.create_run(f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}", tags)
+        metrics = [(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine", "error_iou",
+                                                      "error_iou_checkpoints") if k in r and pd.notna(r[k])]
+        track.log(run, metrics=metrics, params={**shared, "task": r["task"], "rank": r["rank"], "source": r["source"]})
+        track.end(run)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

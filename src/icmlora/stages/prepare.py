@@ -38,11 +38,14 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
     source had degenerate boxes (dropped)."""
     records: dict[str, list[tuple[str, int, int, list[Box]]]] = {}
     if cfg.data.source == "synthetic":
-        from icmlora.data.synthetic import SHAPES, generate_family_split, generate_split
+        from icmlora.data.family import SHAPES, row_categories
+        from icmlora.data.synthetic import generate_family_split, generate_split
 
         syn = cfg.data.synthetic
+        # category_row's task names are checked against SHAPES with the params (config.py)
         key = "data.synthetic.family.shapes" if cfg.is_family() else "data.tasks"
-        absent = [t for t in (syn.family.shapes if cfg.is_family() else cfg.data.tasks) if t not in SHAPES]
+        absent = [t for t in (syn.family.shapes if cfg.is_family() else [] if cfg.is_category_row() else cfg.data.tasks)
+                  if t not in SHAPES]
         if absent:
             raise InputError(
                 f"params.yaml: {key} names shapes the synthetic source does not draw",
@@ -53,8 +56,11 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
             pack = pack_path(images_dir(split, out))
             pack.parent.mkdir(parents=True, exist_ok=True)
             # Distinct seeds per split keep valid images out of the training distribution's samples.
-            items = (generate_family_split(syn, count, seed=cfg.seed * 1000 + i) if cfg.is_family()
-                     else generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i))
+            if cfg.is_family() or cfg.is_category_row():
+                categories = row_categories(cfg.data.tasks, syn.family.rows) if cfg.is_category_row() else None
+                items = generate_family_split(syn, count, seed=cfg.seed * 1000 + i, categories=categories)
+            else:
+                items = generate_split(syn, cfg.data.tasks, count, seed=cfg.seed * 1000 + i)
             rows = []
             with PackWriter(pack) as writer:
                 for j, (image, boxes) in enumerate(tqdm(items, desc=f"prepare: write {split} images", unit="img")):
@@ -83,7 +89,16 @@ def _collect(cfg: Params, out: Path) -> tuple[dict[str, list[tuple[str, int, int
 def base_labels(cfg: Params) -> dict[str, str]:
     """{category: the name the base model's pre-training split gives it}: ``object`` for every
     category, or with synthetic ``base_labels: hue`` the name of the category's hue. A family's
-    categories are its cells (every one is drawn, task or not), each named by its hue band."""
+    categories are its cells (every one is drawn, task or not), each named by its hue band; a
+    category_row grid's cells are named by their category's hue."""
+    if cfg.is_category_row():
+        from icmlora.data.family import cell_name, hue_name, row_categories
+
+        rows = cfg.data.synthetic.family.rows
+        categories = row_categories(cfg.data.tasks, rows)
+        name = (lambda i: AGNOSTIC_LABEL) if cfg.data.synthetic.base_labels == "object" else \
+            (lambda i: hue_name(i, len(categories)))
+        return {cell_name(c, r): name(i) for i, c in enumerate(categories) for r in rows}
     if cfg.is_family():
         from icmlora.data.family import cells, split_cell
 
@@ -134,7 +149,7 @@ def prepare(cfg: Params, out_dir: Path = PREPARED_DIR) -> dict:
     """Build the prepared data folder; returns the summary it wrote."""
     names = base_labels(cfg)
     summary: dict = {"source": cfg.data.source, "base_labels": names, "tasks": {}}
-    if cfg.is_family():
+    if cfg.is_family() or cfg.is_category_row():
         summary["task_labels"] = {t: cfg.task_label(t) for t in cfg.data.tasks}
     with atomic_dir(out_dir) as tmp:
         records, dropped = _collect(cfg, tmp)

@@ -58,15 +58,31 @@ def _intervals(paired: pd.DataFrame, rank, pooled: str) -> dict:
             for r in rows.to_dict("records")}
 
 
+def _verdict(c: dict, confidence: float) -> str:
+    return (f"{c['verdict']} (mAP50 difference {c['difference']:+.3f}, {confidence:.0%} interval "
+            f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])")
+
+
 def verdict_sentences(ranks: dict, confidence: float) -> list[str]:
-    """One sentence per rank and comparison, read from the bootstrap interval (never by eye)."""
+    """One sentence per rank and comparison, read from the bootstrap interval (never by eye); each
+    held-out task also gets what it scored, by name, and its own verdicts."""
     out = []
     for rank, values in ranks.items():
         for key, group in (("comparisons", "training tasks"), ("heldout_comparisons", "held-out tasks")):
             for comparison, c in (values.get(key) or {}).items():
                 other = comparison.removeprefix("generated - ")
-                out.append(f"rank {rank}, {group}: generated vs {other}: {c['verdict']} (mAP50 difference "
-                           f"{c['difference']:+.3f}, {confidence:.0%} interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}])")
+                out.append(f"rank {rank}, {group}: generated vs {other}: {_verdict(c, confidence)}")
+        for task, held in (values.get("heldout_tasks") or {}).items():
+            m = held["map50"]
+            out.append(f"rank {rank}, held-out task {task} (no adapter of it in the generator's data): generated mAP50 "
+                       f"{m['generated']:.3f}, {_ratio(m['generated'], m['trained']):.2f} of its own trained LoRA "
+                       f"({m['trained']:.3f}); " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()
+                                                              if k not in ("generated", "trained")))
+            for comparison, c in held["comparisons"].items():
+                if comparison.removeprefix("generated - ") not in HELDOUT_COMPARED:
+                    continue  # the training tasks' comparisons (avg_checkpoint, noise, ...) stay in summary.json
+                out.append(f"rank {rank}, held-out task {task}: generated vs {comparison.removeprefix('generated - ')}: "
+                           f"{_verdict(c, confidence)}")
     return out
 
 
@@ -115,7 +131,15 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.
                 "heldout_generated_over_trained_median": _median([_ratio(generated[t], trained[t]) for t in heldout]),
                 "heldout_generated_z0_map50_median": _median(z0[heldout]),
                 **{f"heldout_{source}_map50_median": _median(per_task(source).reindex(heldout))
-                   for source in ("retrieval_mix", "mean_training", "base")}})
+                   for source in ("ridge", "retrieval_mix", "mean_training", "base")}})
+            # Each held-out task by name: every method's mAP50 and generated's paired verdicts.
+            methods = [m for m in HELDOUT_METHODS if m in set(part[part.task.isin(heldout)].source)]
+            ranks[str(rank)]["heldout_tasks"] = {t: {"map50": {m: round(float(generated[t] if m == "generated" else
+                                                                            per_task(m)[t]), 4) for m in methods}}
+                                                 for t in heldout}
+            if paired is not None:
+                for t in heldout:
+                    ranks[str(rank)]["heldout_tasks"][t]["comparisons"] = _intervals(paired, rank, t)
         if "error_iou" in part:  # function-space novelty beside the parameter-space one
             gen_rows = part[part.source == "generated"]
             ranks[str(rank)].update(error_iou_median=_median(gen_rows["error_iou"]),
@@ -171,8 +195,8 @@ def comparison_plot(paired: pd.DataFrame, out: Path) -> Path:
     return path
 
 
-HELDOUT_METHODS = ("base", "mean_training", "nearest_task", "retrieval_mix", "generated", "trained")
-HELDOUT_COMPARED = ("trained", "retrieval_mix", "nearest_task", "mean_training", "base")
+HELDOUT_METHODS = ("base", "mean_training", "nearest_task", "retrieval_mix", "ridge", "generated", "trained")
+HELDOUT_COMPARED = ("trained", "ridge", "retrieval_mix", "nearest_task", "mean_training", "base")
 
 
 def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], path: Path) -> Path:
@@ -188,7 +212,7 @@ def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], 
     names = [*heldout, POOLED_HELDOUT]
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, (1.0 + 0.45 * len(names)) * len(groups) + 0.6),
                              squeeze=False, gridspec_kw={"width_ratios": [1, 1.1]})
-    colours = dict(zip(HELDOUT_COMPARED, ("tab:brown", "tab:red", "tab:green", "tab:orange", "tab:blue")))
+    colours = dict(zip(HELDOUT_COMPARED, ("tab:brown", "tab:purple", "tab:red", "tab:green", "tab:orange", "tab:blue")))
     for (left, right), group in zip(axes, groups):
         label = group if isinstance(group, str) else f"rank {group}"
         part = frame[(frame["rank"] == group) & frame["task"].isin(heldout)]
@@ -305,7 +329,7 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
     write_json(timing, speed)
     verdicts = verdict_sentences(summary["ranks"], cfg.evaluate.confidence)
     write_text(verdicts_file, "\n".join(verdicts) + "\n")
-    with start_run("report", "summary", params=stage_params(cfg, "report"), source="summary") as mlflow:
+    with start_run("report", "summary", params=stage_params(cfg, "report"), source="summary") as run:
         flat = {f"r{r}.{k}": v for r, vals in summary["ranks"].items() for k, v in vals.items()
                 if v is not None and not isinstance(v, dict)}
         for r, vals in summary["ranks"].items():
@@ -313,15 +337,15 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
                 for comparison, c in (vals.get(group) or {}).items():
                     key = f"r{r}.{group}.{comparison.replace(' - ', '_minus_')}"
                     flat.update({f"{key}.{k}": c[k] for k in ("difference", "ci_low", "ci_high")})
-                    mlflow.set_tag(f"{key}.verdict", c["verdict"])
+                    run.set_tag(f"{key}.verdict", c["verdict"])
         flat.update({f"storage.{k}": v for k, v in summary["storage"].items() if v is not None})
         flat.update({f"timing.{k}": v for k, v in speed.items() if v is not None})
-        mlflow.log_metrics({k: float(v) for k, v in flat.items() if math.isfinite(float(v))})
-        mlflow.log_table(frame, artifact_file="comparison.json")
-        mlflow.log_table(paired, artifact_file="bootstrap.json")
-        mlflow.log_artifact(str(verdicts_file))
+        run.log_metrics({k: float(v) for k, v in flat.items() if math.isfinite(float(v))})
+        run.log_table(frame, artifact_file="comparison.json")
+        run.log_table(paired, artifact_file="bootstrap.json")
+        run.log_artifact(str(verdicts_file))
         for path in written:
-            mlflow.log_artifact(str(path), artifact_path="plots")
+            run.log_artifact(str(path), artifact_path="plots")
     return summary
 
 

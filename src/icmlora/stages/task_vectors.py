@@ -68,23 +68,20 @@ def silhouette(vectors: dict[str, torch.Tensor]) -> float:
 
 
 def attribute_probe(vectors: dict[str, torch.Tensor], cfg: Params) -> dict[str, dict[str, float]]:
-    """How well a family's per-example vectors tell each attribute of their task (``hue``, ``row``)
-    apart: the 4-fold cross-validated accuracy of a linear probe (logistic regression on
-    standardized vectors), beside chance (the largest class's share). A silhouette grouped by one
-    attribute would mix in the spread of the other."""
+    """How well a grid task's per-example vectors tell each attribute of their task apart (``hue``
+    and ``row`` in a family, ``category`` and ``row`` for category_row): the 4-fold cross-validated
+    accuracy of a linear probe (logistic regression on standardized vectors), beside chance (the
+    largest class's share). A silhouette grouped by one attribute would mix in the spread of the other."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from icmlora.data.family import split_cell
-
-    family = cfg.data.synthetic.family
     x = torch.cat(list(vectors.values())).double().numpy()
     x = (x - x.mean(0)) / np.clip(x.std(0), 1e-8, None)
-    attrs = [split_cell(t, family.hues, family.rows) for t, v in vectors.items() for _ in range(len(v))]
+    attrs = [cfg.task_attributes(t) for t, v in vectors.items() for _ in range(len(v))]
     out = {}
-    for i, attribute in enumerate(("hue", "row")):
-        y = np.array([a[i] for a in attrs])
+    for attribute in attrs[0]:
+        y = np.array([a[attribute] for a in attrs])
         folds = StratifiedKFold(4, shuffle=True, random_state=0)
         accuracy = cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=folds).mean()
         out[attribute] = {"probe_accuracy": round(float(accuracy), 4),
@@ -152,8 +149,8 @@ def compute_task_vectors(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: P
             if len(vecs) == len(cfg.data.tasks):
                 metrics["silhouette"][name] = round(silhouette(vecs), 4)
                 plot_projection(vecs, f"{name}: silhouette {metrics['silhouette'][name]:.2f}", tmp / f"{name}.png")
-    if cfg.is_family():
-        # Does the base tell apart what the family's tasks select by? Each attribute of the task
+    if cfg.task_attributes(cfg.data.tasks[0]):
+        # Does the base tell apart what the grid's tasks select by? Each attribute of the task
         # read off the same per-example vectors by a linear probe.
         metrics["attribute_probe"] = {name: attribute_probe(vecs, cfg) for name, vecs in per_example.items()
                                       if len(vecs) == len(cfg.data.tasks)}
