@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down mutation clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down mutation docs docs-build clean-venv
 
 setup: $(STAMP)
 
@@ -32,13 +32,23 @@ test-fast: $(STAMP)
 test-long: $(STAMP)
 	$(BIN)/python -m pytest -m long
 
-# MLflow UI + REST API on the repository's store, bound to this machine only.
+# MLflow UI + REST API on the repository's store, bound to this machine only; its home page opens the
+# pipeline's runs table (src/icmlora/mlflow_app.py), not MLflow 3's GenAI overview.
 mlflow: $(STAMP)
-	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	@echo "MLflow: http://127.0.0.1:$(MLFLOW_PORT)/ (the icmlora runs table)"
+	$(BIN)/mlflow server --app-name icmlora --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlflow-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 push: $(STAMP)
 	$(BIN)/dvc push
+
+# The documentation site (mkdocs.yml, docs/): served on 127.0.0.1:8000 with live reload; docs-build writes
+# build/site/ and fails on a broken link or a page missing from the nav (CI runs it).
+docs: $(STAMP)
+	$(BIN)/mkdocs serve -a 127.0.0.1:8000
+
+docs-build: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 # A team's stack on 127.0.0.1, to try it: PostgreSQL, an S3 endpoint (moto) and an MLflow server with basic
 # auth, artifacts proxied to S3 (src/icmlora/team.py). Prints the exports; team-down stops them (data kept in .team/).
