@@ -21,6 +21,9 @@ import requests
 
 from e2e_helpers import DVC, GIT_ID, clone_sharing_cache, commit_all, file_hashes, free_port, run
 from icmlora import team
+from icmlora.config import load_params
+from icmlora.profile import apply_profile
+from icmlora.spool import public_uri
 from icmlora.errors import InputError
 from test_reproducibility import run_queue
 
@@ -370,3 +373,81 @@ def test_no_password_reaches_a_tracked_file_or_a_run(on_the_server, stack):
     for run_ in runs:
         values = [*run_.data.params.values(), *run_.data.tags.values()]
         assert not any(secret in value for secret in secrets for value in values), run_.info.run_id
+
+
+# --- the server going away -------------------------------------------------------------------------
+
+def _profile(folder: Path, epochs: int) -> Path:
+    path = folder / "epochs.yaml"
+    path.write_text(f"cvae:\n  train:\n    epochs: {epochs}\n    checkpoint_every: {epochs}\n")
+    return path
+
+
+def _cvae_run(clone: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(Path(DVC).parent / "python"), "-m", "icmlora.stages.train_cvae", "--rank", "2"],
+                            cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_server_gone_mid_stage_costs_no_training_and_no_record(micro_pipeline, stack, tmp_path, e2e_env):
+    """The MLflow server stopped while train_cvae@2 trains, for longer than the client's retry budget
+    (made short here: no retry, 5 s timeouts), and started again after the stage ended. The stage
+    finishes, exits 0 with one warning and writes what an undisturbed run writes; `icmlora tracking
+    sync` then sends every epoch's metrics once; a sync replayed from halfway (what a cut sync leaves:
+    records sent but not acknowledged) sends nothing twice."""
+    import mlflow
+
+    clone = clone_sharing_cache(micro_pipeline, tmp_path / "repo", e2e_env)
+    epochs = 600  # the micro CVAE is tiny: long enough (some 10 s) to stop the server while it trains
+    apply_profile(clone / "params.yaml", _profile(tmp_path, epochs))
+    assert load_params(clone / "params.yaml").cvae.train.epochs == epochs
+    env = {**{k: v for k, v in e2e_env.items() if not k.startswith("MLFLOW_TRACKING_")}, **stack.client_env("alice"),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "ICMLORA_TRACKING_WAIT_S": "5"}
+    undisturbed = _cvae_run(clone, env)
+    out, err = undisturbed.communicate(timeout=600)
+    assert undisturbed.returncode == 0, err[-3000:]
+    expected = file_hashes(clone, "models/cvae/r2", "metrics/cvae")
+
+    spools = clone / "state" / "tracking"
+    stage = _cvae_run(clone, env)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.read_text().strip() for p in spools.glob("*.sent")):  # its run is on the server: it trains
+            assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()[-3000:]
+            time.sleep(0.05)
+        stack.stop("mlflow")
+        out, err = stage.communicate(timeout=600)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+        stack.start_mlflow()
+    assert stage.returncode == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "not sent" in line]
+    assert len(warnings) == 1 and public_uri(stack.tracking_uri) in warnings[0] and "icmlora tracking sync" in warnings[0]
+    assert file_hashes(clone, "models/cvae/r2", "metrics/cvae") == expected  # no training lost
+    (waiting,) = spools.glob("*.jsonl")
+    saved = tmp_path / "saved-spool"
+    shutil.copytree(spools, saved)
+
+    icmlora = [str(Path(DVC).parent / "icmlora"), "tracking"]
+    assert "none wait" in run([*icmlora, "sync"], clone, env).stdout
+    assert not list(spools.glob("*.jsonl"))
+    client = server_client(stack)
+    token = json.loads((saved / waiting.name).read_text().splitlines()[1])["run"]  # the run's create record
+
+    def the_run():
+        return all_runs(client, f"tags.`icmlora.run_token` = '{token}'")
+
+    (logged,) = the_run()
+    assert logged.info.status == "FINISHED"
+    history = client.get_metric_history(logged.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # every epoch, once
+
+    # The spool as a sync cut halfway leaves it: the records after the first few sent, not acknowledged.
+    shutil.copytree(saved, spools, dirs_exist_ok=True)
+    (spools / waiting.with_suffix(".sent").name).write_text(json.dumps({"acked": 3}))
+    assert "none wait" in run([*icmlora, "sync"], clone, env).stdout
+    (again,) = the_run()
+    assert again.info.run_id == logged.info.run_id
+    history = client.get_metric_history(logged.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))  # still every epoch, once
+    assert client.get_run(logged.info.run_id).data.params == logged.data.params
