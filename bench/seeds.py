@@ -141,11 +141,15 @@ def figures(metrics: dict[str, dict]) -> dict[str, float]:
     for rank, r in sorted((summary.get("ranks") or {}).items(), key=lambda kv: int(kv[0])):
         for key in ("trained_map50_median", "generated_map50_median", "generated_over_trained_median",
                     "avg_checkpoint_map50_median", "noise_map50_median", "heldout_generated_map50_median",
-                    "heldout_trained_map50_median", "novelty_ratio_median", "error_iou_median",
+                    "heldout_trained_map50_median", "heldout_generated_over_trained_median",
+                    "heldout_ridge_map50_median", "heldout_nearest_task_map50_median",
+                    "heldout_retrieval_mix_map50_median", "novelty_ratio_median", "error_iou_median",
                     "error_iou_checkpoints_median"):
             row[f"r{rank}.{key}"] = r.get(key)
         for name, c in (r.get("comparisons") or {}).items():  # paired bootstrap, training tasks pooled
             row[f"r{rank}.{name.replace(' ', '')}.difference"] = c.get("difference")
+        for name, c in (r.get("heldout_comparisons") or {}).items():  # held-out tasks pooled
+            row[f"r{rank}.heldout.{name.replace(' ', '')}.difference"] = c.get("difference")
     # the silhouette of the method in use (icl with its pooling: icl_match by default), and of the others
     silhouettes = vectors.get("silhouette") or {}
     method = vectors.get("method")
@@ -159,15 +163,23 @@ def figures(metrics: dict[str, dict]) -> dict[str, float]:
 def verdicts(metrics: dict[str, dict]) -> dict[str, str]:
     """{"r4 generated - trained": "indistinguishable", ...}: the bootstrap verdicts of one run."""
     ranks = (metrics.get("metrics/summary.json", {}).get("ranks") or {})
-    return {f"r{rank} {name}": c.get("verdict") for rank, r in ranks.items()
-            for name, c in (r.get("comparisons") or {}).items()}
+    return {**{f"r{rank} {name}": c.get("verdict") for rank, r in ranks.items()
+               for name, c in (r.get("comparisons") or {}).items()},
+            **{f"r{rank} held-out {name}": c.get("verdict") for rank, r in ranks.items()
+               for name, c in (r.get("heldout_comparisons") or {}).items()}}
 
 
 # Issue #16's bar for the default, per seed: (figure, lowest value allowed).
 THRESHOLDS = [("base_valid_map50", 0.95), ("r4.lora_own_task_map50_median", 0.6),
               ("r1.generated_over_trained_median", 0.9), ("r2.generated_over_trained_median", 0.9),
               ("r4.generated_over_trained_median", 0.9), ("r8.generated_over_trained_median", 0.9),
-              ("task_vector_silhouette", 0.6)]
+              ("task_vector_silhouette", 0.6),
+              # #34: held-out tasks at ranks >= 2 reach 0.7 of their own trained LoRA (median over them)
+              ("r2.heldout_generated_over_trained_median", 0.7), ("r4.heldout_generated_over_trained_median", 0.7),
+              ("r8.heldout_generated_over_trained_median", 0.7)]
+# #34: the pooled held-out verdict a seed must reach against each baseline, at ranks >= 2
+VERDICT_BARS = [(f"r{rank} held-out generated - {baseline}", "better") for rank in (2, 4, 8)
+                for baseline in ("nearest_task", "retrieval_mix")]
 
 
 def queued_or_running() -> dict[str, str]:
@@ -229,8 +241,18 @@ def markdown(record: dict) -> str:
         ("generated − noise", per_rank("generated-noise.difference", 3) + "; verdicts " + verdict_counts("generated - noise")),
         ("generated − wrong_task", per_rank("generated-wrong_task.difference", 3) + "; verdicts "
          + verdict_counts("generated - wrong_task")),
-        ("held-out task: generated mAP50", per_rank("heldout_generated_map50_median")),
-        ("held-out task: its trained LoRA", per_rank("heldout_trained_map50_median")),
+        ("held-out tasks: generated mAP50 (median over them)", per_rank("heldout_generated_map50_median")),
+        ("held-out tasks: their own trained LoRAs", per_rank("heldout_trained_map50_median")),
+        ("held-out tasks: generated / own trained", per_rank("heldout_generated_over_trained_median")),
+        ("held-out tasks: ridge, nearest_task, retrieval_mix mAP50",
+         "; ".join(f"r{r} {cell(f'r{r}.heldout_ridge_map50_median')}, {cell(f'r{r}.heldout_nearest_task_map50_median')}, "
+                   f"{cell(f'r{r}.heldout_retrieval_mix_map50_median')}" for r in ranks)),
+        ("held-out: generated − ridge, pooled", per_rank("heldout.generated-ridge.difference", 3) + "; verdicts "
+         + verdict_counts("held-out generated - ridge")),
+        ("held-out: generated − nearest_task", per_rank("heldout.generated-nearest_task.difference", 3) + "; verdicts "
+         + verdict_counts("held-out generated - nearest_task")),
+        ("held-out: generated − retrieval_mix", per_rank("heldout.generated-retrieval_mix.difference", 3) + "; verdicts "
+         + verdict_counts("held-out generated - retrieval_mix")),
         ("novelty: NN distance / median NN distance in the task", per_rank("novelty_ratio_median", 1)),
         ("error IoU with the nearest checkpoint (two neighbouring checkpoints)",
          "; ".join(f"r{r} {cell(f'r{r}.error_iou_median')} ({cell(f'r{r}.error_iou_checkpoints_median')})"
@@ -302,6 +324,10 @@ def main(argv=None) -> None:
                        "max": round(max(values), 4), "n": len(values)}
     checks = {seed: {key: {"value": row.get(key), "at_least": low, "ok": row.get(key) is not None and row[key] >= low}
                      for key, low in THRESHOLDS} for seed, row in table.items()}
+    for seed in checks:
+        for key, wanted in VERDICT_BARS:
+            got = verdict_table[seed].get(key)
+            checks[seed][key] = {"value": got, "wanted": wanted, "ok": got == wanted}
     record = {"seeds": table, "spread": spread, "verdicts": verdict_table, "checks": checks,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
     write_json(REPO / "metrics" / "seeds.json", record)
@@ -314,7 +340,8 @@ def main(argv=None) -> None:
                          spread[key]["max"]])
     write_text(REPO / "metrics" / "seeds.csv", buffer.getvalue())
     for seed in seeds:
-        missed = [f"{k} {c['value']} < {c['at_least']}" for k, c in checks[seed].items() if not c["ok"]]
+        missed = [f"{k} {c['value']} < {c['at_least']}" if "at_least" in c else f"{k}: {c['value']}, not {c['wanted']}"
+                  for k, c in checks[seed].items() if not c["ok"]]
         print(f"seeds: seed {seed}: " + ("every threshold met" if not missed else "MISSED " + "; ".join(missed)))
     print(f"seeds: {len(table)} runs (seeds {', '.join(seeds)}) -> metrics/seeds.json, metrics/seeds.csv")
 

@@ -23,7 +23,7 @@ def test_pin_sets_every_variable_the_environment_leaves_unset(tmp_path, monkeypa
     env = {"MKL_CBWR": "COMPATIBLE"}  # the user's own choice: kept
     set_now = kernels.pin(["--params", str(_params(tmp_path))], environ=env)
     assert env == {"MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                   "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+                   "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", kernels.PINNED_MARK: "2"}
     assert "MKL_CBWR" not in set_now and set_now["ATEN_CPU_CAPABILITY"] == "avx2"
 
 

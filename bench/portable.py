@@ -1,0 +1,122 @@
+"""Benchmark (not a test): which outputs stay byte-identical across CPU dispatch settings, and what the
+portable kernels (src/icmlora/kernels.py) cost in time.
+
+    .venv/bin/python bench/portable.py                 # metrics/portable.json
+
+One machine stands in for several hosts: the micro profile's whole pipeline (every stage) is
+reproduced from scratch once per setting in SETTINGS, each in its own clone of HEAD, and every output
+in dvc.lock is compared with the first setting's. With the pin on, what varies between hosts is the
+ISA the libraries could use (capped by the pin) and the core count (the pin fixes the thread count):
+the pinned settings here run on 2 cores and on 1 (taskset). Without the pin, the host's own paths
+decide: its native capability (AVX-512 here), or AVX2 only (an older host), each as a setting.
+Then the cost: the default profile's base_model (--steps steps) with the pin and without, alternated
+--repeats times in one clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from icmlora.files import write_json  # noqa: E402
+
+NATIVE = {"ICMLORA_PORTABLE_KERNELS": "0"}
+SETTINGS = {  # name: (environment, taskset cores or None)
+    "pinned, 2 cores": ({}, None),
+    "pinned, 1 core": ({}, "0"),
+    "native (AVX-512 here)": (NATIVE, None),
+    "native, an AVX2-only host (MKL, oneDNN, ATen capped at AVX2)": (
+        {**NATIVE, "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, None),
+}
+CLEARED = ("ICMLORA_PORTABLE_KERNELS", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+           "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ICMLORA_PINNED_THREADS")
+
+
+def clone(dest: Path, profile: str | None) -> tuple[Path, dict]:
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(PYTHONPATH=str(dest / "src"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               ICMLORA_LOG="WARNING")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if profile:
+        subprocess.run([sys.executable, "-m", "icmlora", "profile", profile], cwd=dest, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    return dest, env
+
+
+def lock_outputs(repo: Path) -> dict[str, str]:
+    """{output path: md5} of every output and metrics/plots file dvc.lock records."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def reproduce(repo: Path, env: dict, changes: dict, cores: str | None, targets: list[str] | None = None) -> float:
+    command = [sys.executable, "-m", "dvc", "repro", *(targets or [])]
+    if cores is not None:
+        command = ["taskset", "-c", cores, *command]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=repo, env={**env, **changes}, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="base_model steps of the timing runs (default 300)")
+    parser.add_argument("--repeats", type=int, default=2, help="timing runs per side (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "portable.json")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="portable-"))
+    outputs, seconds = {}, {}
+    for i, (name, (changes, cores)) in enumerate(SETTINGS.items()):
+        repo, env = clone(tmp / f"micro-{i}", "micro")
+        seconds[name] = round(reproduce(repo, env, changes, cores), 1)
+        outputs[name] = lock_outputs(repo)
+        print(f"portable: {name}: micro pipeline in {seconds[name]} s", flush=True)
+    first = next(iter(SETTINGS))
+    reference = outputs[first]
+    same = {name: sorted(p for p, md5 in found.items() if reference.get(p) == md5) for name, found in outputs.items()}
+    differ = {name: sorted(p for p, md5 in found.items() if reference.get(p) != md5) for name, found in outputs.items()}
+
+    # The pin's cost: base_model of the default profile, pinned and native alternately, in one clone.
+    repo, env = clone(tmp / "timing", None)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(repo / "params.yaml") as fh:
+        text = fh.read()
+    (repo / "params.yaml").write_text(text.replace("    steps: 2400 ", f"    steps: {args.steps} ", 1))
+    timing: dict[str, list[float]] = {"pinned": [], "native": []}
+    for _ in range(args.repeats):
+        for side, changes in (("pinned", {}), ("native", NATIVE)):
+            timing[side].append(round(reproduce(repo, env, changes, None, ["--force", "--single-item", "base_model"]), 1))
+    cost = {side: {"runs": values, "median": statistics.median(values)} for side, values in timing.items()}
+    record = {
+        "profile": "micro (every stage), reproduced from scratch per setting",
+        "settings": {name: {"environment": changes, "taskset": cores, "seconds": seconds[name],
+                            "outputs": len(outputs[name]), "identical_to_first": len(same[name]),
+                            "differ_from_first": differ[name]} for name, (changes, cores) in SETTINGS.items()},
+        "first": first,
+        "pinned_outputs_identical": not differ["pinned, 1 core"],
+        "cost": {"what": f"default profile, base_model at {args.steps} steps, pinned and native alternated", **cost,
+                 "ratio_pinned_over_native": round(cost["pinned"]["median"] / cost["native"]["median"], 3)},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+    }
+    write_json(args.out, record)
+    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    print(f"portable: wrote {args.out}: pinned outputs identical across the pinned settings: "
+          f"{record['pinned_outputs_identical']}; pinned / native time {record['cost']['ratio_pinned_over_native']}")
+
+
+if __name__ == "__main__":
+    main()
