@@ -87,6 +87,7 @@ def test_a_store_that_fails_costs_nothing_and_a_sync_sends_every_record_once(mon
     assert spool.Spool(path).acked() == 3 and tracking.store_run_id(local) is not None
     monkeypatch.setattr(spool.Sender, "send", real_send)
     spool.Spool(path).ack(0)  # as if the cut had come before any acknowledgement was written: all sent again
+    (tracking.spool_folder() / spool.RUN_IDS).unlink()  # ... even the run's id: the run is found by its token
     assert tracking.main(["sync"]) == {"sent": 7, "waiting": 0}
     assert not path.exists()
     run_id = tracking.store_run_id(local)
@@ -133,3 +134,20 @@ def test_offline_tracking_spools_a_whole_stage_without_asking_the_server(tmp_pat
 def test_a_uri_keeps_no_credentials():
     assert spool.public_uri("https://bob:pw@mlflow.example.com:8443/x") == "https://mlflow.example.com:8443/x"
     assert spool.public_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_a_sync_leaves_a_live_process_spool_and_another_store_spool_alone(tmp_path):
+    """A spool whose process still runs is its own to send (its lock is held); a spool of another
+    store waits for that store."""
+    folder = tmp_path / "spools"
+    here = tracking.tracking_uri()
+    live = spool.Tracker(here, tracking.EXPERIMENT, "train_lora", folder, send=False)
+    run = live.create_run("circle-top-r1-s0", {"stage": "train_lora"})
+    live.end(run)
+    other = spool.Tracker("sqlite:////nonexistent/other.db", tracking.EXPERIMENT, "evaluate", folder, send=False)
+    other.create_run("x", {})
+    other._lock_cm.__exit__(None, None, None)  # its process has ended
+    assert spool.sync(folder, here) == (0, 2, [])  # neither sent: one is live, the other is another store's
+    live._lock_cm.__exit__(None, None, None)
+    assert spool.sync(folder, here) == (2, 0, [])
+    assert [s.header()["uri"] for s in spool.spools(folder)] == ["sqlite:////nonexistent/other.db"]
