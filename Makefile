@@ -45,10 +45,10 @@ push: $(STAMP)
 # The documentation site (mkdocs.yml, docs/): served on 127.0.0.1:8000 with live reload; docs-build writes
 # build/site/ and fails on a broken link or a page missing from the nav (CI runs it).
 docs: $(STAMP)
-	$(BIN)/mkdocs serve -a 127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8000
 
 docs-build: $(STAMP)
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # A team's stack on 127.0.0.1, to try it: PostgreSQL, an S3 endpoint (moto) and an MLflow server with basic
 # auth, artifacts proxied to S3 (src/icmlora/team.py). Prints the exports; team-down stops them (data kept in .team/).

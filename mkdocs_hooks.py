@@ -38,8 +38,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
     parts = [f"## `icmlora`\n\n```text\n{_help(['--help'])}\n```"]
     for name in COMMANDS:
-        argv = [name, "sync", "--help"] if name == "tracking" else [name, "--help"]
-        parts.append(f"## `icmlora {name}`\n\n{COMMANDS[name]}.\n\n```text\n{_help(argv)}\n```")
-        if name == "tracking":
-            parts.append(f"```text\n{_help([name, '--help'])}\n```")
+        parts.append(f"## `icmlora {name}`\n\n{COMMANDS[name]}.\n\n```text\n{_help([name, '--help'])}\n```")
+        if name == "tracking":  # its subcommands' own help
+            parts += [f"```text\n{_help([name, sub, '--help'])}\n```" for sub in ("sync", "status")]
     return markdown.replace(PLACEHOLDER, "\n\n".join(parts))
