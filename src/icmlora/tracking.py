@@ -220,7 +220,6 @@ def _mlflow():
 
 _synced: set[str] = set()
 _trackers: dict[str, Tracker] = {}
-_at_exit: list = []  # finish registered with atexit, once per process
 
 
 def tracker(stage: str) -> Tracker:
@@ -231,8 +230,8 @@ def tracker(stage: str) -> Tracker:
         if not offline():
             _mlflow()
         _trackers[uri] = Tracker(uri, experiment_name(), stage, spool_folder(), send=not offline())
-        if not _at_exit:
-            _at_exit.append(atexit.register(finish))
+        if len(_trackers) == 1:
+            atexit.register(finish)
     return _trackers[uri]
 
 
