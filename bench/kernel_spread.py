@@ -85,14 +85,20 @@ def main(argv=None) -> None:
         print(f"kernel_spread: {name}: {summary} ({seconds:.0f} s)", flush=True)
     for entry in worst.values():
         entry["margin"] = round(entry["tolerance"] / entry["largest"], 1) if entry["largest"] else None
+    # A measure a setting did not record (its test failed, or was skipped) is named, not left out.
+    for name, entry in worst.items():
+        entry["not_measured_in"] = [s for s, v in settings.items() if name not in v["measured"]]
+    failed = [s for s, v in settings.items() if " failed" in v["pytest"] or " error" in v["pytest"]]
     import torch
 
     write_json(args.out, {
-        "tests": tests, "settings": settings, "measures": dict(sorted(worst.items())),
+        "tests": tests, "settings": settings, "measures": dict(sorted(worst.items())), "settings_with_failures": failed,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
                     "torch": torch.__version__, "native_capability": _native_capability()},
     })
-    print(f"kernel_spread: wrote {args.out}")
+    print(f"kernel_spread: wrote {args.out}" + (f"; tests FAILED under {failed}" if failed else ""))
+    if failed:
+        raise SystemExit(1)
 
 
 def _cpu_name() -> str:

@@ -1,12 +1,13 @@
-"""A screenshot of the MLflow view the README describes: generated vs trained, side by side.
+"""A screenshot of the MLflow view the README describes: a held-out task's adapters, side by side.
 
     .venv/bin/python bench/mlflow_screenshot.py            # after `make repro`; needs Debian's chromium
 
 Starts `mlflow server` on the repository's store (as `make mlflow` does, on a free port), picks
-the evaluation runs of one rank (`--rank`, default 4) for a few tasks, trained and generated
-(z = 0) side by side, opens MLflow's compare view of exactly those runs in headless Chromium and
-writes docs/mlflow-compare.png. The URL it opened is printed: paste it into a browser pointed at
-`make mlflow` to get the same view.
+the evaluation runs of one rank (`--rank`, default 4) for the held-out tasks (`--tasks` of them),
+each with its generated adapter (z = 0), the ridge map's, the nearest training task's and its own
+trained LoRA (`--sources`), opens MLflow's compare view of exactly those runs in headless Chromium
+and writes docs/mlflow-compare.png. The URL it opened is printed: paste it into a browser pointed
+at `make mlflow` to get the same view.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def evaluation_runs(store: Path, rank: int, tasks: int, sources: list[str]) -> tuple[str, list[str]]:
-    """(experiment id, run ids) of `evaluate` runs of one rank, tasks in order, each task's sources in order."""
+def evaluation_runs(store: Path, rank: int, tasks: int, sources: list[str], heldout: bool = True) -> tuple[str, list[str]]:
+    """(experiment id, run ids) of `evaluate` runs of one rank (held-out tasks only, or every task), tasks
+    in order, each task's sources in order."""
     with sqlite3.connect(store) as db:
         rows = db.execute(
             "select r.experiment_id, r.run_uuid, t.value, s.value, m.value from runs r "
@@ -40,7 +42,9 @@ def evaluation_runs(store: Path, rank: int, tasks: int, sources: list[str]) -> t
             "join tags s on s.run_uuid = r.run_uuid and s.key = 'source' "
             "join tags m on m.run_uuid = r.run_uuid and m.key = 'sample' "
             "left join tags e on e.run_uuid = r.run_uuid and e.key = 'dvc_exp' "
-            "where (e.value is null or e.value = 'workspace') and r.lifecycle_stage = 'active' order by r.start_time", (str(rank),)).fetchall()
+            "left join tags h on h.run_uuid = r.run_uuid and h.key = 'heldout' "
+            "where (e.value is null or e.value = 'workspace') and r.lifecycle_stage = 'active' "
+            "and (? = 0 or h.value = 'true') order by r.start_time", (str(rank), int(heldout))).fetchall()
     wanted = {"generated": "z0"}
     runs, order = {}, []
     for experiment, run, task, source, sample in rows:
@@ -58,13 +62,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=ROOT / "mlflow.db")
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=2, help="tasks shown (default 2: the default's held-out tasks)")
+    parser.add_argument("--sources", nargs="+", default=["generated", "ridge", "nearest_task", "trained"])
+    parser.add_argument("--all-tasks", action="store_true", help="training tasks too (default: held-out tasks only)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow-compare.png")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium not found: apt-get install chromium")
-    experiment, runs = evaluation_runs(args.store, args.rank, args.tasks, ["trained", "generated", "avg_checkpoint"])
+    experiment, runs = evaluation_runs(args.store, args.rank, args.tasks, args.sources, heldout=not args.all_tasks)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -93,9 +93,11 @@ def main(argv=None) -> None:
     # The pin's cost: base_model of the default profile, pinned and native alternately, in one clone.
     repo, env = clone(tmp / "timing", None)
     subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
-    with open(repo / "params.yaml") as fh:
-        text = fh.read()
-    (repo / "params.yaml").write_text(text.replace("    steps: 2400 ", f"    steps: {args.steps} ", 1))
+    text = (repo / "params.yaml").read_text()
+    changed = text.replace("    steps: 2400 ", f"    steps: {args.steps} ", 1)
+    if changed == text:
+        raise SystemExit("portable: params.yaml's base.train.steps is not 2400 as this script expects; update it")
+    (repo / "params.yaml").write_text(changed)
     timing: dict[str, list[float]] = {"pinned": [], "native": []}
     for _ in range(args.repeats):
         for side, changes in (("pinned", {}), ("native", NATIVE)):

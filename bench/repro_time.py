@@ -128,13 +128,8 @@ def main(argv=None) -> None:
               + (f"; clones kept at {record['clones']}" if args.keep else ""))
         return
 
-    rev = subprocess.check_output(["git", "rev-parse", args.rev], cwd=ROOT, text=True).strip()
     tmp = Path(tempfile.mkdtemp(prefix="repro-time-"))
-    repo = tmp / "repo"
-    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
-    subprocess.run(["git", "checkout", "--quiet", rev], cwd=repo, check=True)
-    env = dict(os.environ, PYTHONPATH=str(repo / "src"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    repo, env, rev = clone(args.rev, tmp / "repo")
     total, starts = timed_repro(repo, env)
     seconds, items = per_stage(total, starts)
     noop_start = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from team import free_port  # noqa: E402  (bench/team.py)
 
 from icmlora import team  # noqa: E402
 from icmlora.files import write_json  # noqa: E402
@@ -35,18 +37,13 @@ OLD_DEFAULT = ("data:\n  tasks: [circle, square, triangle, cross, ring, star]\n 
                "    objects_per_image: [1, 3]\n    object_size: [14, 30]\nheldout_tasks: [star]\n")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prepared_clone(rev: str, dest: Path, base_steps: int) -> tuple[Path, dict]:
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True)
     subprocess.run(["git", "checkout", "--quiet", rev], cwd=dest, check=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    # The host's own kernels in both: only the logging differs (HEAD would pin them, its ancestor not).
     env.update(PYTHONPATH=str(dest / "src"), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               ICMLORA_LOG="WARNING")
+               ICMLORA_LOG="WARNING", ICMLORA_PORTABLE_KERNELS="0")
     profile = dest / "bench-profile.yaml"
     profile.write_text(OLD_DEFAULT + f"base:\n  train:\n    steps: {base_steps}\n")
     subprocess.run([sys.executable, "-m", "icmlora", "profile", str(profile)], cwd=dest, env=env, check=True,

@@ -64,10 +64,10 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float,
     """Largest difference over the tensors' spread; asserts the names and shapes agree."""
     assert a.keys() == b.keys()
     worst = 0.0
-    for name in a:
-        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype == torch.float32
-        spread = float(a[name].std()) or 1.0
-        worst = max(worst, float((a[name] - b[name]).abs().max()) / spread)
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype == torch.float32
+        spread = float(a[key].std()) or 1.0
+        worst = max(worst, float((a[key] - b[key]).abs().max()) / spread)
     assert within(name, worst, rel), worst
     return worst
 

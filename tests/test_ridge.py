@@ -27,7 +27,7 @@ def test_the_closed_form_is_sklearns_ridge_on_the_standardized_vectors():
     ours = torch.stack([fitted.predict(v) for v in new]).double()
     theirs = torch.from_numpy(reference.predict(((new - fitted.cond_mean) / fitted.cond_scale).double().numpy()))
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)  # float32 out, from float64 arithmetic
-    assert fitted.weight.shape == (rows.shape[1], vectors.shape[1])
+    assert fitted.dual.shape == rows.shape and fitted.conditions.shape == vectors.shape  # n x D, never D x d
 
 
 def test_a_linear_task_family_is_recovered_for_a_task_left_out():
@@ -54,8 +54,8 @@ def test_leave_one_task_out_picks_the_lam_whose_predictions_point_where_the_left
     assert tied == {1e-3: 0.0, 1.0: 0.0} and fit_ridge_loto(*same, grid=(1e-3, 1.0))[0].lam == pytest.approx(_scale(exact[0]))
     with pytest.raises(ValueError, match="at least 2 training tasks"):
         loto_scores(exact[0][:1], exact[1][:1])
-    single, _ = fit_ridge_loto(exact[0][:1], exact[1][:1])  # one training task: its row, whatever the vector
-    assert torch.allclose(single.predict(exact[0][5]), exact[1][0])
+    single, none = fit_ridge_loto(exact[0][:1], exact[1][:1])  # one training task: its row, whatever the vector
+    assert torch.allclose(single.predict(exact[0][5]), exact[1][0]) and none == {}
 
 
 def test_a_held_out_task_never_reaches_the_map():
@@ -75,7 +75,7 @@ def test_a_held_out_task_never_reaches_the_map():
         changed_vectors[t] = vectors[t] * -7 + 3
     again, scores_again = fit_training_tasks(changed_rows, task_index, tasks, changed_vectors, heldout)
     assert scores_again == scores and again.lam == fitted.lam
-    for name in ("cond_mean", "cond_scale", "row_mean", "weight"):
+    for name in ("cond_mean", "cond_scale", "row_mean", "conditions", "dual"):
         assert torch.equal(getattr(again, name), getattr(fitted, name)), name
 
     touched = rows.clone()

@@ -40,7 +40,8 @@ def test_a_run_goes_through_the_spool_in_order_and_the_spool_goes_when_sent():
     assert local.startswith("local-")
     track = tracking._trackers[tracking.tracking_uri()]
     ops = [r["op"] for r in _records(track.spool.path)]
-    assert ops == ["create_run", "log", "log", "log", "log", "log", "end"]  # params, 3 metric batches, the tag
+    # the run, the killed run it may take over, params, 3 metric batches, the tag, its end
+    assert ops == ["create_run", "close_orphans", "log", "log", "log", "log", "log", "end"]
     tracking.finish()
     assert not track.spool.path.exists() and not track.spool.sent_path.exists()  # all sent: nothing waits
     run = mlflow.get_run(tracking.store_run_id(local))
@@ -68,7 +69,7 @@ def test_a_store_that_fails_costs_nothing_and_a_sync_sends_every_record_once(mon
     path = track.spool.path
     tracking.finish()
     err = capsys.readouterr().err
-    assert f"{spool.public_uri(tracking.tracking_uri())}: 7 record(s) not sent (ConnectionError" in err
+    assert f"{spool.public_uri(tracking.tracking_uri())}: 8 record(s) not sent (ConnectionError" in err
     assert str(path) in err and "icmlora tracking sync" in err
     assert path.exists() and tracking.store_run_id(local) is None
 
@@ -88,7 +89,7 @@ def test_a_store_that_fails_costs_nothing_and_a_sync_sends_every_record_once(mon
     monkeypatch.setattr(spool.Sender, "send", real_send)
     spool.Spool(path).ack(0)  # as if the cut had come before any acknowledgement was written: all sent again
     (tracking.spool_folder() / spool.RUN_IDS).unlink()  # ... even the run's id: the run is found by its token
-    assert tracking.main(["sync"]) == {"sent": 7, "waiting": 0}
+    assert tracking.main(["sync"]) == {"sent": 8, "waiting": 0}
     assert not path.exists()
     run_id = tracking.store_run_id(local)
     runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list")
@@ -120,15 +121,15 @@ def test_offline_tracking_spools_a_whole_stage_without_asking_the_server(tmp_pat
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, ICMLORA_TRACKING="offline")
     done = subprocess.run([sys.executable, "-c", OFFLINE_STAGE], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "4 record(s) not sent (offline tracking" in done.stderr
+    assert "5 record(s) not sent (offline tracking" in done.stderr
     (path,) = (tmp_path / "state" / "tracking").glob("*.jsonl")
     text = path.read_text()
     assert "s3cret-pw" not in text and "alice" not in text
     assert json.loads(text.splitlines()[0])["uri"] == "http://127.0.0.1:9/"
-    assert [r["op"] for r in _records(path)] == ["create_run", "log", "log", "end"]
+    assert [r["op"] for r in _records(path)] == ["create_run", "close_orphans", "log", "log", "end"]
     status = subprocess.run([sys.executable, "-m", "icmlora", "tracking", "status"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
-    assert "4 record(s) wait in 1 spool(s)" in status.stdout, status.stdout + status.stderr
+    assert "5 record(s) wait in 1 spool(s)" in status.stdout, status.stdout + status.stderr
 
 
 def test_a_uri_keeps_no_credentials():
@@ -147,7 +148,29 @@ def test_a_sync_leaves_a_live_process_spool_and_another_store_spool_alone(tmp_pa
     other = spool.Tracker("sqlite:////nonexistent/other.db", tracking.EXPERIMENT, "evaluate", folder, send=False)
     other.create_run("x", {})
     other._lock_cm.__exit__(None, None, None)  # its process has ended
-    assert spool.sync(folder, here) == (0, 2, [])  # neither sent: one is live, the other is another store's
+    assert spool.sync(folder, here) == (0, 2, [], 1)  # neither sent: one is live, the other is another store's
     live._lock_cm.__exit__(None, None, None)
-    assert spool.sync(folder, here) == (2, 0, [])
+    assert spool.sync(folder, here) == (2, 0, [], 0)
     assert [s.header()["uri"] for s in spool.spools(folder)] == ["sqlite:////nonexistent/other.db"]
+
+
+def test_artifacts_keep_their_names_in_the_store(tmp_path):
+    """A file and a folder logged through the spool arrive under their own names (the spool keeps its
+    copies apart by number, in folders); a table is an artifact named as given, listed as a table."""
+    import pandas as pd
+
+    (tmp_path / "verdicts.txt").write_text("rank 4: better\n")
+    (tmp_path / "generator").mkdir()
+    (tmp_path / "generator" / "config.json").write_text("{}")
+    with tracking.start_run("report", "summary") as run:
+        run.log_artifact(tmp_path / "verdicts.txt")
+        run.log_artifact(tmp_path / "verdicts.txt", artifact_path="plots")
+        run.log_artifacts(tmp_path / "generator", artifact_path="generator")
+        run.log_table(pd.DataFrame({"a": [1]}), artifact_file="comparison.json")
+    tracking.finish()
+    run_id = tracking.store_run_id(run.run_id)
+    client = mlflow.MlflowClient()
+    names = sorted(f.path for f in client.list_artifacts(run_id)) + sorted(
+        f.path for d in ("plots", "generator") for f in client.list_artifacts(run_id, d))
+    assert names == ["comparison.json", "generator", "plots", "verdicts.txt", "generator/config.json", "plots/verdicts.txt"]
+    assert json.loads(mlflow.get_run(run_id).data.tags["mlflow.loggedArtifacts"]) == [{"path": "comparison.json", "type": "table"}]

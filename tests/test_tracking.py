@@ -15,7 +15,7 @@ import pytest
 import yaml
 from params_helpers import params_dict
 
-from icmlora import tracking
+from icmlora import spool, tracking
 from icmlora.errors import InputError
 
 
@@ -140,22 +140,26 @@ def test_a_killed_runs_orphan_is_marked_killed_and_named_by_the_run_that_takes_o
 
     # A run of this key whose process still runs is not an orphan (another process at work).
     with tracking.start_run("train_lora", "circle-r2-s0", params={"a": 1}, task="circle", rank=2) as outer:
+        deadline = time.monotonic() + 60
         while tracking.store_run_id(outer.run_id) is None:  # sent in the background: wait for it
+            assert time.monotonic() < deadline, "the run was not sent within 60 s"
             time.sleep(0.05)
         outer_id = tracking.store_run_id(outer.run_id)
-        assert tracking._close_orphans(mlflow, mlflow.get_run(outer_id).data.tags["run_key"]) is None
+        sender = spool.Sender(tracking.tracking_uri(), tracking.spool_folder())
+        run_key = mlflow.get_run(outer_id).data.tags["run_key"]
+        assert sender.close_orphans(run_key, "another-run", tracking.EXPERIMENT) is None
         assert mlflow.get_run(outer_id).info.status == "RUNNING"
 
 
 def test_the_process_tag_tells_a_live_process_from_a_gone_one():
-    mine = tracking._process_tag()
+    mine = spool.process_tag()
     host, pid, start = mine.rsplit(":", 2)
     assert host == socket.gethostname() and int(pid) == os.getpid() and int(start) > 0
-    assert tracking._process_alive(mine)
-    assert not tracking._process_alive(f"{host}:{pid}:{int(start) - 100}")  # the pid, given to a later process
+    assert spool.process_alive(mine)
+    assert not spool.process_alive(f"{host}:{pid}:{int(start) - 100}")  # the pid, given to a later process
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    assert not tracking._process_alive(f"{host}:{int(gone.stdout)}:{start}")
-    assert tracking._process_alive(f"another-host-{host}:{pid}:1")  # cannot tell: never closed
+    assert not spool.process_alive(f"{host}:{int(gone.stdout)}:{start}")
+    assert spool.process_alive(f"another-host-{host}:{pid}:1")  # cannot tell: never closed
 
 
 KILLED_STAGE = textwrap.dedent("""

@@ -68,9 +68,9 @@ def _runtime_settings(path: Path) -> tuple[bool, int]:
         from icmlora.config import read_yaml
 
         runtime = (read_yaml(path.read_text(encoding="utf-8"), path) or {}).get("runtime") or {}
+        portable, threads = runtime.get("portable_kernels", True), runtime.get("threads", 0)
     except Exception:  # noqa: BLE001 - any problem is the stage's parse's to report, not this one's
         return True, 0
-    portable, threads = runtime.get("portable_kernels", True), runtime.get("threads", 0)
     return portable is not False, threads if isinstance(threads, int) and threads > 0 else 0
 
 

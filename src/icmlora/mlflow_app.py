@@ -33,12 +33,17 @@ def create_app(app=None):
 
     app = app or mlflow_app
 
+    prefix = os.environ.get("_MLFLOW_STATIC_PREFIX", "").rstrip("/")  # mlflow server --static-prefix
+
     @app.before_request
     def _land_on_the_runs_table():
-        if request.path == "/" and LANDED not in request.args:
-            found = _experiment_id()
+        if request.path in ("/", f"{prefix}/") and LANDED not in request.args:
+            try:
+                found = _experiment_id()
+            except Exception:  # noqa: BLE001 - the store's trouble is MLflow's own page to show, not a 500 here
+                found = None
             if found is not None:  # a store the pipeline never logged to: MLflow's own home page
-                return redirect(f"/?{LANDED}=1#/experiments/{found}/runs")
+                return redirect(f"{prefix}/?{LANDED}=1#/experiments/{found}/runs")
         return None
 
     if os.environ.get("_MLFLOW_SGI_NAME") == "uvicorn":

@@ -32,7 +32,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -49,6 +51,8 @@ RUN_TOKEN_TAG = "icmlora.run_token"
 WAIT_VARIABLE, DEFAULT_WAIT_S = "ICMLORA_TRACKING_WAIT_S", 30.0
 OFFLINE_VARIABLE = "ICMLORA_TRACKING"
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits per request
+LOCAL_ID = re.compile(r"local-[0-9a-f]{32}")
+RUN_REFERENCE_TAGS = ("mlflow.parentRunId",)  # tags whose value is a run's id (a local one until it is sent)
 
 
 def offline() -> bool:
@@ -108,13 +112,17 @@ class Spool:
         self.files = path.with_suffix(".files")
 
     @classmethod
-    def create(cls, folder: Path, uri: str, experiment: str, stage: str) -> Spool:
+    def create(cls, folder: Path, uri: str, experiment: str, stage: str) -> tuple[Spool, contextlib.AbstractContextManager]:
+        """A new spool, named so that names sort as the spools were made (nanoseconds since the epoch,
+        whatever the time zone), and its lock, taken before its first line is written: a sync never
+        sees it half made. The caller holds the lock while its process lives."""
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{os.getpid()}-{stage}"
-        spool = cls(folder / f"{name}.jsonl")
+        spool = cls(folder / f"{time.time_ns():020d}-{os.getpid()}-{stage}.jsonl")
+        lock = spool.lock(blocking=True)
+        lock.__enter__()
         spool._append({"op": "open", "uri": public_uri(uri), "experiment": experiment, "stage": stage,
                        "pid": os.getpid(), "created": time.time()})
-        return spool
+        return spool, lock
 
     def _append(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -126,6 +134,14 @@ class Spool:
     def header(self) -> dict:
         with open(self.path, encoding="utf-8") as fh:
             return json.loads(fh.readline())
+
+    def readable_header(self) -> dict | None:
+        """The header, or None for a spool removed meanwhile (sent by another process) or not yet
+        written (its process has just made it)."""
+        try:
+            return self.header()
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def records(self) -> list[dict]:
         """Every record after the header; a last line cut short by a killed process is left out."""
@@ -140,13 +156,19 @@ class Spool:
         return out
 
     def acked(self) -> int:
-        return read_json(self.sent_path)["acked"] if self.sent_path.is_file() else 0
+        try:
+            return json.loads(self.sent_path.read_text())["acked"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            return 0  # none acknowledged yet (or the spool was sent and removed meanwhile)
 
     def ack(self, count: int) -> None:
         write_json(self.sent_path, {"acked": count})
 
     def pending(self) -> int:
-        return len(self.records()) - self.acked()
+        try:
+            return len(self.records()) - self.acked()
+        except OSError:
+            return 0  # sent and removed meanwhile
 
     def remove(self) -> None:
         for path in (self.path, self.sent_path, Path(f"{self.path}.lock")):
@@ -194,7 +216,8 @@ class Sender:
         return run_id
 
     def _tags(self, tags: dict[str, str]) -> dict[str, str]:
-        return {k: self._run(v) if isinstance(v, str) and v.startswith("local-") else v for k, v in tags.items()}
+        """Tags as sent: a run named by its local id (``mlflow.parentRunId``) by the store's id."""
+        return {k: self._run(v) if k in RUN_REFERENCE_TAGS and LOCAL_ID.fullmatch(str(v)) else v for k, v in tags.items()}
 
     def send(self, spool: Spool, record: dict, experiment: str) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -224,13 +247,35 @@ class Sender:
         elif op == "end":
             self.client.set_terminated(self._run(record["run"]), status=record["status"], end_time=record["time"])
         elif op == "artifacts":
-            source = spool.files / record["copy"]
+            source = spool.files / record["copy"]  # <n>/<the artifact's own name>
             if source.is_dir():
                 self.client.log_artifacts(self._run(record["run"]), str(source), record.get("artifact_path"))
             else:
                 self.client.log_artifact(self._run(record["run"]), str(source), record.get("artifact_path"))
+        elif op == "close_orphans":
+            self.close_orphans(record["run_key"], self._run(record["run"]), experiment)
         else:
             raise ValueError(f"{spool.path}: unknown record {op!r}")
+
+    def close_orphans(self, run_key: str, run_id: str, experiment: str) -> str | None:
+        """Mark KILLED the RUNNING runs of ``run_key`` (one stage, run name, tags, DVC experiment and
+        workspace on this host) whose process is gone, and tie the newest to ``run_id``, the run that
+        takes over (tags ``resumes_run_id`` / ``resumed_by_run_id``); returns its id. Sent as a
+        record, so a store that is down when a run starts holds up nothing."""
+        found = self.client.search_runs([self.experiment_id(experiment)],
+                                        filter_string=f"tags.run_key = '{run_key}' and attributes.status = 'RUNNING'",
+                                        order_by=["attributes.start_time DESC"], max_results=50)
+        orphans = [r for r in found if r.info.run_id != run_id and not process_alive(r.data.tags.get("process", ""))]
+        for orphan in orphans:
+            self.client.set_terminated(orphan.info.run_id, status="KILLED")
+        if not orphans:
+            return None
+        newest = orphans[0]
+        self.client.set_tag(run_id, "resumes_run_id", newest.info.run_id)
+        self.client.set_tag(newest.info.run_id, "resumed_by_run_id", run_id)
+        print(f"icmlora: MLflow run {newest.info.run_id} ({newest.info.run_name}) was left RUNNING by a process that is "
+              "gone: marked KILLED, resumed by the run now logged", flush=True)
+        return newest.info.run_id
 
     def drain(self, spool: Spool, progress=None) -> int:
         """Send what ``spool`` holds past its acknowledged count, acknowledging each record as it
@@ -252,9 +297,8 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, stage: str, folder: Path, send: bool = True):
         self.uri, self.experiment, self.stage, self.folder = uri, experiment, stage, folder
-        self.spool = Spool.create(folder, uri, experiment, stage)
-        self._lock_cm = self.spool.lock(blocking=True)
-        self._lock_cm.__enter__()  # held for the process's life: no sync takes a live spool
+        # The lock is held for the process's life: no sync takes a live spool.
+        self.spool, self._lock_cm = Spool.create(folder, uri, experiment, stage)
         self.count = 0
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()
@@ -297,7 +341,7 @@ class Tracker:
     def artifacts(self, run: str, path: str | Path, artifact_path: str | None = None) -> None:
         """A file or folder, copied into the spool now (the original may change before it is sent)."""
         path = Path(path)
-        copy = f"{self.count:06d}-{path.name}"
+        copy = f"{self.count:06d}/{path.name}"  # the artifact keeps its own name in the store
         target = self.spool.files / copy
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
@@ -305,12 +349,20 @@ class Tracker:
 
     # -- the sending thread --------------------------------------------------------------------------
     def _loop(self) -> None:
+        waiting_since = None  # a record names a run another process creates (a worker's parent run)
         try:
             sender = Sender(self.uri, self.folder)
             while True:
                 self._wake.wait(0.5)
                 self._wake.clear()
-                sender.drain(self.spool, progress=self._progress)
+                try:
+                    sender.drain(self.spool, progress=self._progress)
+                    waiting_since = None
+                except LookupError:
+                    waiting_since = waiting_since or time.monotonic()
+                    if time.monotonic() - waiting_since > _wait_seconds():
+                        raise
+                    continue
                 if self._stop.is_set() and self.pending() == 0:
                     return
         except BaseException as exc:  # noqa: BLE001 - whatever stops the sending, the records stay spooled
@@ -326,7 +378,7 @@ class Tracker:
         """Wait for the records to go while they go; then say what is left, once."""
         self._stop.set()
         self._wake.set()
-        wait = float(os.environ.get(WAIT_VARIABLE, DEFAULT_WAIT_S))
+        wait = _wait_seconds()
         if self._thread is not None:
             self.last_progress = time.monotonic()
             while self._thread.is_alive() and time.monotonic() - self.last_progress < wait:
@@ -337,11 +389,50 @@ class Tracker:
             self.spool.remove()
             return
         why = ("offline tracking (ICMLORA_TRACKING=offline)" if not self.sending else
-               f"{type(self.error).__name__}: {str(self.error).splitlines()[0][:200]}" if self.error else
+               f"{type(self.error).__name__}: {first_line(self.error, 200)}" if self.error else
                f"no answer for {wait:.0f} s")
         print(f"icmlora {self.stage}: warning: MLflow tracking {public_uri(self.uri)}: {left} record(s) not sent "
               f"({why}); they wait in {self.spool.path} and are sent by the next stage that reaches the server, or "
               f"now with `icmlora tracking sync`. This stage's outputs are written.", file=sys.stderr, flush=True)
+
+
+def process_tag() -> str:
+    """``host:pid:start``: the start time tells a live process from a later one given the same pid."""
+    pid = os.getpid()
+    try:
+        import psutil
+
+        start = int(psutil.Process(pid).create_time())
+    except Exception:  # no psutil: the pid alone
+        start = 0
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def process_alive(tag: str) -> bool:
+    """Whether the process a run's ``process`` tag names still runs (True when it cannot tell:
+    another host, or an unreadable tag: such a run is never marked KILLED)."""
+    try:
+        host, pid, start = tag.rsplit(":", 2)
+        pid, start = int(pid), int(start)
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return True
+    try:
+        import psutil
+
+        process = psutil.Process(pid)
+        return not start or int(process.create_time()) == start
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    except Exception:  # psutil.NoSuchProcess, AccessDenied on a zombie
+        return False
 
 
 def _now() -> int:
@@ -349,30 +440,52 @@ def _now() -> int:
 
 
 def spools(folder: Path, uri: str | None = None) -> list[Spool]:
-    """The spools under ``folder`` (oldest first), those of ``uri`` only when given."""
+    """The spools under ``folder``, oldest first (those of ``uri`` only, when given); a spool removed
+    meanwhile, or whose first line its process has not written yet, is left out."""
     if not folder.is_dir():
         return []
-    found = [Spool(p) for p in sorted(folder.glob("*.jsonl"))]
-    return [s for s in found if uri is None or s.header().get("uri") == public_uri(uri)]
+    found = []
+    for path in sorted(folder.glob("*.jsonl")):
+        header = Spool(path).readable_header()
+        if header is not None and (uri is None or header.get("uri") == public_uri(uri)):
+            found.append(Spool(path))
+    return found
 
 
-def sync(folder: Path, uri: str) -> tuple[int, int, list[str]]:
-    """Send every spool of ``uri`` under ``folder`` not held by a live process, oldest first: (records
-    sent, records still waiting, problems). A spool stops at its first failure; later ones wait too
-    (they may refer to runs it creates)."""
-    sent, problems = 0, []
+def sync(folder: Path, uri: str) -> tuple[int, int, list[str], int]:
+    """Send every spool of ``uri`` under ``folder`` that no live process holds, oldest first: (records
+    sent, records still waiting, problems, spools held by running processes, which send their own).
+    A spool whose record names a run a later spool creates is tried again after the others; a store
+    that fails stops the sync (the rest waits for the next)."""
+    sent, problems, held, later = 0, [], 0, []
     sender = None
-    for spool in spools(folder, uri):
-        with spool.lock(blocking=False) as taken:
-            if not taken or problems:
-                continue  # a live process's own (it sends it), another sync's, or after a failure
-            before = spool.acked()
-            try:
-                sender = sender or Sender(uri, folder)
-                sent += sender.drain(spool)
-                spool.remove()
-            except Exception as exc:  # noqa: BLE001 - reported, the records stay for the next try
-                sent += spool.acked() - before
-                problems.append(f"{spool.path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-    waiting = sum(s.pending() for s in spools(folder, uri))
-    return sent, waiting, problems
+    for attempt in (0, 1):
+        for spool in (spools(folder, uri) if attempt == 0 else later):
+            with spool.lock(blocking=False) as taken:
+                if not taken:
+                    held += attempt == 0
+                    continue
+                before = spool.acked()
+                try:
+                    sender = sender or Sender(uri, folder)
+                    sent += sender.drain(spool)
+                    spool.remove()
+                except LookupError as exc:  # a run another spool creates: after the others
+                    sent += spool.acked() - before
+                    if attempt == 0:
+                        later.append(spool)
+                    else:
+                        problems.append(f"{spool.path}: {first_line(exc, 300)}")
+                except Exception as exc:  # noqa: BLE001 - reported, the records stay for the next try
+                    sent += spool.acked() - before
+                    problems.append(f"{spool.path}: {type(exc).__name__}: {first_line(exc, 300)}")
+                    return sent, sum(s.pending() for s in spools(folder, uri)), problems, held
+    return sent, sum(s.pending() for s in spools(folder, uri)), problems, held
+
+
+def first_line(exc: BaseException, limit: int) -> str:
+    return (str(exc).splitlines() or [""])[0][:limit]
+
+
+def _wait_seconds() -> float:
+    return float(os.environ.get(WAIT_VARIABLE, DEFAULT_WAIT_S))

@@ -45,11 +45,7 @@ def stage_parser(stage: str, doc: str | None) -> StageParser:
 
 
 def configure_process() -> None:
-    """Warnings and logging as a stage shows them, and the pinned thread count (``icmlora.kernels``);
-    worker processes a stage spawns call it too."""
-    from icmlora.kernels import apply_threads
-
-    apply_threads()
+    """Warnings and logging as a stage shows them; worker processes a stage spawns call it too."""
     # peft calls a transformers API that transformers marks deprecated: noise for our users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.basicConfig(level=os.environ.get("ICMLORA_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
@@ -59,6 +55,9 @@ def run_stage(main: Callable[[list[str] | None], object], argv: list[str] | None
     """Run a stage's ``main`` as a program; exits unless called with ``argv`` (then returns the status)."""
     as_program = argv is None
     configure_process()
+    from icmlora.kernels import apply_threads
+
+    apply_threads()  # the pinned thread count (workers: icmlora.workers.worker_threads)
     # Run with -m, the module is __main__; its spec still has the real name.
     spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
     stage = (spec.name if spec else main.__module__).rsplit(".", 1)[-1]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from icmlora.errors import InputError
-from icmlora.spool import SPOOL_FOLDER, Tracker, offline, public_uri, spools, sync
+from icmlora.spool import SPOOL_FOLDER, Tracker, offline, process_tag, public_uri, spools, sync
 
 EXPERIMENT = "icmlora"
 WORKSPACE = "workspace"  # the dvc_exp tag of runs made outside `dvc exp run`
@@ -200,34 +200,41 @@ def spool_folder() -> Path:
     return repo_root() / SPOOL_FOLDER
 
 
+READY = "ICMLORA_TRACKING_READY"  # the store a stage process checked: its workers inherit the check
+
+
 def _mlflow():
     """The client side of the store, checked and ready (``check_server``; the experiment exists; the
-    spools earlier stages left for this store sent, oldest first). Only at a stage's start."""
+    spools earlier stages left for this store sent, oldest first): once per process, at a stage's start
+    (after that nothing waits for the store). Workers a stage spawns inherit the check (``READY``)."""
     import mlflow
 
     uri = tracking_uri()
-    check_server(uri)
     mlflow.set_tracking_uri(uri)
+    if uri in _ready:
+        return mlflow
+    check_server(uri)
     ensure_experiment(mlflow.MlflowClient(), experiment_name())
-    if uri not in _synced:
-        _synced.add(uri)
-        sent, waiting, problems = sync(spool_folder(), uri)
-        if sent or problems:
-            print(f"icmlora: sent {sent} tracking record(s) that earlier stages left waiting for {public_uri(uri)}"
-                  + (f"; {waiting} still wait ({'; '.join(problems)})" if problems else ""), flush=True)
+    sent, waiting, problems, _ = sync(spool_folder(), uri)
+    if sent or problems:
+        print(f"icmlora: sent {sent} tracking record(s) that earlier stages left waiting for {public_uri(uri)}"
+              + (f"; {waiting} still wait ({'; '.join(problems)})" if problems else ""), flush=True)
+    _ready.add(uri)
+    os.environ[READY] = public_uri(uri)
     return mlflow
 
 
-_synced: set[str] = set()
+_ready: set[str] = set()
 _trackers: dict[str, Tracker] = {}
 
 
 def tracker(stage: str) -> Tracker:
     """This process's tracker for the current store (made on first use: the server checked then,
-    unless offline); its records are sent or left waiting when the process ends (``finish``)."""
+    unless offline or checked by the stage process that spawned this one); its records are sent or
+    left waiting when the process ends (``finish``)."""
     uri = tracking_uri()
     if uri not in _trackers:
-        if not offline():
+        if not offline() and os.environ.get(READY) != public_uri(uri):
             _mlflow()
         _trackers[uri] = Tracker(uri, experiment_name(), stage, spool_folder(), send=not offline())
         if len(_trackers) == 1:
@@ -281,58 +288,6 @@ def parent_run(stage: str, params: Any = None) -> Iterator[str]:
 def is_main_process() -> bool:
     """False in the non-zero ranks of an `accelerate launch` run: only rank 0 logs."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
-def _process_tag() -> str:
-    """``host:pid:start``: the start time tells a live process from a later one given the same pid."""
-    pid = os.getpid()
-    try:
-        import psutil
-
-        start = int(psutil.Process(pid).create_time())
-    except Exception:  # no psutil: the pid alone
-        start = 0
-    return f"{socket.gethostname()}:{pid}:{start}"
-
-
-def _process_alive(tag: str) -> bool:
-    """Whether the process a run's ``process`` tag names still runs (True when it cannot tell:
-    another host, or an unreadable tag: such a run is never marked KILLED)."""
-    try:
-        host, pid, start = tag.rsplit(":", 2)
-        pid, start = int(pid), int(start)
-    except ValueError:
-        return True
-    if host != socket.gethostname():
-        return True
-    try:
-        import psutil
-
-        process = psutil.Process(pid)
-        return not start or int(process.create_time()) == start
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    except Exception:  # psutil.NoSuchProcess, AccessDenied on a zombie
-        return False
-
-
-def _close_orphans(mlflow, run_key: str) -> str | None:
-    """Mark KILLED the RUNNING runs of this key whose process is gone; the newest one's id."""
-    client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(experiment_name())
-    found = client.search_runs([experiment.experiment_id],
-                               filter_string=f"tags.run_key = '{run_key}' and attributes.status = 'RUNNING'",
-                               order_by=["attributes.start_time DESC"], max_results=50)
-    orphans = [run for run in found if not _process_alive(run.data.tags.get("process", ""))]
-    for run in orphans:
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return orphans[0].info.run_id if orphans else None
 
 
 class Run:
@@ -396,16 +351,11 @@ def start_run(stage: str, run_name: str, params: Any = None, parent_run_id: str 
     run_key = hashlib.sha256(json.dumps([run_name, {k: v for k, v in all_tags.items() if k != "git_commit"},
                                          socket.gethostname(), str(repo_root())], sort_keys=True).encode()
                              ).hexdigest()[:16]
-    all_tags.update(run_key=run_key, process=_process_tag())
-    resumes = None if offline() else _close_orphans(_mlflow(), run_key)
-    if resumes:
-        all_tags["resumes_run_id"] = resumes
-        print(f"{stage}: MLflow run {resumes} ({run_name}) was left RUNNING by a process that is gone: marked KILLED")
+    all_tags.update(run_key=run_key, process=process_tag())
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = Run(track, track.create_run(run_name, all_tags))
-    if resumes:
-        track.log(resumes, tags={"resumed_by_run_id": run.run_id})
+    track.add({"op": "close_orphans", "run": run.run_id, "run_key": run_key})  # a killed run this one takes over
     if params is not None:
         run.log_params(flatten(params))
     try:
@@ -477,8 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     uri, folder = tracking_uri(), spool_folder()
     if args.command == "status":
-        waiting = {str(s.path): {"uri": s.header().get("uri"), "stage": s.header().get("stage"), "waiting": s.pending()}
-                   for s in spools(folder)}
+        waiting = {str(s.path): {"uri": h.get("uri"), "stage": h.get("stage"), "waiting": s.pending()}
+                   for s in spools(folder) if (h := s.readable_header()) is not None}
         for path, info in waiting.items():
             print(f"{info['waiting']:6d}  {info['stage']:<14} {info['uri']}  {path}")
         print(f"icmlora tracking: {sum(i['waiting'] for i in waiting.values())} record(s) wait in {len(waiting)} spool(s)")
@@ -487,9 +437,11 @@ def main(argv: list[str] | None = None) -> dict:
     import mlflow
 
     ensure_experiment(mlflow.MlflowClient(tracking_uri=uri), experiment_name())
-    sent, waiting, problems = sync(folder, uri)
+    sent, waiting, problems, held = sync(folder, uri)
     if problems:
         raise InputError(f"icmlora tracking sync: sent {sent} record(s) to {public_uri(uri)}, {waiting} still wait",
                          problems + ["run `icmlora tracking sync` again once the store answers"])
-    print(f"icmlora tracking: sent {sent} record(s) to {public_uri(uri)}; none wait")
+    print(f"icmlora tracking: sent {sent} record(s) to {public_uri(uri)}; "
+          + (f"{waiting} wait in {held} spool(s) of running stages, which send them themselves" if waiting
+             else "none wait"))
     return {"sent": sent, "waiting": waiting}

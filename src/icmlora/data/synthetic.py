@@ -167,7 +167,7 @@ def generate_family_split(cfg: SyntheticParams, count: int, seed: int,
             hue, choices = int(rng.integers(bands)), free
             if objects and rng.random() < family.confusers:
                 like_hue, like_row, _ = objects[int(rng.integers(len(objects)))]
-                if rng.random() < 0.5:  # the same hue in another row
+                if rng.random() < 0.5 or bands == 1:  # the same hue in another row (the only near miss of one band)
                     hue, choices = like_hue, [rc for rc in free if rc[0] != like_row]
                 else:  # another hue in the same row
                     hue = (like_hue + 1 + int(rng.integers(bands - 1))) % bands

@@ -27,7 +27,7 @@ generated against another source gets a paired bootstrap over the valid images.
 Writes metrics/comparison.csv (one row per task x rank x source x sample), metrics/bootstrap.csv
 (difference, interval and verdict per rank, task and comparison; pooled rows), metrics/cross_task.csv
 (generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``), metrics/evaluate.json
-(storage; the ridge map's regularization and leave-one-task-out errors per rank) and
+(storage; the ridge map's regularization and its leave-one-task-out scores per rank) and
 metrics/timing/evaluate.json. One MLflow run per evaluated adapter, tagged task,
 rank, source, sample, with the params evaluate reads.
 """

@@ -202,7 +202,7 @@ def _worker(index: int, ranks, cfg: Params, task: str, seed: int, inputs: str, p
         train_rank(cfg, task, rank, seed, accelerator, dataset, inputs, parent_id, base_dir, state_root,
                    bar_position=index)
         score_rank(cfg, task, rank, seed, base_map50, prepared, base_dir, state_root)
-    finish()  # a spawned worker exits without atexit: its tracking records are sent (or spooled) here
+    finish()  # its tracking records sent (or spooled, with the warning) before the worker reports done
 
 
 def _side_by_side(cfg: Params, task: str, seed: int, workers: int, inputs: str, prepared: Path, base_dir: Path,
