@@ -5,8 +5,10 @@
     .venv/bin/python bench/repro_time.py --label issue34 --compare b28e932   # two revisions side by side
 
 With --compare REV, both revisions (REV and --rev, default HEAD) are cloned fresh and reproduced in the
-same run, stage group by stage group in pipeline order (`dvc repro <group>`: every item of a matrix
-stage), alternating which revision goes first, so a machine that speeds up or slows down during the
+same run, stage group by stage group in pipeline order (`dvc repro -f -s <group>`: every item of a
+matrix stage, forced, since a revision whose fresh outputs equal its own committed lock bit for bit, as
+they do on the machine that made the lock, would skip a stage whose outputs are all git-tracked
+metrics), alternating which revision goes first, so a machine that speeds up or slows down during the
 run weighs on both alike; the record holds both runs' per-stage seconds and their ratios (after /
 before).
 
@@ -88,7 +90,7 @@ def compare(before_rev: str, after_rev: str, keep: bool) -> dict:
         for name in (("before", "after") if i % 2 == 0 else ("after", "before")):
             repo, env, _ = repos[name]
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "dvc", "repro", group], cwd=repo, env=env, check=True,
+            subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "-s", group], cwd=repo, env=env, check=True,
                            stdout=subprocess.DEVNULL)
             seconds[name][group] = round(time.perf_counter() - start, 1)
             print(f"repro_time: {name} {group} {seconds[name][group]} s", flush=True)
