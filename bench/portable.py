@@ -16,6 +16,7 @@ Then the cost: the default profile's base_model (--steps steps) with the pin and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -72,13 +73,8 @@ def reproduce(repo: Path, env: dict, changes: dict, cores: str | None, targets: 
     return time.perf_counter() - start
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="base_model steps of the timing runs (default 300)")
-    parser.add_argument("--repeats", type=int, default=2, help="timing runs per side (default 2)")
-    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "portable.json")
-    args = parser.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="portable-"))
+def identity(tmp: Path) -> dict:
+    """The micro pipeline from scratch under every setting: which outputs equal the first setting's."""
     outputs, seconds = {}, {}
     for i, (name, (changes, cores)) in enumerate(SETTINGS.items()):
         repo, env = clone(tmp / f"micro-{i}", "micro")
@@ -89,35 +85,55 @@ def main(argv=None) -> None:
     reference = outputs[first]
     same = {name: sorted(p for p, md5 in found.items() if reference.get(p) == md5) for name, found in outputs.items()}
     differ = {name: sorted(p for p, md5 in found.items() if reference.get(p) != md5) for name, found in outputs.items()}
-
-    # The pin's cost: base_model of the default profile, pinned and native alternately, in one clone.
-    repo, env = clone(tmp / "timing", None)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
-    text = (repo / "params.yaml").read_text()
-    changed = text.replace("    steps: 2400 ", f"    steps: {args.steps} ", 1)
-    if changed == text:
-        raise SystemExit("portable: params.yaml's base.train.steps is not 2400 as this script expects; update it")
-    (repo / "params.yaml").write_text(changed)
-    timing: dict[str, list[float]] = {"pinned": [], "native": []}
-    for _ in range(args.repeats):
-        for side, changes in (("pinned", {}), ("native", NATIVE)):
-            timing[side].append(round(reproduce(repo, env, changes, None, ["--force", "--single-item", "base_model"]), 1))
-    cost = {side: {"runs": values, "median": statistics.median(values)} for side, values in timing.items()}
-    record = {
+    return {
         "profile": "micro (every stage), reproduced from scratch per setting",
         "settings": {name: {"environment": changes, "taskset": cores, "seconds": seconds[name],
                             "outputs": len(outputs[name]), "identical_to_first": len(same[name]),
                             "differ_from_first": differ[name]} for name, (changes, cores) in SETTINGS.items()},
         "first": first,
         "pinned_outputs_identical": not differ["pinned, 1 core"],
-        "cost": {"what": f"default profile, base_model at {args.steps} steps, pinned and native alternated", **cost,
-                 "ratio_pinned_over_native": round(cost["pinned"]["median"] / cost["native"]["median"], 3)},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
     }
+
+
+def cost(tmp: Path, steps: int, repeats: int) -> dict:
+    """The pin's cost: base_model of the default profile, pinned and native alternately, in one clone."""
+    repo, env = clone(tmp / "timing", None)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
+    text = (repo / "params.yaml").read_text()
+    changed = text.replace("    steps: 2400 ", f"    steps: {steps} ", 1)
+    if changed == text:
+        raise SystemExit("portable: params.yaml's base.train.steps is not 2400 as this script expects; update it")
+    (repo / "params.yaml").write_text(changed)
+    timing: dict[str, list[float]] = {"pinned": [], "native": []}
+    for _ in range(repeats):
+        for side, changes in (("pinned", {}), ("native", NATIVE)):
+            timing[side].append(round(reproduce(repo, env, changes, None, ["--force", "--single-item", "base_model"]), 1))
+    found = {side: {"runs": values, "median": statistics.median(values)} for side, values in timing.items()}
+    return {"what": f"default profile, base_model at {steps} steps, pinned and native alternated", **found,
+            "ratio_pinned_over_native": round(found["pinned"]["median"] / found["native"]["median"], 3)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="base_model steps of the timing runs (default 300)")
+    parser.add_argument("--repeats", type=int, default=2, help="timing runs per side (default 2)")
+    parser.add_argument("--part", choices=("both", "identity", "cost"), default="both",
+                        help="identity (outputs across settings; needs no idle machine), cost (the timing; run it "
+                             "with nothing beside it) or both (default); one part keeps the other's record in --out")
+    parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "portable.json")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="portable-"))
+    record = json.loads(args.out.read_text()) if args.part != "both" and args.out.exists() else {}
+    if args.part in ("both", "identity"):
+        record.update(identity(tmp))
+    if args.part in ("both", "cost"):
+        record["cost"] = cost(tmp, args.steps, args.repeats)
+    record["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
     write_json(args.out, record)
     subprocess.run(["rm", "-rf", str(tmp)], check=False)
     print(f"portable: wrote {args.out}: pinned outputs identical across the pinned settings: "
-          f"{record['pinned_outputs_identical']}; pinned / native time {record['cost']['ratio_pinned_over_native']}")
+          f"{record.get('pinned_outputs_identical')}; pinned / native time "
+          f"{record.get('cost', {}).get('ratio_pinned_over_native')}")
 
 
 if __name__ == "__main__":

@@ -202,3 +202,38 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         raise SystemExit("usage: python tests/test_architecture.py --write   (rewrites dvc.yaml's source deps)")
     print("dvc.yaml: rewrote the source deps of", ", ".join(write_deps()) or "no stage")
+
+
+def test_the_committed_lock_records_the_committed_files():
+    """`dvc status` at a clean checkout has nothing to say about what git holds: every dependency and
+    output of dvc.lock that git tracks (stage code, metrics, plots; a folder when git tracks all of it)
+    hashes as the lock records it, and the lock names no stage dvc.yaml no longer has. Models and data
+    are in DVC's cache, not git, and are not checked here."""
+    import subprocess
+
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split())
+    folders = {p.as_posix() for f in tracked for p in Path(f).parents}
+    stale, checked = [], 0
+    with Repo(str(REPO)) as repo:
+        names = {stage.addressing for stage in repo.index.stages}
+        for stage in repo.index.stages:
+            for item in [*stage.deps, *stage.outs]:
+                if isinstance(item, ParamsDependency):
+                    continue
+                rel = Path(item.fs_path).relative_to(REPO).as_posix()
+                if rel in folders:
+                    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / rel).rglob("*") if p.is_file()}
+                    if not on_disk <= tracked:  # a folder git holds only part of (or a workspace's extra files)
+                        continue
+                elif rel not in tracked:
+                    continue
+                checked += 1
+                if item.hash_info != item.get_hash():
+                    stale.append(f"{stage.addressing}: {rel}")
+    locked = set(yaml.safe_load((REPO / "dvc.lock").read_text())["stages"])
+    assert checked > 100, checked
+    assert not stale, f"dvc.lock records other contents for {stale}: run `dvc repro` and commit dvc.lock"
+    assert locked <= names, f"dvc.lock names stages dvc.yaml does not have: {sorted(locked - names)}"

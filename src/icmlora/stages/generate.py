@@ -96,7 +96,10 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
     from icmlora.florence.hidden_states import icl_vectors
     from icmlora.images import load_images
 
-    examples = read_annotations(path)[: cfg.task_vectors.examples]
+    given = read_annotations(path)
+    examples = given[: cfg.task_vectors.examples]
+    print(f"icmlora generate: the task vector from the first {len(examples)} of {len(given)} examples in {path} "
+          f"(task_vectors.examples: {cfg.task_vectors.examples}, as the pipeline's task vectors)", file=sys.stderr)
     if len(examples) < 2:
         raise InputError(f"{path}: needs at least 2 labelled examples to compute a task vector")
     labels = sorted({b.label for e in examples for b in e.boxes})
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("generate", __doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--task-vector", type=Path, help="safetensors file holding one tensor 'vector' [d]")
-    source.add_argument("--examples", type=Path, help="Florence JSONL of labelled examples of the new task")
+    source.add_argument("--examples", type=Path, help="Florence JSONL of labelled examples of the new task (the first task_vectors.examples of them, "
+                        "16 by default, give its task vector)")
     parser.add_argument("--rank", type=int, help="adapter rank (a generator of that rank must exist)")
     parser.add_argument("--out", type=Path, help="output folder: one PEFT adapter per sample under it")
     parser.add_argument("--samples", type=int, default=None, help="z ~ N(0, I) draws besides z = 0 (default generate.samples)")
