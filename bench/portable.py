@@ -16,6 +16,7 @@ Then the cost: the default profile's base_model (--steps steps) with the pin and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -58,10 +59,36 @@ def clone(dest: Path, profile: str | None) -> tuple[Path, dict]:
     return dest, env
 
 
-def lock_outputs(repo: Path) -> dict[str, str]:
-    """{output path: md5} of every output and metrics/plots file dvc.lock records."""
+def _without_timings(value):
+    """A JSON value with every wall-clock figure (a key naming seconds) left out."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+def _content(repo: Path, path: str, md5: str) -> str:
+    """What an output holds, wall-clock timings aside: the lock's md5, or for JSON (a file, or a
+    folder of them) a hash of the JSON without its `*seconds*` keys; metrics/timing/ is timings only."""
+    if path.startswith("metrics/timing/"):
+        return "timings only"
+    target = repo / path
+    files = sorted(f for f in target.rglob("*") if f.is_file()) if target.is_dir() else [target]
+    if not files or any(f.suffix != ".json" for f in files):
+        return md5
+    digest = hashlib.md5()
+    for f in files:
+        digest.update(f.relative_to(repo).as_posix().encode())
+        digest.update(json.dumps(_without_timings(json.loads(f.read_text())), sort_keys=True).encode())
+    return "json:" + digest.hexdigest()
+
+
+def lock_outputs(repo: Path) -> dict[str, tuple[str, str]]:
+    """{output path: (md5, content without timings)} of every output and metrics/plots file dvc.lock records."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    return {o["path"]: (o["md5"], _content(repo, o["path"], o["md5"]))
+            for stage in lock["stages"].values() for o in stage.get("outs", [])}
 
 
 def reproduce(repo: Path, env: dict, changes: dict, cores: str | None, targets: list[str] | None = None) -> float:
@@ -83,15 +110,23 @@ def identity(tmp: Path) -> dict:
         print(f"portable: {name}: micro pipeline in {seconds[name]} s", flush=True)
     first = next(iter(SETTINGS))
     reference = outputs[first]
-    same = {name: sorted(p for p, md5 in found.items() if reference.get(p) == md5) for name, found in outputs.items()}
-    differ = {name: sorted(p for p, md5 in found.items() if reference.get(p) != md5) for name, found in outputs.items()}
+    same = {name: sorted(p for p, h in found.items() if reference.get(p) == h) for name, found in outputs.items()}
+    differ = {name: sorted(p for p, h in found.items() if reference.get(p) != h) for name, found in outputs.items()}
+    # what differs beyond wall-clock seconds (the LoRA metrics' train_seconds, metrics/timing/)
+    differ_content = {name: sorted(p for p, h in found.items() if reference.get(p, (None, None))[1] != h[1])
+                      for name, found in outputs.items()}
     return {
         "profile": "micro (every stage), reproduced from scratch per setting",
         "settings": {name: {"environment": changes, "taskset": cores, "seconds": seconds[name],
                             "outputs": len(outputs[name]), "identical_to_first": len(same[name]),
-                            "differ_from_first": differ[name]} for name, (changes, cores) in SETTINGS.items()},
+                            "differ_from_first": differ[name],
+                            "differ_beyond_timings": differ_content[name]}
+                     for name, (changes, cores) in SETTINGS.items()},
         "first": first,
-        "pinned_outputs_identical": not differ["pinned, 1 core"],
+        "timings": "wall-clock seconds differ between any two runs: metrics/timing/*.json, and the `*seconds*` keys "
+                   "of JSON outputs (metrics/lora/<task>-s<seed>/r<rank>.json's train_seconds); differ_beyond_timings "
+                   "compares those outputs without them",
+        "pinned_outputs_identical": not differ_content["pinned, 1 core"],
     }
 
 
