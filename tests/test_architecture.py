@@ -218,7 +218,7 @@ def test_the_committed_lock_records_the_committed_files():
     folders = {p.as_posix() for f in tracked for p in Path(f).parents}
     stale, checked = [], 0
     with Repo(str(REPO)) as repo:
-        names = {stage.addressing for stage in repo.index.stages}
+        names = {stage.name for stage in repo.index.stages}
         for stage in repo.index.stages:
             for item in [*stage.deps, *stage.outs]:
                 if isinstance(item, ParamsDependency):
@@ -232,7 +232,7 @@ def test_the_committed_lock_records_the_committed_files():
                     continue
                 checked += 1
                 if item.hash_info != item.get_hash():
-                    stale.append(f"{stage.addressing}: {rel}")
+                    stale.append(f"{stage.name}: {rel}")
     locked = set(yaml.safe_load((REPO / "dvc.lock").read_text())["stages"])
     assert checked > 100, checked
     assert not stale, f"dvc.lock records other contents for {stale}: run `dvc repro` and commit dvc.lock"
