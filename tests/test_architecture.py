@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,21 +197,11 @@ def write_deps(path: Path = REPO / "dvc.yaml") -> list[str]:
     return changed
 
 
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--write"]:
-        raise SystemExit("usage: python tests/test_architecture.py --write   (rewrites dvc.yaml's source deps)")
-    print("dvc.yaml: rewrote the source deps of", ", ".join(write_deps()) or "no stage")
-
-
 def test_the_committed_lock_records_the_committed_files():
     """`dvc status` at a clean checkout has nothing to say about what git holds: every dependency and
     output of dvc.lock that git tracks (stage code, metrics, plots; a folder when git tracks all of it)
     hashes as the lock records it, and the lock names no stage dvc.yaml no longer has. Models and data
     are in DVC's cache, not git, and are not checked here."""
-    import subprocess
-
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
@@ -237,3 +228,11 @@ def test_the_committed_lock_records_the_committed_files():
     assert checked > 100, checked
     assert not stale, f"dvc.lock records other contents for {stale}: run `dvc repro` and commit dvc.lock"
     assert locked <= names, f"dvc.lock names stages dvc.yaml does not have: {sorted(locked - names)}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit("usage: python tests/test_architecture.py --write   (rewrites dvc.yaml's source deps)")
+    print("dvc.yaml: rewrote the source deps of", ", ".join(write_deps()) or "no stage")

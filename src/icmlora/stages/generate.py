@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("generate", __doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--task-vector", type=Path, help="safetensors file holding one tensor 'vector' [d]")
-    source.add_argument("--examples", type=Path, help="Florence JSONL of labelled examples of the new task (the first task_vectors.examples of them, "
-                        "16 by default, give its task vector)")
+    source.add_argument("--examples", type=Path,
+                        help="Florence JSONL of labelled examples of the new task (the first "
+                             "task_vectors.examples of them, 16 by default, give its task vector)")
     parser.add_argument("--rank", type=int, help="adapter rank (a generator of that rank must exist)")
     parser.add_argument("--out", type=Path, help="output folder: one PEFT adapter per sample under it")
     parser.add_argument("--samples", type=int, default=None, help="z ~ N(0, I) draws besides z = 0 (default generate.samples)")
