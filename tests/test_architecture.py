@@ -210,11 +210,16 @@ def test_the_committed_lock_records_the_committed_files():
     stale, checked = [], 0
     with Repo(str(REPO)) as repo:
         names = {stage.name for stage in repo.index.stages}
+        # what DVC caches (models, data), and a folder holding some of it, is absent from a fresh clone
+        # whatever .gitignore git keeps there
+        cached = {Path(out.fs_path).relative_to(REPO) for stage in repo.index.stages for out in stage.outs if out.use_cache}
         for stage in repo.index.stages:
             for item in [*stage.deps, *stage.outs]:
                 if isinstance(item, ParamsDependency):
                     continue
                 rel = Path(item.fs_path).relative_to(REPO).as_posix()
+                if any(Path(rel) == c or c in Path(rel).parents or Path(rel) in c.parents for c in cached):
+                    continue
                 if rel in folders:
                     on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / rel).rglob("*") if p.is_file()}
                     if not on_disk <= tracked:  # a folder git holds only part of (or a workspace's extra files)
