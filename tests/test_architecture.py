@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PACKAGE = "icmlora"
-STAGES = ["prepare", "base_model", "train_lora", "collect_params", "task_vectors", "train_cvae", "generate",
+STAGES = ["prepare", "base_model", "train_lora", "collect_params", "task_vectors", "train_cvae", "generate", "few_shot",
           "evaluate", "report"]
 
 
@@ -156,7 +156,8 @@ def test_dvc_outputs_are_the_data_contract_paths():
     expected = {a.PREPARED_DIR, a.BASE_MODEL_DIR, a.BASE_MODEL_METRICS, a.BASE_MODEL_LOSS, a.TASK_VECTORS_FILE,
                 a.TASK_VECTORS_INFO, a.TASK_VECTOR_PLOTS, a.TASK_VECTOR_METRICS, a.GENERATED_DIR, a.GENERATE_METRICS,
                 a.COMPARISON_TABLE, a.CROSS_TASK_TABLE, a.BOOTSTRAP_TABLE, a.EVALUATE_METRICS, a.REPORT_PLOTS, a.SUMMARY_METRICS, a.VERDICTS,
-                *(a.timing_file(s) for s in ("base_model", "task_vectors", "generate", "evaluate", "report"))}
+                a.FEW_SHOT_DIR, a.FEW_SHOT_METRICS,
+                *(a.timing_file(s) for s in ("base_model", "task_vectors", "generate", "few_shot", "evaluate", "report"))}
     for task in tasks:
         for seed in seeds:
             expected |= {a.lora_group_dir(task, seed), a.lora_metrics_group_dir(task, seed)}

@@ -32,7 +32,7 @@ cvae:
   condition_head: 4
 """
 HELDOUT = ["red-top", "green-bottom"]
-BASELINES = ["base", "trained", "nearest_task", "retrieval_mix", "mean_training"]
+BASELINES = ["base", "trained", "nearest_task", "retrieval_mix", "mean_training", "few_shot_lora", "oracle_single"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_every_held_out_task_gets_every_baseline(family):
         for mix in mixes:  # k = 2 training tasks, weights summing to 1, none of them held out
             parts = dict(p.split(":") for p in mix.split("+"))
             assert len(parts) == 2 and abs(sum(map(float, parts.values())) - 1) < 0.02 and not set(parts) & set(HELDOUT)
-    assert set(frame[~frame["heldout"]]["source"]).isdisjoint({"nearest_task", "retrieval_mix", "mean_training"})
+    assert set(frame[~frame["heldout"]]["source"]).isdisjoint({"nearest_task", "retrieval_mix", "mean_training", "few_shot_lora",
+                                                               "oracle_single"})
     paired = pd.read_csv(family / "metrics" / "bootstrap.csv")
     for task in [*HELDOUT, POOLED_HELDOUT]:
         comparisons = set(paired[paired["task"] == task]["comparison"])

@@ -67,7 +67,10 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
         assert summary["ranks"]["2"][key] is not None, key
     assert {"generator_bytes", "checkpoint_bytes", "ratio"} <= set(summary["storage"])
     timing = json.loads((micro_repo / "metrics/timing/report.json").read_text())
-    assert {"generate_adapter_seconds", "train_lora_seconds_median", "speedup_median"} == set(timing)
+    assert {"generate_adapter_seconds", "train_lora_seconds_median", "speedup_median", "heldout_generator_seconds_median",
+            "few_shot_train_seconds_median", "few_shot_select_and_train_seconds_median",
+            "few_shot_train_over_generator"} == set(timing)
+    assert timing["heldout_generator_seconds_median"] > 0 and timing["few_shot_train_seconds_median"] > 0
     for png in ("generated_vs_trained", "comparisons", "task_heatmap_r2", "cvae_loss", "map_vs_novelty"):
         assert (micro_repo / f"metrics/plots/report/{png}.png").stat().st_size > 1000
     # Every comparison has its paired-bootstrap interval and verdict, pooled and per task.
@@ -80,9 +83,14 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
     # the ridge map among them, at every rank, by name in the summary and in the verdicts.
     for rank in ("1", "2"):
         held = summary["ranks"][rank]["heldout_tasks"]["triangle"]
-        assert {"generated", "trained", "ridge", "nearest_task", "retrieval_mix", "mean_training", "base"} <= set(held["map50"])
-        assert {"generated - ridge", "generated - nearest_task", "generated - retrieval_mix"} <= set(held["comparisons"])
+        assert {"generated", "trained", "ridge", "few_shot_lora", "oracle_single", "nearest_task", "retrieval_mix",
+                "mean_training", "base"} <= set(held["map50"])
+        assert {"generated - ridge", "generated - few_shot_lora", "generated - oracle_single", "generated - nearest_task",
+                "generated - retrieval_mix"} <= set(held["comparisons"])
         assert summary["ranks"][rank]["heldout_ridge_map50_median"] is not None
+        assert summary["ranks"][rank]["heldout_few_shot_lora_map50_median"] is not None
+        # hindsight: no single training adapter does better on the task than the one oracle_single picked
+        assert held["map50"]["oracle_single"] >= held["map50"]["nearest_task"]
     assert (micro_repo / "metrics/plots/report/heldout.png").stat().st_size > 1000
     evaluate_json = json.loads((micro_repo / "metrics/evaluate.json").read_text())
     assert set(evaluate_json["ridge"]) == {"1", "2"} and all(r["lam"] > 0 for r in evaluate_json["ridge"].values())
@@ -93,6 +101,11 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
     assert any(v.startswith("rank 2, held-out task triangle (no adapter of it in the generator's data): generated mAP50 ")
                for v in verdicts)
     assert any(v.startswith("rank 2, held-out task triangle: generated vs ridge: ") for v in verdicts)
+    assert any(v.startswith("rank 2, held-out task triangle: generated vs few_shot_lora: ") for v in verdicts)
+    few = json.loads((micro_repo / "metrics/few_shot.json").read_text())["tasks"]["triangle"]
+    for rank in (1, 2):  # the folder evaluate scored is the one the few_shot stage wrote
+        assert (micro_repo / f"models/few_shot/triangle-r{rank}/adapter_model.safetensors").is_file()
+        assert few[f"r{rank}"]["lr"] in load_params(micro_repo / "params.yaml").few_shot.lrs
     assert {"error_iou_median", "error_iou_checkpoints_median"} <= set(summary["ranks"]["2"])
     with sqlite3.connect(micro_repo / "mlflow.db") as db:
         pairs = db.execute(

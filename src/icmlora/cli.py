@@ -22,6 +22,7 @@ COMMANDS = {
     "task_vectors": "one vector per task from the model's hidden states",
     "train_cvae": "train one generator (CVAE) per rank over the training tasks' adapters",
     "generate": "sample PEFT adapters for every task, or for a new task vector/examples",
+    "few_shot": "held-out baseline: a LoRA trained on a held-out task's k support examples only",
     "evaluate": "detection metrics of base, trained, generated and baseline adapters",
     "report": "summary metrics, plots and the MLflow summary run",
     "score": "detection metrics of the base model, alone or with an adapter, on a Florence JSONL (not a stage)",

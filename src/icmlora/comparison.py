@@ -164,7 +164,7 @@ def error_overlap(ground_truth: Sequence[Sequence[Box]], a: Sequence[Sequence[Bo
 # The comparisons a generated adapter is judged by: the trained adapter it stands in for, and
 # the baselines it must beat to be more than a copy (``evaluate`` defines each source).
 COMPARED = ("trained", "avg_checkpoint", "noise", "wrong_task")
-COMPARED_HELDOUT = ("ridge", "nearest_task", "retrieval_mix", "mean_training", "base")
+COMPARED_HELDOUT = ("ridge", "few_shot_lora", "oracle_single", "nearest_task", "retrieval_mix", "mean_training", "base")
 
 
 def paired_bootstrap(tables: dict[tuple[str, str, str], AP50Table], tasks: list[str], heldout: set[str],

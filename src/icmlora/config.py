@@ -378,6 +378,17 @@ class EvaluateParams(Section):
     confidence: Annotated[float, Field(gt=0.5, lt=1)]
 
 
+class FewShotParams(Section):
+    """The held-out baseline ``few_shot_lora`` (``icmlora.few_shot``): a LoRA trained on a task's
+    support examples only, its lr and step count chosen by k-fold over those examples."""
+
+    lrs: Annotated[list[PositiveFloat], Field(min_length=1)]  # candidate learning rates
+    steps: Positive  # each run's length (warm-up, then cosine decay over it)
+    select_every: Positive  # candidate step counts: every N steps up to steps
+    folds: Annotated[int, Field(ge=2)]  # k-fold over the support examples to choose (lr, step)
+    seed: NonNegative  # the LoRAs' seed, as lora.seeds' (0: the pipeline's own initial A)
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -392,6 +403,7 @@ class Params(Section):
     cvae: CvaeParams
     generate: GenerateParams
     evaluate: EvaluateParams
+    few_shot: FewShotParams
 
     @field_validator("heldout_tasks")
     @classmethod

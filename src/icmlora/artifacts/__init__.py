@@ -39,6 +39,7 @@ BASE_MODEL_DIR = Path("models/base")
 LORA_DIR = Path("models/lora")
 CVAE_DIR = Path("models/cvae")
 GENERATED_DIR = Path("models/generated")
+FEW_SHOT_DIR = Path("models/few_shot")
 Z0_SAMPLE = "z0"  # the generated sample decoded from z = 0
 
 # --- metrics (git-tracked, `dvc metrics` / `dvc plots`) -------------------------------------
@@ -54,6 +55,7 @@ COMPARISON_TABLE = METRICS_DIR / "comparison.csv"
 CROSS_TASK_TABLE = METRICS_DIR / "cross_task.csv"
 BOOTSTRAP_TABLE = METRICS_DIR / "bootstrap.csv"
 EVALUATE_METRICS = METRICS_DIR / "evaluate.json"
+FEW_SHOT_METRICS = METRICS_DIR / "few_shot.json"
 SUMMARY_METRICS = METRICS_DIR / "summary.json"
 # Wall-clock times, apart from the metrics: `dvc metrics diff` compares only what a run decides.
 TIMING_DIR = METRICS_DIR / "timing"
@@ -151,6 +153,11 @@ def cvae_state_dir(rank: int, root: Path = STATE_DIR) -> Path:
 
 
 def generated_dir(task: str, rank: int, root: Path = GENERATED_DIR) -> Path:
+    return Path(root) / f"{task}-r{rank}"
+
+
+def few_shot_dir(task: str, rank: int, root: Path = FEW_SHOT_DIR) -> Path:
+    """models/few_shot/<task>-r<rank>/: the held-out baseline few_shot_lora (a PEFT folder)."""
     return Path(root) / f"{task}-r{rank}"
 
 

@@ -14,7 +14,11 @@ generator: ``nearest_task`` (the trained adapter of the training task whose vect
 tasks' trained adapters, ``retrieval_weights``), ``mean_training`` (the mean of every training
 task's trained adapter) and ``ridge`` (``icmlora.generators.ridge``: a linear map from the task
 vector to the adapter, fitted in closed form on the training tasks' rows, its regularization
-chosen by leaving one training task out at a time). A held-out task's own ``trained`` adapter is its upper bound: trained for
+chosen by leaving one training task out at a time). Two more held-out baselines: ``few_shot_lora``
+(stage ``few_shot``: a LoRA trained on the task's k support examples alone, the ones its task vector
+reads: what a user with those examples would do instead) and ``oracle_single``, the upper bound of any
+retrieval: the training task's trained adapter that scores best on the task's valid split, picked with
+hindsight (its sample names it). A held-out task's own ``trained`` adapter is its upper bound: trained for
 evaluation only, it never reaches the generator's data or the normalization statistics. Each generated adapter gets its parameter-space
 novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
 among that task's checkpoints, and the cosine similarity to it.
@@ -28,7 +32,8 @@ Writes metrics/comparison.csv (one row per task x rank x source x sample), metri
 (difference, interval and verdict per rank, task and comparison; pooled rows), metrics/cross_task.csv
 (generated z0 adapter of task i on task j, for ``evaluate.cross_task_ranks``), metrics/evaluate.json
 (storage; the ridge map's regularization and its leave-one-task-out scores per rank) and
-metrics/timing/evaluate.json. One MLflow run per evaluated adapter, tagged task,
+metrics/timing/evaluate.json (with, per held-out task, the seconds a user pays for a generated adapter:
+the task vector from its k examples, and sampling). One MLflow run per evaluated adapter, tagged task,
 rank, source, sample, with the params evaluate reads.
 """
 
@@ -49,18 +54,22 @@ from icmlora.artifacts import (
     CROSS_TASK_TABLE,
     CVAE_DIR,
     EVALUATE_METRICS,
+    FEW_SHOT_DIR,
+    FEW_SHOT_METRICS,
     GENERATED_DIR,
     LORA_DIR,
     LORA_MATRIX_DIR,
     PREPARED_DIR,
     TASK_VECTORS_FILE,
     Z0_SAMPLE,
+    few_shot_dir,
     final_adapter_dir,
     generated_dir,
     samples,
     timing_file,
 )
 from icmlora.artifacts.adapters import adapter_bytes, read_adapter, trajectory
+from icmlora.artifacts.annotations import read_split
 from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.generators import generator_bytes, read_generator
 from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, unflatten
@@ -68,8 +77,10 @@ from icmlora.artifacts.task_vectors import read_task_vectors
 from icmlora.comparison import AP50Table, ap50_table, bootstrap_counts, error_overlap, paired_bootstrap
 from icmlora.config import Params
 from icmlora.errors import InputError
-from icmlora.files import atomic_path, write_json
+from icmlora.files import atomic_path, read_json, write_json
+from icmlora.florence.hidden_states import icl_vectors
 from icmlora.generators.ridge import fit_training_tasks
+from icmlora.images import load_images
 from icmlora.lora import peft_config
 from icmlora.scoring import Scorer
 from icmlora.stage_cli import run_stage, stage_parser
@@ -103,7 +114,9 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
              matrix_root: Path = LORA_MATRIX_DIR, cvae_root: Path = CVAE_DIR, generated_root: Path = GENERATED_DIR,
              vectors_file: Path = TASK_VECTORS_FILE, out_csv: Path = COMPARISON_TABLE,
              cross_csv: Path = CROSS_TASK_TABLE, bootstrap_csv: Path = BOOTSTRAP_TABLE,
-             out_json: Path = EVALUATE_METRICS, timing: Path = timing_file("evaluate")) -> pd.DataFrame:
+             out_json: Path = EVALUATE_METRICS, timing: Path = timing_file("evaluate"), few_shot_root: Path = FEW_SHOT_DIR,
+             few_shot_json: Path = FEW_SHOT_METRICS) -> pd.DataFrame:
+    few_shot_json = Path(few_shot_json)
     from peft import get_peft_model
 
     seed0 = cfg.lora.seeds[0]
@@ -118,6 +131,17 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     g = torch.Generator().manual_seed(cfg.seed + cfg.evaluate.noise_seed)
     mean_norm = torch.stack([vectors[t] for t in tasks]).norm(dim=1).mean()
     start = time.perf_counter()
+    # What a user pays for a held-out task's adapter from its k examples: the task vector (the base reading
+    # them, as task_vectors computes it) here, sampling per rank below.
+    seconds: dict[str, dict] = {}
+    for task in (t for t in tasks if t in heldout):
+        began = time.perf_counter()
+        if cfg.task_vectors.method == "icl":
+            examples, folder = read_split(task, "train", prepared)
+            examples = examples[: cfg.task_vectors.examples]
+            icl_vectors(base, processor, examples, load_images([folder / e.image for e in examples]),
+                        cfg.predict.max_new_tokens)
+        seconds[task] = {"task_vector": round(time.perf_counter() - began, 3), "generate": {}}
     base_preds: dict[str, list] = {}
     counts: dict[str, np.ndarray] = {}
     for rank in cfg.lora.ranks:
@@ -209,7 +233,22 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
                                       for t in train_tasks])
                 sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train_tasks])
                 near = int(sims.argmax())
-                add(task, "nearest_task", train_tasks[near], scorer.predictions(task, as_weights(finals[near])))
+                single = [scorer.predictions(task, as_weights(f)) for f in finals]
+                add(task, "nearest_task", train_tasks[near], single[near])
+                # Hindsight: the one training adapter that does best on this very split (ties: the first).
+                single_map50 = [scorer.metrics(task, preds)["map50"] for preds in single]
+                best = int(np.argmax(single_map50))
+                add(task, "oracle_single", train_tasks[best], single[best])
+                folder = few_shot_dir(task, rank, few_shot_root)
+                chosen = read_json(few_shot_json)["tasks"].get(task, {}).get(f"r{rank}") if few_shot_json.is_file() else None
+                if chosen is None or not folder.is_dir():
+                    raise InputError(f"{folder}: no few_shot_lora adapter of held-out task {task} at rank {rank} (or none "
+                                     f"in {few_shot_json}); run `dvc repro few_shot`")
+                add(task, "few_shot_lora", f"lr={chosen['lr']:g},steps={chosen['steps']}",
+                    scorer.predictions(task, read_adapter(folder)[0]))
+                began = time.perf_counter()
+                manifest.denormalize(gen.sample(vectors[task], torch.zeros(1, gen.model.config.latent_dim))[0], stats)
+                seconds[task]["generate"][str(rank)] = round(time.perf_counter() - began, 4)
                 mix = retrieval_weights(sims, cfg.evaluate.retrieval_k, cfg.evaluate.retrieval_temperature)
                 add(task, "retrieval_mix", "+".join(f"{train_tasks[i]}:{w:.2f}" for i, w in mix.items()),
                     scorer.predictions(task, as_weights(sum(w * finals[i] for i, w in mix.items()))))
@@ -240,7 +279,9 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
         pd.DataFrame(paired).assign(resamples=cfg.evaluate.bootstrap_resamples, confidence=cfg.evaluate.confidence
                                     ).to_csv(tmp, index=False, float_format="%.6g")
     write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross), **({"ridge": ridges} if ridges else {})})
-    write_json(timing, {"seconds": round(time.perf_counter() - start, 2)})
+    write_json(timing, {"seconds": round(time.perf_counter() - start, 2),
+                        # per held-out task: the generator's task vector, and sampling per rank (report: beside few_shot's)
+                        "heldout_adapter_seconds": seconds})
     _log_runs(frame, stage_params(cfg, "evaluate"))
     return frame
 

@@ -86,12 +86,25 @@ def verdict_sentences(ranks: dict, confidence: float) -> list[str]:
     return out
 
 
-def timings(generate_timing: dict, lora_metrics: list[dict]) -> dict:
-    """Generating one adapter against training one (wall clock: kept apart from the metrics)."""
+def timings(generate_timing: dict, lora_metrics: list[dict], evaluate_timing: dict | None = None,
+            few_shot_timing: dict | None = None) -> dict:
+    """Generating one adapter against training one (wall clock: kept apart from the metrics). With held-out
+    tasks, what a user with a new task's k examples pays for its adapter: the task vector plus sampling,
+    against few_shot_lora's training (and choosing its lr and steps), medians over held-out tasks and ranks."""
     lora_seconds = [m["train_seconds"] for m in lora_metrics]
     generate = generate_timing["generate_adapter_seconds"]
-    return {"generate_adapter_seconds": generate, "train_lora_seconds_median": _median(lora_seconds),
-            "speedup_median": round(_median(lora_seconds) / generate, 1) if lora_seconds and generate else None}
+    out = {"generate_adapter_seconds": generate, "train_lora_seconds_median": _median(lora_seconds),
+           "speedup_median": round(_median(lora_seconds) / generate, 1) if lora_seconds and generate else None}
+    heldout = (evaluate_timing or {}).get("heldout_adapter_seconds") or {}
+    few = (few_shot_timing or {}).get("adapters") or {}
+    if heldout and few:
+        generator = [v["task_vector"] + g for v in heldout.values() for g in v["generate"].values()]
+        trained = [r["train_seconds"] for t in few.values() for r in t.values()]
+        chosen = [r["select_seconds"] + r["train_seconds"] for t in few.values() for r in t.values()]
+        out.update(heldout_generator_seconds_median=_median(generator), few_shot_train_seconds_median=_median(trained),
+                   few_shot_select_and_train_seconds_median=_median(chosen),
+                   few_shot_train_over_generator=round(_median(trained) / _median(generator), 1) if _median(generator) else None)
+    return out
 
 
 def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.DataFrame | None = None) -> dict:
@@ -131,7 +144,7 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.
                 "heldout_generated_over_trained_median": _median([_ratio(generated[t], trained[t]) for t in heldout]),
                 "heldout_generated_z0_map50_median": _median(z0[heldout]),
                 **{f"heldout_{source}_map50_median": _median(per_task(source).reindex(heldout))
-                   for source in ("ridge", "retrieval_mix", "mean_training", "base")}})
+                   for source in ("ridge", "few_shot_lora", "oracle_single", "retrieval_mix", "mean_training", "base")}})
             # Each held-out task by name: every method's mAP50 and generated's paired verdicts.
             methods = [m for m in HELDOUT_METHODS if m in set(part[part.task.isin(heldout)].source)]
             ranks[str(rank)]["heldout_tasks"] = {t: {"map50": {m: round(float(generated[t] if m == "generated" else
@@ -195,8 +208,10 @@ def comparison_plot(paired: pd.DataFrame, out: Path) -> Path:
     return path
 
 
-HELDOUT_METHODS = ("base", "mean_training", "nearest_task", "retrieval_mix", "ridge", "generated", "trained")
-HELDOUT_COMPARED = ("trained", "ridge", "retrieval_mix", "nearest_task", "mean_training", "base")
+HELDOUT_METHODS = ("base", "mean_training", "nearest_task", "retrieval_mix", "oracle_single", "ridge", "few_shot_lora",
+                   "generated", "trained")
+HELDOUT_COMPARED = ("trained", "ridge", "few_shot_lora", "oracle_single", "retrieval_mix", "nearest_task", "mean_training",
+                    "base")
 
 
 def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], path: Path) -> Path:
@@ -212,7 +227,8 @@ def heldout_plot(frame: pd.DataFrame, paired: pd.DataFrame, heldout: list[str], 
     names = [*heldout, POOLED_HELDOUT]
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, (1.0 + 0.45 * len(names)) * len(groups) + 0.6),
                              squeeze=False, gridspec_kw={"width_ratios": [1, 1.1]})
-    colours = dict(zip(HELDOUT_COMPARED, ("tab:brown", "tab:purple", "tab:red", "tab:green", "tab:orange", "tab:blue")))
+    colours = dict(zip(HELDOUT_COMPARED, ("tab:brown", "tab:purple", "tab:pink", "tab:olive", "tab:red", "tab:green",
+                                          "tab:orange", "tab:blue")))
     for (left, right), group in zip(axes, groups):
         label = group if isinstance(group, str) else f"rank {group}"
         part = frame[(frame["rank"] == group) & frame["task"].isin(heldout)]
@@ -308,7 +324,8 @@ def plots(frame: pd.DataFrame, cross: pd.DataFrame, cvae_dir: Path, out: Path) -
 
 def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = CROSS_TASK_TABLE,
            bootstrap_file: Path = BOOTSTRAP_TABLE, evaluate_file: Path = EVALUATE_METRICS,
-           generate_timing: Path = timing_file("generate"), lora_metrics_dir: Path = LORA_METRICS_DIR,
+           generate_timing: Path = timing_file("generate"), evaluate_timing: Path = timing_file("evaluate"),
+           few_shot_timing: Path = timing_file("few_shot"), lora_metrics_dir: Path = LORA_METRICS_DIR,
            cvae_metrics_dir: Path = CVAE_METRICS_DIR, summary_file: Path = SUMMARY_METRICS,
            plots_dir: Path = REPORT_PLOTS, verdicts_file: Path = VERDICTS,
            timing: Path = timing_file("report")) -> dict:
@@ -319,7 +336,8 @@ def report(cfg: Params, comparison: Path = COMPARISON_TABLE, cross_file: Path = 
     lora_metrics = [read_json(lora_metrics_file(t, r, s, lora_metrics_dir))
                     for t in cfg.data.tasks for r in cfg.lora.ranks for s in cfg.lora.seeds]
     summary = summarize(frame, cfg, read_json(evaluate_file), paired)
-    speed = timings(read_json(generate_timing), lora_metrics)
+    speed = timings(read_json(generate_timing), lora_metrics, *(
+        (read_json(evaluate_timing), read_json(few_shot_timing)) if cfg.heldout_tasks else ()))
     with atomic_dir(plots_dir) as tmp:  # the folder is replaced whole: no plot of a rank no longer in params
         drawn = plots(frame, cross, cvae_metrics_dir, tmp) + [comparison_plot(paired, tmp)]
         if cfg.heldout_tasks:

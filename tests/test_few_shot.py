@@ -1,0 +1,92 @@
+"""The held-out baseline few_shot_lora (icmlora.few_shot, stage few_shot): what it may read, how it
+chooses, and what it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from icmlora import few_shot as fs
+from icmlora.artifacts import few_shot_dir
+from icmlora.artifacts.adapters import read_adapter
+from icmlora.artifacts.annotations import read_split
+from icmlora.config import FewShotParams
+from icmlora.errors import InputError
+from icmlora.stages.few_shot import few_shot
+
+
+def test_folds_split_the_support_examples_into_disjoint_non_empty_parts():
+    folds = fs.fold_indices(7, 3)
+    assert folds == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(i for f in folds for i in f) == list(range(7))
+    with pytest.raises(InputError, match="few_shot.folds is 5"):
+        fs.fold_indices(4, 5)
+
+
+def test_candidate_steps_end_at_the_run_length():
+    def params(steps, every):
+        return FewShotParams(lrs=[1e-3], steps=steps, select_every=every, folds=2, seed=0)
+
+    assert fs.stops(params(200, 50)) == [50, 100, 150, 200]
+    assert fs.stops(params(210, 50)) == [50, 100, 150, 200, 210]
+    assert fs.stops(params(30, 50)) == [30]
+
+
+def test_the_best_mean_wins_and_ties_go_to_fewer_steps_then_the_smaller_lr():
+    assert fs.choose({(1e-3, 50): 0.2, (1e-3, 100): 0.5, (5e-3, 50): 0.4}) == (1e-3, 100)
+    assert fs.choose({(5e-3, 100): 0.5, (5e-3, 50): 0.5, (1e-3, 100): 0.5}) == (5e-3, 50)
+    assert fs.choose({(5e-3, 50): 0.5, (1e-3, 50): 0.5}) == (1e-3, 50)
+
+
+@pytest.mark.slow
+def test_few_shot_trains_and_chooses_on_the_support_examples_only(setting, tmp_path, monkeypatch):
+    """Every example a few-shot LoRA trains on or is chosen by is one of the k support examples (the
+    first task_vectors.examples of the held-out task's train split, what its task vector reads); each
+    fold's training leaves its held-back examples out; the final adapter trains on all k; no valid
+    image is ever read. The output is a PEFT folder per rank with the rank's LoRA tensors."""
+    cfg, root, _ = setting
+    task = cfg.heldout_tasks[0]
+    k = cfg.task_vectors.examples
+    support = [e.image for e in read_split(task, "train", root / "prepared")[0][:k]]
+    trained_on: list[list[str]] = []
+    scored_on: list[list[str]] = []
+    real_train, real_map50 = fs.train, fs.map50
+
+    def train(model, processor, dataset, *args, **kwargs):
+        trained_on.append([e.image for e in dataset.examples])
+        return real_train(model, processor, dataset, *args, **kwargs)
+
+    def map50(model, processor, examples, images, predict_params):
+        scored_on.append([e.image for e in examples])
+        return real_map50(model, processor, examples, images, predict_params)
+
+    monkeypatch.setattr(fs, "train", train)
+    monkeypatch.setattr(fs, "map50", map50)
+    out = tmp_path / "few_shot"
+    records = few_shot(cfg, root / "prepared", root / "base", out, tmp_path / "fs.json", tmp_path / "timing.json")
+
+    runs_per_rank = len(cfg.few_shot.lrs) * cfg.few_shot.folds + 1
+    assert len(trained_on) == runs_per_rank * len(cfg.lora.ranks)
+    for r in range(len(cfg.lora.ranks)):
+        runs = trained_on[r * runs_per_rank:(r + 1) * runs_per_rank]
+        for i, kept in enumerate(runs[:-1]):  # fold f held back, for each lr in turn
+            held = [support[j] for j in fs.fold_indices(k, cfg.few_shot.folds)[i % cfg.few_shot.folds]]
+            assert sorted(kept + held) == sorted(support) and not set(kept) & set(held)
+        assert runs[-1] == support  # the chosen setting trains on all k
+    assert scored_on and all(set(s) <= set(support) for s in scored_on)
+    written = json.loads((tmp_path / "fs.json").read_text())
+    assert written["tasks"] == records and set(records) == {task}
+    for rank in cfg.lora.ranks:
+        record = records[task][f"r{rank}"]
+        assert record["support"] == support
+        assert record["lr"] in cfg.few_shot.lrs and record["steps"] in fs.stops(cfg.few_shot)
+        assert len(record["cv_map50"]) == len(cfg.few_shot.lrs) * len(fs.stops(cfg.few_shot))
+        weights, config = read_adapter(few_shot_dir(task, rank, out))
+        assert config["r"] == rank and weights
+        assert all("lora_A" in n or "lora_B" in n for n in weights)
+        assert all(t.shape[0] == rank for n, t in weights.items() if "lora_A" in n)
+        assert any(torch.count_nonzero(t) for n, t in weights.items() if "lora_B" in n)  # trained: B moved off 0
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert set(timing["adapters"][task]) == {f"r{r}" for r in cfg.lora.ranks}
