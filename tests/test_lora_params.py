@@ -240,3 +240,15 @@ def test_streamed_safetensors_read_back_exactly(tmp_path):
         assert back[name].dtype == t.dtype and torch.equal(back[name], t)
     with pytest.raises(ValueError, match="dtype torch.float16 not supported"):
         save_streamed({"x": torch.zeros(2, dtype=torch.float16)}, tmp_path / "h.safetensors")
+
+
+def test_a_folder_that_holds_adapters_is_named_in_the_error(tmp_path):
+    """`icmlora score --adapter models/lora/<task>-s0/r4` (the rank's folder, not its final/) says where
+    the adapters are."""
+    for name in ("final", "checkpoints"):
+        (tmp_path / "r4" / name).mkdir(parents=True)
+    (tmp_path / "r4" / "final" / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"adapter folders inside it: final \(e\.g\. .*r4/final\)"):
+        read_adapter(tmp_path / "r4")
+    with pytest.raises(InputError, match=r"not found \(an adapter folder holds [^)]*\)$"):
+        read_adapter(tmp_path / "r4" / "checkpoints")  # nothing inside: no hint

@@ -54,7 +54,9 @@ def env(e2e_env) -> dict:
 
 
 def listing(root: Path) -> set[str]:
-    skip = (".git/", ".dvc/tmp/", "mlflow.db", "mlflow-artifacts/", ".dvc/cache/")
+    # state/tracking/: the tracking spool's map of run ids (icmlora.spool), kept on purpose for later
+    # processes; no output and no training state
+    skip = (".git/", ".dvc/tmp/", "mlflow.db", "mlflow-artifacts/", ".dvc/cache/", "state/tracking/")
     return {p.relative_to(root).as_posix() for p in root.rglob("*")
             if p.is_file() and not p.relative_to(root).as_posix().startswith(skip)}
 
@@ -155,7 +157,7 @@ def test_two_processes_train_what_one_process_trains(two, micro_pipeline):
 def test_two_processes_write_one_set_of_outputs_and_one_run_per_model(two):
     clone, before, _, _ = two
     assert listing(clone) == before  # the same files, replaced: no extra file from process 1, no state left
-    assert not (clone / "state").exists() or not any((clone / "state").rglob("*.json"))
+    assert not any(p for p in (clone / "state").rglob("*.json") if "tracking" not in p.relative_to(clone / "state").parts)
     logged = runs(clone / "mlflow.db")
     by_stage: dict[str, list[dict]] = {}
     for r in logged:

@@ -424,15 +424,20 @@ def process_alive(tag: str) -> bool:
         process = psutil.Process(pid)
         return not start or int(process.create_time()) == start
     except ImportError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(pid)
     except Exception:  # psutil.NoSuchProcess, AccessDenied on a zombie
         return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _now() -> int:

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from icmlora.errors import InputError
+from icmlora.spool import pid_alive
 
 DVC_BUCKET, MLFLOW_BUCKET = "icmlora-dvc", "icmlora-mlflow"
 USERS = ("alice", "bob")
@@ -107,16 +108,6 @@ def _wait_http(url: str, proc: subprocess.Popen | None, log: Path, seconds: floa
         time.sleep(0.3)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop_group(pid: int, timeout: float = 20) -> None:
     """SIGTERM the process group a server was started in (mlflow server spawns workers), then SIGKILL."""
     try:
@@ -130,7 +121,7 @@ def _stop_group(pid: int, timeout: float = 20) -> None:
             if done:
                 return
         except ChildProcessError:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
         time.sleep(0.2)
     try:
@@ -311,7 +302,7 @@ class Stack:
     # --- S3 -----------------------------------------------------------------------------------------
     def _running(self, name: str) -> bool:
         pid = self.state.pids.get(name)
-        return bool(pid) and _alive(pid)
+        return bool(pid) and pid_alive(pid)
 
     def start_s3(self) -> None:
         if self._running("s3"):

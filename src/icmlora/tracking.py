@@ -187,7 +187,15 @@ def ensure_experiment(client, name: str) -> str:
                     raise
         experiment = client.get_experiment_by_name(name)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        # Two stages can find the tag missing at once (queue workers on one SQLite file, two clones on
+        # one server): the store refuses the second insert of the same key. A SQLite store is tagged
+        # under its set-up lock; a server's refusal is no error once the tag reads as wanted.
+        with _store_lock(client.tracking_uri):
+            try:
+                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            except mlflow.exceptions.MlflowException:
+                if client.get_experiment(experiment.experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                    raise
     return experiment.experiment_id
 
 

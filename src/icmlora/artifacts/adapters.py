@@ -37,7 +37,9 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
     for path in (weights, config):
         if not path.is_file():
-            raise InputError(f"{path}: not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+            inside = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}")) if folder.is_dir() else []
+            hint = f"; adapter folders inside it: {', '.join(inside)} (e.g. {folder / inside[0]})" if inside else ""
+            raise InputError(f"{path}: not found (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}){hint}")
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
