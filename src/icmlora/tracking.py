@@ -222,7 +222,9 @@ def _mlflow():
     if uri in _ready:
         return mlflow
     check_server(uri)
-    ensure_experiment(mlflow.MlflowClient(), experiment_name())
+    with _store_lock(uri):  # the client creates a fresh SQLite store's tables: one process at a time
+        client = mlflow.MlflowClient()
+    ensure_experiment(client, experiment_name())
     sent, waiting, problems, _ = sync(spool_folder(), uri)
     if sent or problems:
         print(f"icmlora: sent {sent} tracking record(s) that earlier stages left waiting for {public_uri(uri)}"
