@@ -103,7 +103,7 @@ def timings(generate_timing: dict, lora_metrics: list[dict], evaluate_timing: di
         chosen = [r["select_seconds"] + r["train_seconds"] for t in few.values() for r in t.values()]
         out.update(heldout_generator_seconds_median=_median(generator), few_shot_train_seconds_median=_median(trained),
                    few_shot_select_and_train_seconds_median=_median(chosen),
-                   few_shot_train_over_generator=round(_median(trained) / _median(generator), 1) if _median(generator) else None)
+                   generator_speedup_over_few_shot_train=round(_median(trained) / _median(generator), 1) if _median(generator) else None)
     return out
 
 
