@@ -337,10 +337,28 @@ class CvaeTrainParams(Section):
     checkpoint_every: Positive
 
 
-class CvaeParams(Section):
-    """The generator: knobs of the paper's 1-D conv CVAE. Sizes left at 0 / [] follow D, the
-    flattened adapter's length; ``icmlora.cvae.architecture`` resolves them."""
+class HypernetParams(Section):
+    """``cvae.kind: hypernet``: an MLP from the task vector to the adapter row (``icmlora.generators.hypernet``)."""
 
+    hidden: Positive
+    layers: Positive
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class FlowParams(Section):
+    """``cvae.kind: flow``: conditional flow matching over rows (``icmlora.generators.flow``)."""
+
+    hidden: Positive
+    layers: Positive
+    steps: Positive  # Euler steps from z (the starting noise) to a row
+
+
+class CvaeParams(Section):
+    """The generator: which kind (``icmlora.generators``), and the knobs of each. The paper's 1-D conv
+    CVAE's sizes left at 0 / [] follow D, the flattened adapter's length; ``icmlora.cvae.architecture``
+    resolves them."""
+
+    kind: Literal["cvae", "ridge", "hypernet", "flow"]
     normalization: Literal["centered", "train_tasks", "per_checkpoint"]
     channels: list[Positive]
     max_layers: Positive
@@ -354,6 +372,8 @@ class CvaeParams(Section):
     condition_head: NonNegative
     decoder_condition: bool
     seed: NonNegative | None  # trains and samples the generators; None: the top-level seed
+    hypernet: HypernetParams
+    flow: FlowParams
     train: CvaeTrainParams
 
     @field_validator("kernel_size")

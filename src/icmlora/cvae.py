@@ -298,7 +298,8 @@ class CVAE(nn.Module):
 
 
 class Generator:
-    """A trained CVAE + the condition standardization: task vector -> normalized adapter row.
+    """A trained generator of any kind (``icmlora.generators``; the paper's CVAE first) + the condition
+    standardization: task vector -> normalized adapter row.
 
     The condition is the task vector minus the training tasks' mean vector, over their spread:
     raw hidden-state summaries of different tasks differ by little next to what they share.
@@ -327,6 +328,6 @@ class Generator:
     @torch.no_grad()
     def sample(self, vector: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Normalized adapter rows [len(z), D] (on the CPU) for one task vector, decoded where the model is."""
-        device = next(self.model.parameters()).device
+        device = next(iter([*self.model.parameters(), *self.model.buffers()])).device  # a ridge map has buffers only
         cond = self.condition(vector.reshape(1, -1).cpu()).expand(len(z), -1)
         return self.model.decode(z.to(device), cond.to(device)).float().cpu()

@@ -17,17 +17,24 @@ split): the squared error picks the largest lam of the grid, whose adapters reac
 the cosine picks lam <= 1e-3 of the unit, 0.64. Nothing of a task outside the rows passed in is
 read, so a held-out task cannot reach the map.
 
+As a generator kind (``cvae.kind: ridge``), ``RidgeGenerator`` holds the fitted map as a module,
+saved and sampled like every kind; it has no latent (every sample of a task is one adapter).
+
 Solved and kept in its dual form in float64: ``W = X^T (X X^T + lam I)^-1 (Y - mean Y)`` is never
 formed; an n x n system for n training tasks, and n x D numbers kept, whatever the adapter's length D.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from icmlora.cvae import Generator
+from icmlora.generators import architecture_from_json, check_shape
 
 standardization = Generator.standardization  # the CVAE's condition, exactly
 
@@ -113,3 +120,49 @@ def fit_training_tasks(rows: torch.Tensor, task_index: torch.Tensor, tasks: list
     vector are never read."""
     train_ids = [i for i, t in enumerate(tasks) if t not in heldout]
     return fit_ridge_loto(torch.stack([vectors[tasks[i]] for i in train_ids]), task_targets(rows, task_index, train_ids))
+
+
+@dataclass
+class RidgeArchitecture:
+    input_dim: int
+    condition_dim: int
+    tasks: int  # training tasks the map was fitted on (rows of its dual form)
+    lam: float
+
+    latent_dim = 1  # z is ignored
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RidgeArchitecture:
+        return architecture_from_json(cls, d)
+
+
+class RidgeGenerator(nn.Module):
+    """A fitted ``RidgeMap`` as a generator module: ``decode`` reads the standardized condition."""
+
+    def __init__(self, config: RidgeArchitecture):
+        super().__init__()
+        self.config = c = config
+        self.register_buffer("conditions", torch.zeros(c.tasks, c.condition_dim, dtype=torch.float64))
+        self.register_buffer("dual", torch.zeros(c.tasks, c.input_dim, dtype=torch.float64))
+        self.register_buffer("row_mean", torch.zeros(c.input_dim))
+
+    @classmethod
+    def from_map(cls, fitted: RidgeMap) -> RidgeGenerator:
+        module = cls(RidgeArchitecture(fitted.dual.shape[1], fitted.conditions.shape[1], len(fitted.conditions), fitted.lam))
+        module.conditions.copy_(fitted.conditions)
+        module.dual.copy_(fitted.dual)
+        module.row_mean.copy_(fitted.row_mean)
+        return module
+
+    def num_parameters(self) -> int:
+        return sum(b.numel() for b in self.buffers())
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        check_shape("z", z, self.config.latent_dim)
+        check_shape("cond", cond, self.config.condition_dim)
+        if z.shape[0] != cond.shape[0]:
+            raise ValueError(f"z and cond batch sizes differ: {z.shape[0]} vs {cond.shape[0]}")
+        return (self.row_mean.double() + (cond.double() @ self.conditions.T) @ self.dual).float()

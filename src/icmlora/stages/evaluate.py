@@ -278,16 +278,18 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     with atomic_path(bootstrap_csv) as tmp:
         pd.DataFrame(paired).assign(resamples=cfg.evaluate.bootstrap_resamples, confidence=cfg.evaluate.confidence
                                     ).to_csv(tmp, index=False, float_format="%.6g")
-    write_json(out_json, {"storage": storage, "evaluations": len(rows) + len(cross), **({"ridge": ridges} if ridges else {})})
+    write_json(out_json, {"generator_kind": cfg.cvae.kind, "storage": storage, "evaluations": len(rows) + len(cross),
+                          **({"ridge": ridges} if ridges else {})})
     write_json(timing, {"seconds": round(time.perf_counter() - start, 2),
                         # per held-out task: the generator's task vector, and sampling per rank (report: beside few_shot's)
                         "heldout_adapter_seconds": seconds})
-    _log_runs(frame, stage_params(cfg, "evaluate"))
+    _log_runs(frame, stage_params(cfg, "evaluate"), cfg.cvae.kind)
     return frame
 
 
-def _log_runs(frame: pd.DataFrame, params: dict) -> None:
-    """One MLflow run per evaluated adapter, so the compare view puts sources side by side."""
+def _log_runs(frame: pd.DataFrame, params: dict, kind: str) -> None:
+    """One MLflow run per evaluated adapter, so the compare view puts sources side by side; each tagged
+    with the pipeline's generator kind (``generator_kind``), so runs of several kinds compare too."""
     from icmlora.tracking import tracker
 
     track = tracker("evaluate")
@@ -295,7 +297,8 @@ def _log_runs(frame: pd.DataFrame, params: dict) -> None:
     shared = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in params.items()}
     for r in tqdm(frame.to_dict("records"), desc="evaluate: MLflow runs", unit="run", leave=False):
         tags = base_tags("evaluate", task=r["task"], rank=r["rank"], source=r["source"], sample=r["sample"],
-                         heldout="true" if r["heldout"] else "false")  # the filter: tags.heldout = "true"
+                         heldout="true" if r["heldout"] else "false",  # the filter: tags.heldout = "true"
+                         generator_kind=kind)
         run = track.create_run(f"{r['task']}-r{r['rank']}-{r['source']}-{r['sample']}", tags)
         metrics = [(k, float(r[k]), now, 0) for k in (*METRIC_KEYS, "novelty_ratio", "nn_cosine", "error_iou",
                                                       "error_iou_checkpoints") if k in r and pd.notna(r[k])]

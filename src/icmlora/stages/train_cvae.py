@@ -1,11 +1,13 @@
-"""Stage `train_cvae`: one generator per rank over the adapters of all training tasks.
+"""Stage `train_cvae`: one generator per rank over the adapters of all training tasks, of the kind
+``cvae.kind`` picks (``icmlora.generators``: the paper's CVAE, ridge, hypernet, flow).
 
     python -m icmlora.stages.train_cvae --rank 4       # or: icmlora train_cvae --rank 4
 
 Reads data/lora_matrix/r<rank>.* (normalized checkpoint rows) and data/task_vectors.safetensors;
 rows of ``heldout_tasks`` are never seen. The condition is the task vector standardized by the
 training tasks' vectors (``icmlora.cvae.Generator``: stored with the model, applied again at
-generation).
+generation). The trained kinds share one loop; ``ridge`` is solved in closed form (its lam by
+leaving one training task out), with no epochs.
 
 Writes models/cvae/r<rank>/ (``icmlora.artifacts.generators``) and metrics/cvae/r<rank>.csv
 (epoch, loss, recon, kl). Resumable: the training state is saved in state/cvae/r<rank>/ every
@@ -36,9 +38,11 @@ from icmlora.artifacts.generators import write_generator
 from icmlora.artifacts.lora_matrix import read_lora_matrix
 from icmlora.artifacts.task_vectors import read_task_vectors
 from icmlora.config import Params
-from icmlora.cvae import CVAE, Generator, architecture
+from icmlora.cvae import Generator
 from icmlora.errors import InputError
 from icmlora.files import write_text
+from icmlora.generators import build, noise_width, step_loss
+from icmlora.generators.ridge import RidgeGenerator, fit_ridge_loto, task_targets
 from icmlora.resume import TrainingState, content_digest, fingerprint
 from icmlora.runtime import accelerate_params, make_accelerator, seed_everything, set_threads
 from icmlora.stage_cli import require, run_stage, stage_parser
@@ -66,8 +70,11 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     cond_mean, cond_scale = Generator.standardization(table[train_tasks])
     cond = (table[task_rows] - cond_mean) / cond_scale
 
-    shape = architecture(cfg.cvae, matrix.manifest.dim, table.shape[1])
-    model = CVAE(shape)
+    kind = cfg.cvae.kind
+    if kind == "ridge":
+        return _fit_ridge(cfg, rank, matrix, table, train_tasks, x, cond_mean, cond_scale, out_root, metrics_dir)
+    model = build(cfg.cvae, matrix.manifest.dim, table.shape[1])
+    shape = model.config
     accelerator = make_accelerator(cfg.runtime)
     hp = cfg.cvae.train
     generator = torch.Generator().manual_seed(seed)
@@ -96,7 +103,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     run_params = {**stage_params(cfg, "train_cvae"), **accelerate_params(accelerator), "model": shape.to_json(),
                   "rank": rank, "rows": len(x)}
     with start_run("train_cvae", f"cvae-r{rank}", params=run_params,
-                   rank=rank, source="generator") as run:
+                   rank=rank, source="generator", generator_kind=kind) as run:
         start = time.perf_counter()
         model.train()
         for epoch in tqdm(range(start_epoch, hp.epochs), desc=f"train_cvae r{rank}", unit="epoch",
@@ -109,14 +116,14 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                     lo, hi = p * n // processes, (p + 1) * n // processes
                     # The batch's noise drawn alike in every process (same seed, same draws), and this
                     # process's rows of it: N processes draw what one process draws.
-                    noise = torch.randn(n, shape.latent_dim)[lo:hi] if hi > lo else torch.zeros(1, shape.latent_dim)
+                    width = noise_width(kind, model)
+                    noise = torch.randn(n, width)[lo:hi] if hi > lo else torch.zeros(1, width)
                     # Losses are means over this process's rows and DDP averages the gradients: weight
                     # by the rows' share of the batch (a process without rows runs one at weight 0).
                     weight = processes * (hi - lo) / n
                     xb, cb = (xb[lo:hi], cb[lo:hi]) if hi > lo else (xb[:1], cb[:1])
                     xb, cb = xb.to(accelerator.device), cb.to(accelerator.device)
-                recon, mu, logvar = model(xb, cb, noise=noise)
-                total, rec, kl = accelerator.unwrap_model(model).loss(xb, recon, mu, logvar)
+                total, rec, kl = step_loss(kind, model, accelerator.unwrap_model(model), xb, cb, noise)
                 optimizer.zero_grad()
                 accelerator.backward(total * weight if processes > 1 else total)
                 optimizer.step()
@@ -134,7 +141,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
         if not accelerator.is_main_process:
             return {}
         model = accelerator.unwrap_model(model).eval()
-        meta = {"rank": rank, "model": shape.to_json(), "tasks": tasks, "train_tasks": [tasks[i] for i in train_tasks],
+        meta = {"rank": rank, "kind": kind, "model": shape.to_json(), "tasks": tasks, "train_tasks": [tasks[i] for i in train_tasks],
                 "holdout": list(cfg.heldout_tasks), "rows": len(x), "parameters": model.num_parameters(),
                 "task_vector_method": cfg.task_vectors.method}
         folder = write_generator(rank, Generator(model, cond_mean, cond_scale, meta), out_root)
@@ -154,6 +161,31 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     return {**meta, "train_seconds": round(seconds, 2), "epochs_run": hp.epochs - start_epoch, "final": history[-1]}
 
 
+def _fit_ridge(cfg: Params, rank: int, matrix, table: torch.Tensor, train_tasks: list[int], x: torch.Tensor,
+               cond_mean: torch.Tensor, cond_scale: torch.Tensor, out_root: Path, metrics_dir: Path) -> dict:
+    """``cvae.kind: ridge``: the closed-form map on the training tasks' mean rows, lam by leaving one
+    training task out among them (``icmlora.generators.ridge``); no epochs, so the loss file holds
+    its header alone and the run logs lam and the leave-one-task-out scores."""
+    tasks = matrix.tasks
+    start = time.perf_counter()
+    fitted, scores = fit_ridge_loto(table[train_tasks], task_targets(matrix.rows, matrix.task_index, train_tasks))
+    seconds = time.perf_counter() - start
+    model = RidgeGenerator.from_map(fitted)
+    run_params = {**stage_params(cfg, "train_cvae"), "model": model.config.to_json(), "rank": rank, "rows": len(x)}
+    meta = {"rank": rank, "kind": "ridge", "model": model.config.to_json(), "tasks": tasks,
+            "train_tasks": [tasks[i] for i in train_tasks], "holdout": list(cfg.heldout_tasks), "rows": len(x),
+            "parameters": model.num_parameters(), "task_vector_method": cfg.task_vectors.method,
+            "loto_cosine": {f"{c:.3g}": round(v, 6) for c, v in scores.items()}}
+    with start_run("train_cvae", f"cvae-r{rank}", params=run_params, rank=rank, source="generator",
+                   generator_kind="ridge") as run:
+        folder = write_generator(rank, Generator(model, cond_mean, cond_scale, meta), out_root)
+        write_text(cvae_loss_file(rank, metrics_dir), "epoch,loss,recon,kl\n")
+        run.set_tag("generator_dir", str(folder))
+        run.log_metrics({"train_seconds": seconds, "parameters": model.num_parameters(), "lam": fitted.lam})
+        run.log_artifacts(str(folder), artifact_path="generator")
+    return {**meta, "train_seconds": round(seconds, 2), "epochs_run": 0, "final": {"lam": fitted.lam}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = stage_parser("train_cvae", __doc__)
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank, from lora.ranks")
@@ -161,8 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     require(args.rank, cfg.lora.ranks, "--rank", "lora.ranks")
     out = train_cvae(cfg, args.rank)
     if out:
-        print(f"train_cvae: wrote {generator_dir(args.rank)} ({out['parameters']:,} parameters, {out['rows']} rows of "
-              f"{len(out['train_tasks'])} tasks, {out['train_seconds']:.0f} s, final recon {out['final']['recon']:.4f}) "
+        final = ", ".join(f"final {k} {v:.4g}" for k, v in out["final"].items() if k in ("recon", "kl", "lam"))
+        print(f"train_cvae: wrote {generator_dir(args.rank)} (kind {out['kind']}, {out['parameters']:,} parameters, "
+              f"{out['rows']} rows of {len(out['train_tasks'])} tasks, {out['train_seconds']:.0f} s, {final}) "
               f"and {cvae_loss_file(args.rank)}")
     return out
 
