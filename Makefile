@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family team team-down mutation docs docs-build clean-venv
+.PHONY: setup repro test test-fast test-long mlflow push bench scale seeds family family-folds team team-down mutation docs docs-build clean-venv
 
 setup: $(STAMP)
 
@@ -78,6 +78,12 @@ seeds: $(STAMP)
 # out) in a clone, at three generator seeds, against retrieval baselines: metrics/family/. About 40 min.
 family: $(STAMP)
 	$(BIN)/python bench/family.py
+
+# Every family task held out once (3 folds of 10): the generator kinds (cvae, ridge, hypernet, flow)
+# against ridge, few-shot LoRA and own trained LoRAs on 30 held-out tasks, best-of-N on the support
+# examples, one pooled paired bootstrap: metrics/family/folds/ (docs: generators). Target: under 2 h.
+family-folds: $(STAMP)
+	$(BIN)/python bench/family_folds.py
 
 # Mutation score of the modules that decide figures (pyproject.toml [tool.mutmut]): mutmut against the
 # fast tests, per module in metrics/mutation.json; survivors explained in docs/mutation-survivors.md.

@@ -187,3 +187,60 @@ def test_reference_method_without_trained_adapters_is_a_clear_error(setting, tmp
     with pytest.raises(InputError, match="method 'reference' needs the trained adapter"):
         compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
                              tmp_path / "tv.json", tmp_path / "m.json", tmp_path / "plots")
+
+
+@pytest.mark.slow
+def test_select_keeps_the_sample_that_scores_best_on_the_given_examples_and_never_reads_a_split(trained, tmp_path,
+                                                                                              monkeypatch):
+    """`generate --examples F --select N`: N candidates, each scored on F's examples and nothing else (no
+    prepared split, valid or train, is opened); the best is written, with every candidate's score.
+    The micro generator's samples all score 0, so the score is a stand-in that tells them apart (the
+    sum of the adapter's weights), and the examples each score sees are recorded."""
+    import dataclasses
+
+    import icmlora.artifacts.annotations
+    import icmlora.few_shot
+    import icmlora.scoring
+    from peft import get_peft_model_state_dict
+
+    from icmlora.florence.format import read_annotations, write_annotations
+    from icmlora.images import load_images
+    from icmlora.stages import generate
+
+    cfg, root, processor, out, _ = trained
+    source = root / "prepared" / "square" / "train"
+    given = read_annotations(source / "annotations.jsonl", check_images=False)[:6]
+    (tmp_path / "user").mkdir()
+    examples = []
+    for i, (e, image) in enumerate(zip(given, load_images([source / e.image for e in given]))):
+        image.save(tmp_path / "user" / f"{i}.png")  # a user's own files (the prepared images live in a tar)
+        examples.append(dataclasses.replace(e, image=f"{i}.png"))
+    write_annotations(tmp_path / "user" / "examples.jsonl", examples)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"--select read a prepared split: {args}")
+
+    seen = []
+
+    def stand_in(model, processor, scored, images, predict_params):
+        seen.append(([e.suffix for e in scored], len(images)))
+        return float(sum(v.double().sum() for v in get_peft_model_state_dict(model).values()))
+
+    monkeypatch.setattr(icmlora.artifacts.annotations, "read_split", refuse)
+    monkeypatch.setattr(icmlora.scoring.Scorer, "valid_split", refuse)
+    monkeypatch.setattr(icmlora.few_shot, "map50", stand_in)
+    monkeypatch.setattr(generate.select_one, "__defaults__", (trained[1] / "base", out / "cvae", out / "matrix"))
+    monkeypatch.setattr(generate.generate_one, "__defaults__", (out / "cvae", out / "matrix", None))
+    monkeypatch.setattr(generate, "read_generator", lambda rank, root=out / "cvae": read_generator(rank, root))
+    monkeypatch.setattr("icmlora.stage_cli.load_params", lambda _: cfg)
+    result = generate.main(["--examples", str(tmp_path / "user" / "examples.jsonl"), "--base", str(root / "base"),
+                            "--rank", "2", "--out", str(tmp_path / "picked"), "--select", "3"])
+    selection = json.loads((tmp_path / "picked" / "selection.json").read_text())
+    scores = selection["support_map50"]
+    assert sorted(scores) == ["0", "1", "z0"] and selection["scored_on"] == 6 and len(set(scores.values())) == 3
+    assert seen == [([e.suffix for e in examples], 6)] * 3  # F's examples, all of them, for every candidate
+    assert selection["chosen"] == max(scores, key=scores.get)
+    folders = [p for p in (tmp_path / "picked").iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [f"sample-{selection['chosen']}"] and result["adapters"] == [str(folders[0])]
+    weights, _ = read_adapter(folders[0])
+    assert float(sum(v.double().sum() for v in weights.values())) == pytest.approx(scores[selection["chosen"]], rel=1e-4)

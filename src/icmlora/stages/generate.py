@@ -3,6 +3,7 @@
     python -m icmlora.stages.generate                                 # every task x rank (the stage)
     icmlora generate --examples my_task.jsonl --rank 4 --out adapters/my_task
     icmlora generate --task-vector vec.safetensors --rank 4 --out adapters/my_task
+    icmlora generate --examples my_task.jsonl --rank 4 --out adapters/my_task --select 8
 
 For every task (held-out tasks included) and rank: ``generate.samples`` latents z ~ N(0, I)
 plus z = 0, decoded with the task's vector, de-normalized with the manifest's statistics
@@ -11,7 +12,11 @@ models/generated/<task>-r<rank>/sample-<k>/ (``sample-z0`` for z = 0). Each fold
 ``PeftModel.from_pretrained(base, folder)``. With ``--examples`` the task vector is computed
 from a Florence JSONL file of labelled examples by the base model (the ``icl`` method, as the
 ``task_vectors`` stage computes it), so a task the pipeline never saw gets an adapter without
-any training.
+any training. ``--select N`` then samples N adapters (z = 0 and N - 1 draws), scores each on the
+labelled examples of that file and nothing else (mAP50 by the base model with the adapter), and
+writes only the best (ties: z = 0, then the first draw), beside ``selection.json`` (every
+candidate's score). It only pays when a generator's samples differ (``cvae.kind: flow``; the CVAE's
+latent carries little, ridge and hypernet have none).
 """
 
 from __future__ import annotations
@@ -116,15 +121,21 @@ def vector_from_examples(cfg: Params, path: Path, base_dir: Path = BASE_MODEL_DI
     return pooled[cfg.task_vectors.pooling].mean(0)
 
 
+def check_method(gen: Generator, method: str | None, cvae_root: Path = CVAE_DIR) -> None:
+    """``method``: the kind of task vector given (None: unknown), which must be the generator's."""
+    if method is not None and gen.meta.get("task_vector_method") != method:
+        raise InputError(f"{generator_dir(gen.meta.get('rank'), cvae_root)} was conditioned on "
+                         f"{gen.meta.get('task_vector_method')!r} task vectors, and --examples computes {method!r} ones: "
+                         "a vector of another kind means nothing to it")
+
+
 def generate_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, samples: int, cvae_root: Path = CVAE_DIR,
                  matrix_root: Path = LORA_MATRIX_DIR, method: str | None = None) -> list[Path]:
     """Adapters for one task vector under ``out``; ``method``: the kind of vector it is (checked
     against the generator's) when known."""
     gen = read_generator(rank, cvae_root).to(scoring_device())
     manifest = read_manifest(rank, matrix_root)
-    if method is not None and gen.meta.get("task_vector_method") != method:
-        raise InputError(f"{generator_dir(rank, cvae_root)} was conditioned on {gen.meta.get('task_vector_method')!r} task "
-                         f"vectors, and --examples computes {method!r} ones: a vector of another kind means nothing to it")
+    check_method(gen, method, cvae_root)
     if manifest.mode == "per_checkpoint":
         raise InputError("generating for a new task needs cvae.normalization: centered or train_tasks (per_checkpoint "
                          "normalization de-normalizes with a trained checkpoint of the task)")
@@ -135,6 +146,41 @@ def generate_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, sample
         row = gen.sample(vector, z[None])[0]
         written.append(manifest.write_adapter(sample_dir(out, name), row, None, readme(out.name, rank, name, gen)))
     return written
+
+
+def select_one(cfg: Params, rank: int, out: Path, vector: torch.Tensor, candidates: int, examples_file: Path,
+               base_dir: Path = BASE_MODEL_DIR, cvae_root: Path = CVAE_DIR, matrix_root: Path = LORA_MATRIX_DIR) -> Path:
+    """Best-of-``candidates``: sample, score each on ``examples_file``'s examples only, write the best
+    under ``out`` with ``selection.json``; returns its folder."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from icmlora.artifacts.base_model import read_base_model
+    from icmlora.few_shot import map50
+    from icmlora.florence.format import read_annotations
+    from icmlora.images import load_images
+    from icmlora.lora import peft_config
+
+    if candidates < 1:
+        raise InputError(f"--select {candidates}: needs at least 1 candidate")
+    gen = read_generator(rank, cvae_root).to(scoring_device())
+    manifest = read_manifest(rank, matrix_root)
+    if vector.numel() != gen.cond_mean.numel():
+        raise InputError(f"task vector has {vector.numel()} values; the generator was trained on {gen.cond_mean.numel()}")
+    examples = read_annotations(examples_file)
+    images = load_images([examples_file.parent / e.image for e in examples])
+    base, processor = read_base_model(base_dir)
+    model = get_peft_model(base, peft_config(cfg.lora, rank)).to(scoring_device()).eval()
+    rows, scores = {}, {}
+    for name, z in latents(cfg.generator_seed(), out.name, rank, candidates - 1, gen.model.config.latent_dim).items():
+        rows[name] = gen.sample(vector, z[None])[0]
+        set_peft_model_state_dict(model, manifest.to_tensors(rows[name]))
+        scores[name] = map50(model, processor, examples, images, cfg.predict)
+    best = max(scores, key=lambda n: scores[n])  # the first of equals: z0, then the draws in order
+    folder = manifest.write_adapter(sample_dir(out, best), rows[best], None, readme(out.name, rank, best, gen))
+    write_json(out / "selection.json", {"examples": str(examples_file), "scored_on": len(examples), "chosen": best,
+                                        "support_map50": {n: round(v, 6) for n, v in scores.items()},
+                                        "generator_kind": gen.meta.get("kind", "cvae")})
+    return folder
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, help="output folder: one PEFT adapter per sample under it")
     parser.add_argument("--samples", type=int, default=None, help="z ~ N(0, I) draws besides z = 0 (default generate.samples)")
     parser.add_argument("--base", type=Path, default=BASE_MODEL_DIR, help=f"base model folder (for --examples; default {BASE_MODEL_DIR})")
+    parser.add_argument("--select", type=int, metavar="N", help="with --examples: sample N adapters, score each on "
+                        "those examples only, keep the best (and selection.json)")
     args, cfg = parser.parse(argv)
     if args.task_vector is None and args.examples is None:
         m = generate_all(cfg)
@@ -161,6 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
         vector, method = read_task_vector_file(args.task_vector), None
     else:
         vector, method = vector_from_examples(cfg, args.examples, args.base), "icl"
+    if args.select is not None:
+        if args.examples is None:
+            parser.error("--select scores the samples on labelled examples: it needs --examples")
+        check_method(read_generator(args.rank), method)
+        folder = select_one(cfg, args.rank, args.out, vector, args.select, args.examples, args.base)
+        print(f"generate: scored {args.select} samples on {args.examples}; wrote the best, {folder}, and "
+              f"{args.out / 'selection.json'}")
+        return {"adapters": [str(folder)], "selection": str(args.out / "selection.json")}
     written = generate_one(cfg, args.rank, args.out, vector, cfg.generate.samples if args.samples is None else args.samples,
                            method=method)
     print(f"generate: wrote {len(written)} adapters under {args.out} (load one with PeftModel.from_pretrained(base, folder))")
