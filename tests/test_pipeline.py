@@ -7,6 +7,7 @@ with test_reproducibility.py (the pipeline runs once per session, not once per m
 import json
 import sqlite3
 
+import pandas as pd
 import pytest
 from e2e_helpers import BIN, run
 from icmlora.config import load_params
@@ -91,6 +92,18 @@ def test_dvc_repro_whole_pipeline(micro_repo, env):
         assert summary["ranks"][rank]["heldout_few_shot_lora_map50_median"] is not None
         # hindsight: no single training adapter does better on the task than the one oracle_single picked
         assert held["map50"]["oracle_single"] >= held["map50"]["nearest_task"]
+        # best-of-N: one generated sample per held-out task and rank is chosen on the support examples, the
+        # one scoring best there (z0 first among equals), and compared with z = 0 on the same resamples
+        assert "best_of_n - z0" in held["comparisons"] and "best_of_n - z0" in summary["ranks"][rank]["heldout_comparisons"]
+        assert summary["ranks"][rank]["heldout_sample_map50_spread_median"] >= 0
+    frame = pd.read_csv(micro_repo / "metrics" / "comparison.csv")
+    samples = frame[(frame.source == "generated") & frame.heldout]
+    for _, group in samples.groupby(["task", "rank"]):
+        chosen = group[group["best_of_n"].astype(str) == "True"]
+        assert len(chosen) == 1 and chosen["support_map50"].iloc[0] == group["support_map50"].max()
+        ties = group[group["support_map50"] == group["support_map50"].max()]["sample"].astype(str).tolist()
+        assert chosen["sample"].astype(str).iloc[0] == ("z0" if "z0" in ties else ties[0])
+    assert frame[~frame.heldout]["support_map50"].isna().all()  # a training task has no support selection
     assert (micro_repo / "metrics/plots/report/heldout.png").stat().st_size > 1000
     evaluate_json = json.loads((micro_repo / "metrics/evaluate.json").read_text())
     assert set(evaluate_json["ridge"]) == {"1", "2"} and all(r["lam"] > 0 for r in evaluate_json["ridge"].values())

@@ -199,7 +199,23 @@ def paired_bootstrap(tables: dict[tuple[str, str, str], AP50Table], tasks: list[
     return rows
 
 
-def _row(task: str, other: str, difference: float, resampled: np.ndarray, confidence: float) -> dict:
+def best_of_n_rows(tables: dict[tuple[str, str, str], AP50Table], chosen: dict[str, str], counts: dict[str, np.ndarray],
+                   confidence: float, z0: str = "z0") -> list[dict]:
+    """Rows of ``best_of_n - z0`` per task of ``chosen`` ({task: the generated sample chosen on its support
+    examples}) and pooled over them (``POOLED_HELDOUT``): the chosen sample against the z = 0 sample, on
+    the same resamples."""
+    per = {}
+    for task, name in chosen.items():
+        a, b = tables[(task, "generated", name)], tables[(task, "generated", z0)]
+        per[task] = (float(ap50(a)[0] - ap50(b)[0]), ap50(a, counts[task]) - ap50(b, counts[task]))
+    rows = [_row(task, "", d, r, confidence, "best_of_n - z0") for task, (d, r) in per.items()]
+    if per:
+        rows.append(_row(POOLED_HELDOUT, "", float(np.mean([d for d, _ in per.values()])),
+                         np.mean([r for _, r in per.values()], axis=0), confidence, "best_of_n - z0"))
+    return rows
+
+
+def _row(task: str, other: str, difference: float, resampled: np.ndarray, confidence: float, name: str | None = None) -> dict:
     low, high, verdict = interval(resampled, confidence)
-    return {"task": task, "comparison": f"generated - {other}", "difference": difference, "ci_low": low,
+    return {"task": task, "comparison": name or f"generated - {other}", "difference": difference, "ci_low": low,
             "ci_high": high, "verdict": verdict}

@@ -21,7 +21,10 @@ retrieval: the training task's trained adapter that scores best on the task's va
 hindsight (its sample names it). A held-out task's own ``trained`` adapter is its upper bound: trained for
 evaluation only, it never reaches the generator's data or the normalization statistics. Each generated adapter gets its parameter-space
 novelty: distance to the nearest training checkpoint over the median nearest-neighbour distance
-among that task's checkpoints, and the cosine similarity to it.
+among that task's checkpoints, and the cosine similarity to it. A held-out task's generated samples are
+also scored on its k support examples (the ones its task vector reads; ``support_map50``), and the best
+of them is marked ``best_of_n``: what ``generate --select`` would keep. bootstrap.csv's ``best_of_n - z0``
+rows compare it with the z = 0 sample, per held-out task and pooled.
 
 Each generated adapter also gets its function-space novelty (``icmlora.comparison``): the IoU
 of its errors with those of its nearest training checkpoint (``error_iou``), beside the same
@@ -74,9 +77,10 @@ from icmlora.artifacts.base_model import read_base_model
 from icmlora.artifacts.generators import generator_bytes, read_generator
 from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, unflatten
 from icmlora.artifacts.task_vectors import read_task_vectors
-from icmlora.comparison import AP50Table, ap50_table, bootstrap_counts, error_overlap, paired_bootstrap
+from icmlora.comparison import AP50Table, ap50_table, best_of_n_rows, bootstrap_counts, error_overlap, paired_bootstrap
 from icmlora.config import Params
 from icmlora.errors import InputError
+from icmlora.few_shot import map50, support_examples
 from icmlora.files import atomic_path, read_json, write_json
 from icmlora.florence.hidden_states import icl_vectors
 from icmlora.generators.ridge import fit_training_tasks
@@ -165,6 +169,7 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
             ridges[str(rank)] = {"lam": ridge.lam, "loto_cosine": {f"{c:.3g}": round(v, 6) for c, v in scores.items()}}
         tables: dict[tuple[str, str, str], AP50Table] = {}
         checkpoint_preds: dict[tuple[str, int], list] = {}
+        best_sample: dict[str, str] = {}  # held-out task -> the generated sample best on its support examples
 
         def as_weights(vec: torch.Tensor) -> dict[str, torch.Tensor]:
             return unflatten(vec, manifest.names, manifest.shapes)
@@ -200,15 +205,24 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
                 dists = torch.cdist(raw_rows[last][None], own[:-1])[0]
                 pair = int(own_index[int(dists.argmin())])
                 between = error_overlap(truth, checkpoint(task, last), checkpoint(task, pair))
-            vecs = {}
+            vecs, on_support = {}, {}
+            if task in heldout:  # best-of-N: each sample scored on the k examples the task vector reads, never the query
+                support, where = support_examples(task, cfg.task_vectors.examples, prepared)
+                support_images = load_images([where / e.image for e in support])
             for name, folder in generated.items():
                 weights, _ = read_adapter(folder)
                 vecs[name] = vec = flatten(weights, manifest.names)
                 nov = novelty(vec, train_rows, own)
                 preds = scorer.predictions(task, weights)
+                if task in heldout:  # the model holds this sample's weights now
+                    on_support[name] = map50(scorer.model, processor, support, support_images, cfg.predict)
                 nearest_preds = checkpoint(task, int(train_index[nov["nearest_index"]]))
                 add(task, "generated", name, preds, **{k: v for k, v in nov.items() if k != "nearest_index"},
                     error_iou=error_overlap(truth, preds, nearest_preds), error_iou_checkpoints=between)
+            if on_support:  # ties: z0 first, then the draws in order
+                best_sample[task] = max(sorted(on_support, key=lambda n: (n != Z0_SAMPLE, n)), key=lambda n: on_support[n])
+                rows[-len(generated):] = [{**r, "support_map50": on_support[r["sample"]],
+                                           "best_of_n": r["sample"] == best_sample[task]} for r in rows[-len(generated):]]
             # Baselines around the z0 sample.
             z0_nov = novelty(vecs[Z0_SAMPLE], train_rows, own)
             nearest = train_rows[z0_nov["nearest_index"]]
@@ -262,7 +276,8 @@ def evaluate(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
                         cross.append({"rank": rank, "adapter_task": task, "eval_task": other,
                                       "map50": scorer.score(other, z0_w)["map50"]})
         paired += [{"rank": rank, **row} for row in
-                   paired_bootstrap(tables, tasks, heldout, counts, cfg.evaluate.confidence)]
+                   paired_bootstrap(tables, tasks, heldout, counts, cfg.evaluate.confidence)
+                   + best_of_n_rows(tables, best_sample, counts, cfg.evaluate.confidence, Z0_SAMPLE)]
         storage[str(rank)] = {
             "generator_bytes": generator_bytes(rank, cvae_root),
             "checkpoint_bytes": sum(adapter_bytes(folder) for t in tasks if t not in heldout for s in cfg.lora.seeds

@@ -70,8 +70,9 @@ def verdict_sentences(ranks: dict, confidence: float) -> list[str]:
     for rank, values in ranks.items():
         for key, group in (("comparisons", "training tasks"), ("heldout_comparisons", "held-out tasks")):
             for comparison, c in (values.get(key) or {}).items():
-                other = comparison.removeprefix("generated - ")
-                out.append(f"rank {rank}, {group}: generated vs {other}: {_verdict(c, confidence)}")
+                pair = (f"generated vs {comparison.removeprefix('generated - ')}" if comparison.startswith("generated - ")
+                        else comparison.replace(" - ", " vs "))  # best_of_n - z0
+                out.append(f"rank {rank}, {group}: {pair}: {_verdict(c, confidence)}")
         for task, held in (values.get("heldout_tasks") or {}).items():
             m = held["map50"]
             out.append(f"rank {rank}, held-out task {task} (no adapter of it in the generator's data): generated mAP50 "
@@ -145,6 +146,13 @@ def summarize(frame: pd.DataFrame, cfg: Params, evaluate_json: dict, paired: pd.
                 "heldout_generated_z0_map50_median": _median(z0[heldout]),
                 **{f"heldout_{source}_map50_median": _median(per_task(source).reindex(heldout))
                    for source in ("ridge", "few_shot_lora", "oracle_single", "retrieval_mix", "mean_training", "base")}})
+            held_gen = part[(part.source == "generated") & part.task.isin(heldout)]
+            if "best_of_n" in held_gen and held_gen["best_of_n"].notna().any():  # chosen on the support examples
+                best = held_gen[held_gen["best_of_n"].astype(str) == "True"].set_index("task")["map50"]
+                ranks[str(rank)].update({
+                    "heldout_best_of_n_map50_median": _median(best.reindex(heldout)),
+                    # how much the samples differ: best minus worst sample's query mAP50, per held-out task
+                    "heldout_sample_map50_spread_median": _median(held_gen.groupby("task")["map50"].agg(lambda v: v.max() - v.min()))})
             # Each held-out task by name: every method's mAP50 and generated's paired verdicts.
             methods = [m for m in HELDOUT_METHODS if m in set(part[part.task.isin(heldout)].source)]
             ranks[str(rank)]["heldout_tasks"] = {t: {"map50": {m: round(float(generated[t] if m == "generated" else
