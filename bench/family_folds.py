@@ -306,7 +306,8 @@ def plot(frame: pd.DataFrame, comparisons: list[dict], args, path: Path) -> None
     left.set_xticks(range(1, len(sources) + 1), sources, rotation=30, ha="right")
     left.set_ylabel("held-out mAP50 (query split)")
     left.set_title(f"{len(data[0])} held-out tasks, generator seed {first}")
-    shown = [c for c in comparisons if c["b"] in ("ridge", "few_shot_lora") and c["generator_seed"] == first]
+    shown = [c for c in comparisons if c["b"] in ("ridge", "few_shot_lora") and c["generator_seed"] == first
+             and not c["a"].endswith("_best")]
     for i, c in enumerate(shown):
         right.errorbar(c["difference"], i, xerr=[[c["difference"] - c["ci_low"]], [c["ci_high"] - c["difference"]]],
                        fmt="o", color={"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray"))
