@@ -165,3 +165,34 @@ def test_no_kind_reads_a_held_out_tasks_rows_or_vector(inputs, kind, tmp_path):
     weights = lambda root: (root / "r2" / "model.safetensors").read_bytes()  # noqa: E731
     assert weights(variant("heldout", "triangle")) == weights(plain)
     assert weights(variant("training", matrix.tasks[(held + 1) % len(matrix.tasks)])) != weights(plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["centered", "train_tasks"])
+def test_a_held_out_tasks_checkpoints_never_reach_the_normalization(setting, tmp_path, mode):
+    """A fold's normalization (collect_params): the held-out task's checkpoints changed, the center,
+    the statistics and every training row are bit-identical; a training task's changed, they are not."""
+    from safetensors.torch import load_file, save_file
+
+    from icmlora.artifacts import checkpoints_dir
+
+    cfg, root, _ = setting
+    cfg = cfg.model_copy(update={"cvae": cfg.cvae.model_copy(update={"normalization": mode})})
+
+    def normalized(task):
+        lora = tmp_path / f"lora-{task}"
+        shutil.copytree(root / "lora", lora)
+        if task:
+            for path in checkpoints_dir(task, 2, 0, lora).rglob("*.safetensors"):
+                save_file({k: v * 3 + 1 for k, v in load_file(str(path)).items()}, str(path))
+        collect_params(cfg, 2, lora, tmp_path / f"matrix-{task}")
+        m = read_lora_matrix(2, tmp_path / f"matrix-{task}")
+        train = m.task_index != m.tasks.index("triangle")
+        return m.manifest.data["normalization"], m.manifest.center, m.rows[train]
+
+    plain = normalized("")
+    held = normalized("triangle")
+    other = normalized("circle")
+    assert held[0] == plain[0] and torch.equal(held[2], plain[2])
+    assert (held[1] is None and plain[1] is None) or torch.equal(held[1], plain[1])
+    assert other[0] != plain[0] and not torch.equal(other[2], plain[2])
