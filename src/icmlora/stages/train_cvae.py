@@ -74,7 +74,7 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
     if kind == "ridge":
         return _fit_ridge(cfg, rank, matrix, table, train_tasks, x, cond_mean, cond_scale, out_root, metrics_dir)
     model = build(cfg.cvae, matrix.manifest.dim, table.shape[1])
-    shape = model.config
+    shape, width = model.config, noise_width(kind, model)  # read before Accelerate wraps the model (DDP)
     accelerator = make_accelerator(cfg.runtime)
     hp = cfg.cvae.train
     generator = torch.Generator().manual_seed(seed)
@@ -116,7 +116,6 @@ def train_cvae(cfg: Params, rank: int, matrix_root: Path = LORA_MATRIX_DIR, vect
                     lo, hi = p * n // processes, (p + 1) * n // processes
                     # The batch's noise drawn alike in every process (same seed, same draws), and this
                     # process's rows of it: N processes draw what one process draws.
-                    width = noise_width(kind, model)
                     noise = torch.randn(n, width)[lo:hi] if hi > lo else torch.zeros(1, width)
                     # Losses are means over this process's rows and DDP averages the gradients: weight
                     # by the rows' share of the batch (a process without rows runs one at weight 0).
