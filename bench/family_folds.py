@@ -3,6 +3,8 @@
 trained LoRA, on 30 held-out tasks pooled in one paired bootstrap.
 
     make family-folds                                         # = .venv/bin/python bench/family_folds.py
+    .venv/bin/python bench/family_folds.py --profile family-sharp --out metrics/family/folds-sharp
+                                                              # the harder family: 6 hue bands, 18 tasks
     .venv/bin/python bench/family_folds.py --repo PATH        # a family workspace that already holds
                                                               # its base, LoRAs and task vectors
 
@@ -22,16 +24,24 @@ task out once. Per fold, in this process, with the stages' own functions:
 - each held-out task is scored on its valid split (the query): base, its own trained LoRA,
   few_shot_lora, every kind's z = 0 sample (``<kind>``) and, for kinds whose samples differ,
   ``--samples`` - 1 draws, and best-of-N (``<kind>_best``): the sample (z = 0 included) with the best
-  mAP50 on the task's k support examples (the ones its task vector reads), never on the query.
+  mAP50 on the task's k support examples (the ones its task vector reads), never on the query;
+- retrieval, as ``evaluate`` builds it, from the fold's training tasks' trained adapters:
+  ``nearest_task`` (nearest task vector), ``retrieval_mix`` (similarity-weighted mix of the k
+  nearest), ``mean_training`` and ``oracle_single`` (the one with the best query mAP50, picked with
+  hindsight: the upper bound of any retrieval; a kind above it composes, one level with it retrieves);
+- the shuffled-condition control ``<kind>_wrong``: each kind given a training task's vector (a fixed
+  permutation of the fold's training tasks) in place of the held-out task's, z = 0.
 
 Writes metrics/family/folds/ (``--out``):
 - summary.json: per kind its held-out median, the pooled verdicts (paired bootstrap over the valid
-  images, per-task differences averaged resample by resample) against ridge, few_shot_lora and own
-  trained at every seed, best-of-N against z = 0, seconds to fit and to generate, size on disk,
-  final KL, sample spread; the issue's target checked; the folds and their time;
+  images, per-task differences averaged resample by resample) against ridge, few_shot_lora, own
+  trained and the retrievals at every seed, best-of-N against z = 0, against its own ``_wrong``
+  control, its margin over oracle_single per task, seconds to fit and to generate, size on disk,
+  final KL, sample spread; which training task the retrievals picked (same row or hue as the
+  held-out task); the issue's target checked; the folds and their time;
 - heldout.csv: mAP50 per held-out task x source x generator seed (query; support mAP50 for samples);
 - bootstrap.csv: every pooled comparison; kinds.png: the held-out mAP50 per source, and each kind's
-  margin over ridge and few_shot_lora with its interval.
+  margin over ridge, few_shot_lora and oracle_single with its interval.
 MLflow: every train_cvae and few_shot run goes to the workspace's store, tagged with its kind.
 """
 
@@ -58,6 +68,9 @@ from icmlora.files import atomic_path, write_json  # noqa: E402
 
 OUT = ROOT / "metrics" / "family" / "folds"
 BASELINES = ("ridge", "few_shot_lora", "trained")
+# What a task never trained gets without a generator: retrieval of training tasks' adapters, by task-vector
+# similarity or (oracle_single) with hindsight on the query split; every kind is compared with each.
+RETRIEVAL = ("oracle_single", "nearest_task", "retrieval_mix", "mean_training")
 
 
 def fold_tasks(cfg, fold: int) -> list[str]:
@@ -77,8 +90,8 @@ def workspace(args) -> Path:
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True)
     env = dict(os.environ, PYTHONPATH=str(repo / "src"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    subprocess.run([sys.executable, "-m", "icmlora", "profile", "family"], cwd=repo, env=env, check=True)
-    subprocess.run(["git", "commit", "--quiet", "-am", "profile family"], cwd=repo, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "icmlora", "profile", args.profile], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "commit", "--quiet", "-am", f"profile {args.profile}"], cwd=repo, env=env, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "repro", "collect_params", "task_vectors"], cwd=repo, env=env, check=True)
     return repo
 
@@ -86,6 +99,8 @@ def workspace(args) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, help="a family workspace holding its base, LoRAs and task vectors")
+    parser.add_argument("--profile", default="family",
+                        help="the family profile a new workspace merges (family; family-sharp: 6 hue bands)")
     parser.add_argument("--kinds", nargs="+", default=["cvae", "ridge", "hypernet", "flow"])
     parser.add_argument("--generator-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2], help="which folds (0 1 2: every task once)")
@@ -109,7 +124,7 @@ def run_folds(repo: Path, args):
     from icmlora.artifacts.adapters import read_adapter
     from icmlora.artifacts.base_model import read_base_model
     from icmlora.artifacts.generators import generator_bytes, read_generator
-    from icmlora.artifacts.lora_matrix import read_lora_matrix, unflatten
+    from icmlora.artifacts.lora_matrix import flatten, read_lora_matrix, unflatten
     from icmlora.artifacts.task_vectors import read_task_vectors
     from icmlora.comparison import ap50, ap50_table, bootstrap_counts
     from icmlora.config import load_params, params_from_dict, read_yaml
@@ -119,6 +134,7 @@ def run_folds(repo: Path, args):
     from icmlora.scoring import Scorer
     from icmlora.stages.collect_params import collect_params
     from icmlora.stages.few_shot import few_shot
+    from icmlora.stages.evaluate import retrieval_weights
     from icmlora.stages.generate import latents
     from icmlora.stages.train_cvae import train_cvae
 
@@ -130,13 +146,16 @@ def run_folds(repo: Path, args):
     scorer = Scorer(get_peft_model(base, peft_config(cfg0.lora, rank)).eval(), processor, cfg0.predict,
                     cfg0.evaluate.eval_images)
     work = repo / "folds"
+    manifest = read_lora_matrix(rank).manifest  # the adapters' layout (every fold's matrix shares it)
+    names, shapes = manifest.names, manifest.shapes
     records: list[dict] = []  # one per (task, source, sample, seed)
     results: dict[tuple[str, str, int], tuple[float, np.ndarray]] = {}  # (task, source, seed) -> (observed, resampled)
     fits: list[dict] = []
 
-    def score(task, source, sample, seed, weights=None, support=None, disable=False, **extra):
+    def score(task, source, sample, seed, weights=None, support=None, disable=False, preds=None, **extra):
         truth = [e.boxes for e in scorer.valid_split(task)[0]]
-        preds = scorer.predictions(task, weights, disable_adapter=disable)
+        if preds is None:
+            preds = scorer.predictions(task, weights, disable_adapter=disable)
         table = ap50_table(truth, preds, cfg0.task_label(task))
         observed, resampled = ap50(table)[0], ap50(table, counts[task])
         row = {"task": task, "source": source, "sample": sample, "generator_seed": seed, "map50": observed, **extra}
@@ -144,6 +163,37 @@ def run_folds(repo: Path, args):
             row["support_map50"] = map50(scorer.model, processor, *support, cfg0.predict)
         records.append(row)
         return row, (observed, resampled)
+
+    finals: dict[str, torch.Tensor] = {}  # a task's own trained adapter, flattened (fold-independent)
+
+    def final_row(task: str) -> torch.Tensor:
+        if task not in finals:
+            finals[task] = flatten(read_adapter(final_adapter_dir(task, rank, seed0))[0], names)
+        return finals[task]
+
+    def retrieval(task: str, held: list[str], fold: int) -> None:
+        """What a task never trained gets without a generator (as ``evaluate`` builds them): the trained
+        adapter of the training task with the nearest task vector, the similarity-weighted mix of the
+        k nearest, every training adapter averaged, and ``oracle_single``: the training adapter with
+        the best mAP50 on this very query split, picked with hindsight (the upper bound of retrieval)."""
+        train = [t for t in cfg0.data.tasks if t not in held]
+        rows = torch.stack([final_row(t) for t in train])
+        sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train])
+        truth = [e.boxes for e in scorer.valid_split(task)[0]]
+        single = [scorer.predictions(task, unflatten(r, names, shapes)) for r in rows]
+        single_map50 = [ap50(ap50_table(truth, p, cfg0.task_label(task)))[0] for p in single]
+        best, near = int(np.argmax(single_map50)), int(sims.argmax())
+        attrs = cfg0.task_attributes(task)
+        for source, i in (("nearest_task", near), ("oracle_single", best)):
+            other = cfg0.task_attributes(train[i])
+            _, results[(task, source, -1)] = score(task, source, train[i], -1, preds=single[i], fold=fold,
+                                                   same_row=other["row"] == attrs["row"], same_hue=other["hue"] == attrs["hue"])
+        mix = retrieval_weights(sims, cfg0.evaluate.retrieval_k, cfg0.evaluate.retrieval_temperature)
+        _, results[(task, "retrieval_mix", -1)] = score(
+            task, "retrieval_mix", "+".join(f"{train[i]}:{w:.2f}" for i, w in mix.items()), -1,
+            unflatten(sum(w * rows[i] for i, w in mix.items()), names, shapes), fold=fold)
+        _, results[(task, "mean_training", -1)] = score(task, "mean_training", "-", -1,
+                                                        unflatten(rows.mean(0), names, shapes), fold=fold)
 
     counts = {t: bootstrap_counts(len(scorer.valid_split(t)[0]), cfg0.evaluate.bootstrap_resamples,
                                   np.random.default_rng([cfg0.seed, cfg0.evaluate.noise_seed, i]))
@@ -165,6 +215,7 @@ def run_folds(repo: Path, args):
                                    ("trained", {"weights": read_adapter(final_adapter_dir(task, rank, seed0))[0]}),
                                    ("few_shot_lora", {"weights": read_adapter(few_shot_dir(task, rank, folder / "few_shot"))[0]})):
                 _, results[(task, source, -1)] = score(task, source, "-", -1, fold=fold, **kwargs)
+            retrieval(task, held, fold)
         for kind in args.kinds:
             for seed in args.generator_seeds if fold == args.folds[0] else args.generator_seeds[:1]:
                 kcfg = cfg.model_copy(update={"cvae": cfg.cvae.model_copy(update={"kind": kind, "seed": seed})})
@@ -172,6 +223,10 @@ def run_folds(repo: Path, args):
                 fitted = train_cvae(kcfg, rank, folder / "matrix", TASK_VECTORS_FILE, gen_root, folder / "state",
                                     folder / f"{kind}-g{seed}-loss")
                 gen = read_generator(rank, gen_root)
+                # The shuffled-condition control: each held-out task given a training task's vector (a
+                # fixed permutation of the fold's training tasks), z = 0, denormalized with its own statistics.
+                wrong_of = dict(zip(held, np.random.default_rng([cfg0.seed, fold]).permutation(
+                    [t for t in cfg0.data.tasks if t not in held]).tolist()))
                 spread = kind in ("cvae", "flow")  # the others ignore z: every sample is z = 0's
                 gen_seconds = []
                 for task in held:
@@ -186,6 +241,10 @@ def run_folds(repo: Path, args):
                         weights = unflatten(row, matrix.manifest.names, matrix.manifest.shapes)
                         scored[name] = score(task, kind, name, seed, weights, supports[task], fold=fold)
                     z0 = scored["z0"]
+                    other = wrong_of[task]
+                    wrong = matrix.manifest.denormalize(gen.sample(vectors[other], draws["z0"][None])[0], matrix.task_stats(task))
+                    _, results[(task, f"{kind}_wrong", seed)] = score(
+                        task, f"{kind}_wrong", other, seed, unflatten(wrong, matrix.manifest.names, matrix.manifest.shapes), fold=fold)
                     results[(task, kind, seed)] = z0[1]
                     best = max(scored, key=lambda n: (scored[n][0]["support_map50"], n == "z0"))  # ties: z = 0
                     results[(task, f"{kind}_best", seed)] = scored[best][1]
@@ -229,17 +288,21 @@ def write(args, records, results, fits, seconds: float) -> None:
     comparisons = []
     for seed in args.generator_seeds:
         for kind in args.kinds:
-            for b in BASELINES:
+            for b in (*BASELINES, *RETRIEVAL):
                 if b != kind:
                     comparisons.append(pooled(results, kind, b, seed, cfg.evaluate.confidence))
             comparisons.append(pooled(results, f"{kind}_best", kind, seed, cfg.evaluate.confidence))
+            comparisons.append(pooled(results, kind, f"{kind}_wrong", seed, cfg.evaluate.confidence))
     comparisons = [c for c in comparisons if c]
     if args.generator_seeds:
         comparisons.append(pooled(results, "few_shot_lora", "trained", -1, cfg.evaluate.confidence))
+        comparisons.append(pooled(results, "oracle_single", "few_shot_lora", -1, cfg.evaluate.confidence))
     first = args.generator_seeds[0]
     ridge = frame[(frame.source == "ridge") & (frame.generator_seed == first)].groupby("task")["map50"].first()
     trained = frame[frame.source == "trained"].groupby("task")["map50"].first()
     gap = float((trained - ridge).mean())
+    oracle = frame[frame.source == "oracle_single"].groupby("task")["map50"].first()
+    picked = frame[frame.source.isin(["oracle_single", "nearest_task"])]
     kinds = {}
     for kind in args.kinds:
         rows = frame[(frame.source == kind)]
@@ -249,6 +312,9 @@ def write(args, records, results, fits, seconds: float) -> None:
         fit = [f for f in fits if f["kind"] == kind]
         spreads = rows.groupby(["task", "generator_seed"])["map50"].agg(lambda v: v.max() - v.min())
         vs_ridge = [c for c in mine if c["b"] == "ridge"]
+        first_z0 = z0[z0.generator_seed == first].groupby("task")["map50"].first()
+        margin = (first_z0 - oracle).dropna()  # > 0: the kind composes past the best single training adapter
+        wrong = frame[(frame.source == f"{kind}_wrong") & (frame.generator_seed == first)].groupby("task")["map50"].first()
         kinds[kind] = {
             "heldout_map50_median": round(float(z0[z0.generator_seed == first]["map50"].median()), 4),
             "heldout_map50_median_per_seed": {str(s): round(float(z0[z0.generator_seed == s]["map50"].median()), 4)
@@ -260,6 +326,11 @@ def write(args, records, results, fits, seconds: float) -> None:
             "bytes": statistics.median(f["bytes"] for f in fit), "parameters": fit[0]["parameters"],
             "final_kl": [f["final"].get("kl") for f in fit if "kl" in f["final"]],
             "sample_map50_spread_median": round(float(spreads.median()), 4),
+            "margin_over_oracle_single": {
+                "median": round(float(margin.median()), 4), "tasks_above": int((margin > 0).sum()),
+                "tasks_tied": int((margin == 0).sum()), "tasks_below": int((margin < 0).sum()),
+                "per_task": {t: round(float(v), 4) for t, v in margin.items()}},
+            "wrong_task_map50_median": round(float(wrong.median()), 4) if len(wrong) else None,
             "sample_row_spread_median": (float(f'{frame[frame.source == f"{kind}_best"]["row_spread"].median():.3g}')
                                          if "row_spread" in frame and frame[frame.source == f"{kind}_best"]["row_spread"].notna().any()
                                          else 0.0),
@@ -270,11 +341,20 @@ def write(args, records, results, fits, seconds: float) -> None:
             },
         }
     summary = {
+        "family": {"tasks": len(cfg.data.tasks), "hues": cfg.data.synthetic.family.hues,
+                   "rows": list(cfg.data.synthetic.family.rows)},
         "folds": {str(f): fold_tasks(cfg, f) for f in args.folds}, "kinds_compared": args.kinds,
         "generator_seeds": args.generator_seeds, "seeds_note": "every fold at the first seed; the first fold at every seed",
         "heldout_evaluations": int(frame[(frame.source == "trained")]["task"].nunique()),
         "samples_for_best_of_n": args.samples,
-        "medians": {s: round(float(frame[frame.source == s]["map50"].median()), 4) for s in ("base", "trained", "few_shot_lora")},
+        "medians": {s: round(float(frame[frame.source == s]["map50"].median()), 4)
+                    for s in ("base", "trained", "few_shot_lora", *RETRIEVAL)},
+        # Which training task the retrievals picked: one of the held-out task's row (same objects, a
+        # neighbouring hue) or of its hue (same colour, another row), as a share of the held-out tasks.
+        "retrieval_picks": {s: {"same_row": round(float(part["same_row"].astype(float).mean()), 3),
+                                "same_hue": round(float(part["same_hue"].astype(float).mean()), 3)}
+                            for s, part in picked.groupby("source")},
+        "oracle_vs_few_shot": next((c for c in comparisons if c["a"] == "oracle_single"), None),
         "ridge_to_trained_gap_mean": round(gap, 4), "kinds": kinds,
         "few_shot_vs_trained": next((c for c in comparisons if c["a"] == "few_shot_lora"), None),
         "timing": {"total_minutes": round(seconds / 60, 1), "fits": fits,
@@ -298,15 +378,16 @@ def plot(frame: pd.DataFrame, comparisons: list[dict], args, path: Path) -> None
     import matplotlib.pyplot as plt
 
     first = args.generator_seeds[0]
-    sources = ["base", "few_shot_lora", *args.kinds, *[f"{k}_best" for k in args.kinds if k in ("cvae", "flow")], "trained"]
+    sources = ["base", "few_shot_lora", "mean_training", "nearest_task", "retrieval_mix", "oracle_single", *args.kinds, *[f"{k}_best" for k in args.kinds if k in ("cvae", "flow")], "trained"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     data = [frame[(frame.source == s) & (frame.generator_seed.isin([first, -1])) &
-                  (frame["sample"].isin(["z0", "-"]) | frame.source.str.endswith("_best"))]["map50"] for s in sources]
+                  (frame["sample"].isin(["z0", "-"]) | frame.source.str.endswith("_best") | frame.source.isin(RETRIEVAL))
+                  ]["map50"] for s in sources]
     left.boxplot(data, showmeans=True)
     left.set_xticks(range(1, len(sources) + 1), sources, rotation=30, ha="right")
     left.set_ylabel("held-out mAP50 (query split)")
     left.set_title(f"{len(data[0])} held-out tasks, generator seed {first}")
-    shown = [c for c in comparisons if c["b"] in ("ridge", "few_shot_lora") and c["generator_seed"] == first
+    shown = [c for c in comparisons if c["b"] in ("ridge", "few_shot_lora", "oracle_single") and c["generator_seed"] == first
              and not c["a"].endswith("_best")]
     for i, c in enumerate(shown):
         right.errorbar(c["difference"], i, xerr=[[c["difference"] - c["ci_low"]], [c["ci_high"] - c["difference"]]],

@@ -53,6 +53,26 @@ def test_a_held_out_value_no_training_task_has_is_refused(heldout, message):
     assert "heldout_tasks" in str(err.value)
 
 
+@pytest.mark.parametrize("profile", ["family", "family-sharp"])
+def test_the_folds_hold_every_task_out_once_each_a_new_combination(repo, profile):
+    """bench/family_folds.py's folds: disjoint, every task held out in exactly one, each fold a valid
+    params.yaml (its held-out tasks new combinations of a hue and a row its training tasks keep)."""
+    import importlib.util
+
+    from icmlora.config import params_from_dict
+
+    spec = importlib.util.spec_from_file_location("folds_bench", repo / "bench" / "family_folds.py")
+    folds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(folds)
+    raw = params_dict(profile)
+    cfg = params_from_dict(raw)
+    held = [folds.fold_tasks(cfg, fold) for fold in range(3)]
+    assert sorted(t for fold in held for t in fold) == sorted(cfg.data.tasks)
+    assert all(len(fold) == cfg.data.synthetic.family.hues for fold in held)  # one per hue
+    for fold in held:
+        params_from_dict({**raw, "heldout_tasks": fold})  # refused if a hue or a row lost its training tasks
+
+
 def test_a_task_outside_the_family_is_refused():
     with pytest.raises(InputError, match="'circle' is not a family task"):
         family_params(**{"data.tasks": ["circle", "red-top"], "heldout_tasks": []})
