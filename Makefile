@@ -80,8 +80,9 @@ family: $(STAMP)
 	$(BIN)/python bench/family.py
 
 # Every family task held out once (3 folds of 10): the generator kinds (cvae, ridge, hypernet, flow)
-# against ridge, few-shot LoRA and own trained LoRAs on 30 held-out tasks, best-of-N on the support
-# examples, one pooled paired bootstrap: metrics/family/folds/ (docs: generators). Target: under 2 h.
+# against ridge, few-shot LoRA, retrieval of training adapters (oracle_single with hindsight) and own
+# trained LoRAs on 30 held-out tasks, best-of-N on the support examples, the wrong task's vector, one
+# pooled paired bootstrap: metrics/family/folds/ (docs: generators). Target: under 2 h.
 family-folds: $(STAMP)
 	$(BIN)/python bench/family_folds.py
 

@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if "ridge" not in args.kinds:
         parser.error("--kinds must include ridge: it is the baseline every kind is measured against")
+    args.out = args.out.resolve()  # this checkout's, not the workspace's: the folds run in the workspace
     begin = time.perf_counter()
     repo = workspace(args)
     os.chdir(repo)  # the stages' default paths (data/, models/) are the workspace's
