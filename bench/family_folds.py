@@ -172,12 +172,11 @@ def run_folds(repo: Path, args):
             finals[task] = flatten(read_adapter(final_adapter_dir(task, rank, seed0))[0], names)
         return finals[task]
 
-    def retrieval(task: str, held: list[str], fold: int) -> None:
+    def retrieval(task: str, train: list[str], fold: int) -> None:
         """What a task never trained gets without a generator (as ``evaluate`` builds them): the trained
         adapter of the training task with the nearest task vector, the similarity-weighted mix of the
         k nearest, every training adapter averaged, and ``oracle_single``: the training adapter with
         the best mAP50 on this very query split, picked with hindsight (the upper bound of retrieval)."""
-        train = [t for t in cfg0.data.tasks if t not in held]
         rows = torch.stack([final_row(t) for t in train])
         sims = torch.stack([torch.nn.functional.cosine_similarity(vectors[task], vectors[t], dim=0) for t in train])
         truth = [e.boxes for e in scorer.valid_split(task)[0]]
@@ -201,6 +200,10 @@ def run_folds(repo: Path, args):
               for i, t in enumerate(cfg0.data.tasks)}
     for fold in args.folds:
         held = fold_tasks(cfg0, fold)
+        train = [t for t in cfg0.data.tasks if t not in held]
+        # The shuffled-condition control: each held-out task given a training task's vector (a fixed
+        # permutation of the fold's training tasks), z = 0, denormalized with its own statistics.
+        wrong_of = dict(zip(held, np.random.default_rng([cfg0.seed, fold]).permutation(train).tolist()))
         cfg = params_from_dict({**raw, "heldout_tasks": held})  # checked as any params.yaml
         folder = work / f"fold{fold}"
         began = time.perf_counter()
@@ -216,7 +219,7 @@ def run_folds(repo: Path, args):
                                    ("trained", {"weights": read_adapter(final_adapter_dir(task, rank, seed0))[0]}),
                                    ("few_shot_lora", {"weights": read_adapter(few_shot_dir(task, rank, folder / "few_shot"))[0]})):
                 _, results[(task, source, -1)] = score(task, source, "-", -1, fold=fold, **kwargs)
-            retrieval(task, held, fold)
+            retrieval(task, train, fold)
         for kind in args.kinds:
             for seed in args.generator_seeds if fold == args.folds[0] else args.generator_seeds[:1]:
                 kcfg = cfg.model_copy(update={"cvae": cfg.cvae.model_copy(update={"kind": kind, "seed": seed})})
@@ -224,10 +227,6 @@ def run_folds(repo: Path, args):
                 fitted = train_cvae(kcfg, rank, folder / "matrix", TASK_VECTORS_FILE, gen_root, folder / "state",
                                     folder / f"{kind}-g{seed}-loss")
                 gen = read_generator(rank, gen_root)
-                # The shuffled-condition control: each held-out task given a training task's vector (a
-                # fixed permutation of the fold's training tasks), z = 0, denormalized with its own statistics.
-                wrong_of = dict(zip(held, np.random.default_rng([cfg0.seed, fold]).permutation(
-                    [t for t in cfg0.data.tasks if t not in held]).tolist()))
                 spread = kind in ("cvae", "flow")  # the others ignore z: every sample is z = 0's
                 gen_seconds = []
                 for task in held:
