@@ -1,14 +1,17 @@
-"""Benchmark (not a test): every `train_lora@*` stage one adapter after another (`runtime.lora_workers: 1`)
-against side by side (`runtime.lora_workers: 2`), from a fresh clone.
+"""Benchmark (not a test): every `train_lora@*` stage under several `runtime` settings of how its adapters
+train: one after another (`lora_batch: 1`), together in one forward and backward pass a step (`lora_batch:
+0`, the default), side by side in worker processes (`lora_workers: 2`), from a fresh clone.
 
-    .venv/bin/python bench/lora_workers.py                      # the default profile (~30 min on a 2-core CPU)
+    .venv/bin/python bench/lora_workers.py                      # lora_workers 1 against 2 (~30 min on a 2-core CPU)
+    .venv/bin/python bench/lora_workers.py --settings lora_batch=1 lora_batch=0 lora_workers=2,lora_batch=2
     .venv/bin/python bench/lora_workers.py --profile micro      # a quick check of the script (~6 min)
     .venv/bin/python bench/lora_workers.py --repo DIR           # in a checkout reproduced up to base_model
 
 Clones this repository at --rev into a temporary folder (stage commands import the clone's own src/,
 MLflow logs to the clone's store), merges --profile into its params.yaml if given, runs `dvc repro
 base_model` (prepare and the base) once, then for each --workers setting sets
-`runtime.lora_workers` and runs exactly the train_lora stages, `dvc repro --force --single-item
+the setting's `runtime` keys (`--settings`, or `lora_workers` from `--workers`; a key another setting names
+and this one does not keeps params.yaml's value) and runs exactly the train_lora stages, `dvc repro --force --single-item
 --glob 'train_lora@*'`, timing each stage from its "Running stage" line to the next (or to the
 command's end). The first setting's outputs are the reference: every other setting's adapters
 (every checkpoint and final tensor within --tolerance of the tensor's spread) and metrics files
@@ -39,13 +42,21 @@ from scale import stage_env  # noqa: E402
 
 from icmlora.files import write_json  # noqa: E402
 
-TIMING = ("train_seconds", "eval_seconds")
+TIMING = ("train_seconds", "eval_seconds", "pass_seconds")
 TRAIN_LORA = ["repro", "--force", "--single-item", "--glob", "train_lora@*"]
 
 
-def set_workers(repo: Path, env: dict, workers: int, folder: Path) -> None:
-    profile = folder / f"workers-{workers}.yaml"
-    profile.write_text(f"runtime:\n  lora_workers: {workers}\n")
+def parse_setting(text: str) -> dict[str, int]:
+    """``"lora_workers=2,lora_batch=2"`` -> {"lora_workers": 2, "lora_batch": 2}."""
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--settings: {text!r} is not KEY=INT[,KEY=INT...] (e.g. lora_workers=2,lora_batch=2)") from None
+
+
+def set_runtime(repo: Path, env: dict, values: dict[str, int], folder: Path) -> None:
+    profile = folder / "setting.yaml"
+    profile.write_text("runtime:\n" + "".join(f"  {k}: {v}\n" for k, v in values.items()))
     subprocess.run([sys.executable, "-m", "icmlora", "profile", str(profile)], cwd=repo, env=env, check=True,
                    stdout=subprocess.DEVNULL)
 
@@ -93,6 +104,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile", help="a profile to merge into the clone's params.yaml first (e.g. micro)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="runtime.lora_workers settings, the first the reference (default: 1 2)")
+    parser.add_argument("--settings", nargs="+",
+                        help="runtime settings KEY=INT[,KEY=INT...] in place of --workers, the first the reference "
+                             "(e.g. lora_batch=1 lora_batch=0 lora_workers=2,lora_batch=2)")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="largest tensor difference, over the tensor's spread, that counts as the same (default 1e-5,"
                              " as tests/test_lora_workers.py)")
@@ -131,11 +145,18 @@ def main(argv=None) -> dict:
         subprocess.run([sys.executable, "-m", "dvc", "repro", "base_model"], cwd=repo, env=env, check=True)
         setup = time.perf_counter() - begin
 
+    import yaml
+
+    chosen = ([(text, parse_setting(text)) for text in args.settings] if args.settings else
+              [(str(w), {"lora_workers": w}) for w in args.workers])
+    original = yaml.safe_load(saved_params or (repo / "params.yaml").read_text())["runtime"]
+    keys = sorted({k for _, values in chosen for k in values})
     settings: dict[str, dict] = {}
     reference = None
-    for workers in args.workers:
-        print(f"lora_workers: train_lora stages with runtime.lora_workers = {workers}", flush=True)
-        set_workers(repo, env, workers, tmp)
+    for workers, values in chosen:
+        values = {k: values.get(k, original[k]) for k in keys}
+        print(f"lora_workers: train_lora stages with runtime {values}", flush=True)
+        set_runtime(repo, env, values, tmp)
         total, starts = timed_repro(repo, env, TRAIN_LORA)
         seconds, items = per_stage(total, starts)
         kept = tmp / f"outputs-{workers}"
@@ -153,7 +174,8 @@ def main(argv=None) -> dict:
             record["comparison"] = compare(reference[1], kept, args.tolerance)
             record["outputs_match"] = record["comparison"]["matched"]
         settings[str(workers)] = record
-        print(f"lora_workers: {workers} worker(s): {record['train_lora_seconds']} s of train_lora "
+        record["runtime"] = values
+        print(f"lora_workers: {workers}: {record['train_lora_seconds']} s of train_lora "
               f"({record['stages']} stages), speed-up {record['speedup']}x"
               + ("" if record["outputs_match"] is None else f", outputs match: {record['outputs_match']}"), flush=True)
 
@@ -161,7 +183,7 @@ def main(argv=None) -> dict:
         (repo / "params.yaml").write_text(saved_params)
     import torch
 
-    result = {"rev": rev, "profile": args.profile or "default", "reference_workers": args.workers[0],
+    result = {"rev": rev, "profile": args.profile or "default", "reference": chosen[0][0],
               "tolerance": args.tolerance, "setup_seconds": round(setup, 1), "settings": settings,
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "python": platform.python_version()}}

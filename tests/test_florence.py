@@ -140,6 +140,28 @@ def test_cached_encodings_batch_exactly_as_the_processor_encodes_a_batch(tiny, t
     assert sorted(dataset.cache) == list(range(cached_images))
 
 
+def test_examples_encoded_many_at_once_equal_each_encoded_alone(tiny, tmp_path):
+    """The image features' cache encodes a batch of examples in one processor call and unpads the
+    rows: each equals, bit for bit and shape for shape, the example encoded alone (targets of 1-3
+    boxes: rows of different lengths), on either padding side."""
+    from icmlora.training import DetectionDataset
+
+    _, processor = tiny
+    examples = _toy_examples(tmp_path, 6)
+    dataset = DetectionDataset(examples, tmp_path, processor)
+    for side in ("right", "left"):
+        processor.tokenizer.padding_side = side
+        try:
+            many, alone = dataset.encode_many(range(6)), [dataset.encode(i) for i in range(6)]
+        finally:
+            processor.tokenizer.padding_side = "right"
+        assert len({len(a["labels"]) for a in alone}) > 1  # padded in the joint call
+        for got, want in zip(many, alone):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].shape == want[key].shape and torch.equal(got[key], want[key]), (side, key)
+
+
 def test_lora_training_on_cached_image_features_equals_training_on_pixels(tiny, tmp_path):
     """A LoRA on the language model leaves the image features as they are, so training runs the
     vision tower once per image, not once per step: a batch of cached features gives the model the

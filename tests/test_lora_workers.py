@@ -31,12 +31,13 @@ from icmlora.workers import WorkerFailed, run_workers
 from params_helpers import micro_params
 from spread import within
 
-TIMING = ("train_seconds", "eval_seconds")
+TIMING = ("train_seconds", "eval_seconds", "pass_seconds")
 TOLERANCE = 1e-4  # of each tensor's spread (std), and of each step's loss: see the module's docstring
 
 
 def with_workers(cfg, workers: int):
-    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"lora_workers": workers})})
+    """``workers`` side by side, one rank a pass (``lora_batch: 1``), so that two ranks are two items."""
+    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"lora_workers": workers, "lora_batch": 1})})
 
 
 def files(root: Path) -> dict[str, Path]:
@@ -146,7 +147,7 @@ def test_a_failed_worker_fails_the_stage_naming_it_and_a_rerun_resumes(setting, 
     blocker = tmp_path / "state" / "lora" / "circle-r2-s0"  # a file where rank 2's state folder goes
     blocker.parent.mkdir(parents=True)
     blocker.write_text("not a folder")
-    with pytest.raises(WorkerFailed, match=r"worker [01] of 2 \(pid \d+\) failed on rank 2: exit status 1") as caught:
+    with pytest.raises(WorkerFailed, match=r"worker [01] of 2 \(pid \d+\) failed on ranks \[2\]: exit status 1") as caught:
         train_lora(cfg, "circle", 0, **paths)
     assert "rank 1" not in str(caught.value)
     assert not (tmp_path / "lora").exists() and not (tmp_path / "metrics").exists()

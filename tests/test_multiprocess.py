@@ -125,7 +125,7 @@ def test_two_processes_train_what_one_process_trains(two, micro_pipeline):
         m1, m2 = (json.loads((root / "metrics" / "lora" / "circle-s0" / f"r{rank}.json").read_text())
                   for root in (one_run, clone))
         # scored once, on process 0, from weights that agree to 1e-4: the same detections
-        timing = ("train_seconds", "eval_seconds")
+        timing = ("train_seconds", "eval_seconds", "pass_seconds")
         assert {k: v for k, v in m1.items() if k not in timing} == {k: v for k, v in m2.items() if k not in timing}
     # CVAE: the same per-epoch losses, and the same generated rows
     h1, h2 = (list(csv.DictReader((root / "metrics" / "cvae" / "r2.csv").open())) for root in (micro_pipeline, clone))
@@ -315,7 +315,7 @@ def test_two_machines_train_what_one_process_trains(micro_pipeline, tmp_path, en
 
     logs = two_agents("train_lora", ["--task", "circle", "--seed", "0"], clone, env)
     assert len(re.findall(r"accelerate: 2 process\(es\), MULTI_CPU", logs)) == 1, logs[-3000:]  # printed by process 0
-    timing = ("train_seconds", "eval_seconds")
+    timing = ("train_seconds", "eval_seconds", "pass_seconds")
     for rank in (1, 2):
         weights = load_file(clone / "models" / "lora" / "circle-s0" / f"r{rank}" / "final" / "adapter_model.safetensors")
         close(one[rank][0], weights, rel=1e-4)

@@ -27,8 +27,8 @@ def kill_after(monkeypatch):
     def arm(key: str, value: int, occurrence: int = 1):
         seen = []
 
-        def save_then_die(self, model, optimizer, scheduler, generator, **extra):
-            real(self, model, optimizer, scheduler, generator, **extra)
+        def save_then_die(self, model, optimizer, scheduler, generator, *generators, **extra):
+            real(self, model, optimizer, scheduler, generator, *generators, **extra)
             if extra.get(key) == value:
                 seen.append(self.folder)
                 if len(seen) == occurrence:
@@ -40,10 +40,16 @@ def kill_after(monkeypatch):
     return arm
 
 
+def one_at_a_time(cfg):
+    """``runtime.lora_batch: 1``: each rank trained alone, one after the other, each with a state of its own."""
+    return cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"lora_batch": 1})})
+
+
 @pytest.mark.slow
 def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(setting, tmp_path, monkeypatch,
                                                                                kill_after):
     cfg, root, _ = setting
+    cfg = one_at_a_time(cfg)
     assert cfg.lora.ranks == [1, 2]
     steps = cfg.lora.train.steps
     paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
@@ -75,24 +81,28 @@ def test_killed_lora_run_keeps_finished_ranks_and_resumes_from_the_last_state(se
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_adapters(setting, tmp_path, kill_after):
-    """Killed after step 2 of rank 2, half-way through an epoch (32 images a task, batches of 8): the
+@pytest.mark.parametrize("lora_batch", [1, 0])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_adapters(setting, tmp_path, kill_after, lora_batch):
+    """Killed after step 2, half-way through an epoch (32 images a task, batches of 8), of rank 2
+    (rank 1 finished; ``lora_batch: 1``) or of both ranks trained together (``lora_batch: 0``): the
     resumed run draws that epoch's order again and passes over the 2 batches trained, and the
-    dropout RNG is the saved one, so every checkpoint and final adapter equals, bit for bit, the
-    one an uninterrupted run writes."""
+    dropout RNGs (torch's; each adapter's own when trained together) are the saved ones, so every
+    checkpoint and final adapter equals, bit for bit, the one an uninterrupted run writes."""
     from safetensors.torch import load_file
 
     cfg, root, _ = setting
-    assert cfg.lora.dropout > 0 and cfg.lora.checkpoint_every == 2
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"lora_batch": lora_batch})})
+    assert cfg.lora.dropout > 0 and cfg.lora.checkpoint_every == 2 and cfg.lora.ranks == [1, 2]
+    state = "circle-r2-s0" if lora_batch == 1 else "circle-r1+2-s0"
 
     def run(where: Path, kill: bool):
         paths = dict(prepared=root / "prepared", base_dir=root / "base", out_root=where / "lora",
                      state_root=where / "state", metrics_dir=where / "metrics")
         if kill:
-            disarm = kill_after("step", 2, occurrence=2)  # rank 2 at step 2, rank 1 finished
+            disarm = kill_after("step", 2, occurrence=2 if lora_batch == 1 else 1)
             with pytest.raises(Killed):
                 train_lora_stage.train_lora(cfg, "circle", 0, **paths)
-            saved = json.loads((where / "state" / "lora" / "circle-r2-s0" / "train" / "state.json").read_text())
+            saved = json.loads((where / "state" / "lora" / state / "train" / "state.json").read_text())
             assert saved["extra"]["step"] == 2 and saved["extra"]["epoch_batches"] == 2  # of 4: mid-epoch
             disarm()
         train_lora_stage.train_lora(cfg, "circle", 0, **paths)
@@ -256,6 +266,7 @@ def test_a_killed_lora_run_on_another_base_model_starts_over(setting, tmp_path, 
     from safetensors.torch import load_file, save_file
 
     cfg, root, _ = setting
+    cfg = one_at_a_time(cfg)
     steps = cfg.lora.train.steps
     paths = dict(prepared=root / "prepared", out_root=tmp_path / "lora", state_root=tmp_path / "state",
                  metrics_dir=tmp_path / "metrics")

@@ -230,6 +230,7 @@ class RuntimeParams(Section):
     mixed_precision: Literal["no", "bf16", "fp16"]
     launcher: str
     lora_workers: Positive
+    lora_batch: NonNegative  # train_lora: ranks per forward/backward pass, 0 = all
     threads: NonNegative
     image_cache_mb: NonNegative
     portable_kernels: bool  # icmlora.kernels: the same bits on any x86-64 host with AVX2 (CPU)

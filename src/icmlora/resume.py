@@ -90,8 +90,10 @@ class TrainingState:
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def save(self, model, optimizer, scheduler, loader_generator: torch.Generator, **extra) -> None:
-        """Write the state atomically: a kill mid-write leaves the previous state intact."""
+    def save(self, model, optimizer, scheduler, loader_generator: torch.Generator,
+             generators: dict[str, torch.Generator] | None = None, **extra) -> None:
+        """Write the state atomically: a kill mid-write leaves the previous state intact. ``generators``:
+        other named RNGs of the run (e.g. each adapter's dropout, ``icmlora.training.own_dropout``)."""
         tensors: dict[str, torch.Tensor] = {}
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
@@ -109,6 +111,8 @@ class TrainingState:
                     opt_meta[f"{index}/{key}"] = _jsonable(value, f"optimizer.state.{index}.{key}")
         tensors["rng/torch"] = torch.get_rng_state()
         tensors["rng/loader"] = loader_generator.get_state()
+        for name, gen in (generators or {}).items():
+            tensors[f"rng/own/{name}"] = gen.get_state()
         meta = {"names": names, "optimizer_scalars": opt_meta,
                 "param_groups": _jsonable(opt["param_groups"], "optimizer.param_groups"),
                 "scheduler": _jsonable(_torch_scheduler(scheduler).state_dict(), "scheduler"),
@@ -117,7 +121,8 @@ class TrainingState:
             save_file(tensors, str(tmp / TENSORS))
             (tmp / META).write_text(json.dumps(meta))
 
-    def load(self, model, optimizer, scheduler, loader_generator: torch.Generator) -> dict:
+    def load(self, model, optimizer, scheduler, loader_generator: torch.Generator,
+             generators: dict[str, torch.Generator] | None = None) -> dict:
         """Restore what ``save`` wrote into these objects; returns its ``extra``."""
         tensors = load_file(str(self.folder / TENSORS))
         meta = json.loads((self.folder / META).read_text())
@@ -140,4 +145,7 @@ class TrainingState:
         _torch_scheduler(scheduler).load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])
         loader_generator.set_state(tensors["rng/loader"])
+        for name, gen in (generators or {}).items():
+            # (A state written before a run kept generators of its own: they drew from torch's, restored above.)
+            gen.set_state(tensors.get(f"rng/own/{name}", tensors["rng/torch"]))
         return meta["extra"]

@@ -23,12 +23,24 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def save_adapter(model, folder: str | Path) -> None:
+def save_adapter(model, folder: str | Path, adapter: str = "default") -> None:
     """``model.save_pretrained(folder)`` holding the LoRA weights only. With ``lm_head`` among the
     targets (the ``reference`` preset) PEFT would also save the tied embedding matrix (51,289 x 768
     on Florence-2-base: 157 MB per checkpoint) into every adapter, and flattening would take it for
-    part of the adapter; it is the base's, unchanged by LoRA, so it is never saved."""
-    model.save_pretrained(str(folder), save_embedding_layers=False)
+    part of the adapter; it is the base's, unchanged by LoRA, so it is never saved.
+
+    ``adapter``: one of several adapters of ``model`` (trained together), written as a folder of its
+    own, the same files as a model holding only it writes (PEFT writes a named adapter into a
+    subfolder named after it: moved up)."""
+    folder = Path(folder)
+    if adapter == "default":
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder), selected_adapters=[adapter], save_embedding_layers=False)
+    for path in (folder / adapter).iterdir():
+        path.replace(folder / path.name)
+    (folder / adapter).rmdir()
 
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
