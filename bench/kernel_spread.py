@@ -42,6 +42,7 @@ TESTS = [
     "tests/test_lora_workers.py::test_two_workers_write_what_one_process_writes",
     "tests/test_florence.py::test_lora_training_on_cached_image_features_equals_training_on_pixels",
     "tests/test_resume.py::test_killed_cvae_run_resumes_with_only_the_remaining_epochs",
+    "tests/test_lora_batch.py",
 ]
 LONG_TESTS = ["tests/test_multiprocess.py::test_two_processes_train_what_one_process_trains"]
 

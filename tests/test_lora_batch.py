@@ -221,3 +221,34 @@ def test_adapter_dropout_draws_the_same_masks_on_every_cpu():
     if not _intel():
         torch.manual_seed(11)
         assert torch.equal(got[0], F.dropout(x, 0.25, True)) and torch.equal(got[1], F.dropout(x[:2], 0.25, True))
+
+
+def test_adapters_on_the_vision_tower_train_together_too(parts):
+    """LoRAs in the vision tower (the reference targets of profiles real and scale reach its fc2; here
+    its attention's qkv too, whose window attention sees each example's windows as rows of their
+    own): split in proportion, each adapter's gradient is still that of its own examples alone
+    (within TOLERANCE; a leak is far beyond)."""
+    from peft import get_peft_model
+
+    cfg, lora, processor = parts
+    lora = lora.model_copy(update={"target_modules": ["qkv", "fc2", "lm_head"]})
+    names, ranks = ["r1", "r2"], [1, 2]
+    model = get_peft_model(build_tiny_model(cfg.base.tiny, processor, 64, seed=0), peft_config(lora, 1),
+                           adapter_name="r1")
+    model.add_adapter("r2", peft_config(lora, 2))
+    assert any("window_attn.qkv.lora_A" in n for n, _ in model.named_parameters())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    model.base_model.set_adapter(names)
+    model.train()
+    batches = _batches(processor, seed=2, count=2, size=2)
+    losses, _ = adapter_losses(model, batches, names, Collate(processor), model.get_base_model().model)
+    torch.stack(losses).sum().backward()
+    for k, (name, rank) in enumerate(zip(names, ranks)):
+        joint = {n: p.grad for n, p in model.named_parameters() if f".{name}." in n}
+        alone = _alone(cfg, lora, processor, model, name, rank, batches[k])
+        assert within("lora_batch: gradient, one pass vs alone (of its spread)", _worst(joint, alone), TOLERANCE), name
+        assert _worst(_alone(cfg, lora, processor, model, name, rank, batches[1 - k]), alone) > LEAK, name

@@ -230,10 +230,18 @@ class Collate:
 def _split_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """A LoRA linear layer's forward over rows split between its adapters (``route_adapters``): the
     base layer once over every row, then each adapter's update added to its own rows only, computed
-    as PEFT's forward computes it for one adapter (so each block of rows gets the bits it gets alone)."""
+    as PEFT's forward computes it for one adapter (so each block of rows gets the bits it gets alone).
+    A layer that sees several rows per example (the vision tower's window attention: each example's
+    windows, example after example) splits them in the same proportion."""
     result = self.base_layer(x, *args, **kwargs)
+    examples = sum(self._icmlora_sizes)
+    if len(x) % examples:
+        raise ValueError(f"a LoRA layer got {len(x)} rows for a batch of {examples} examples: its input does not "
+                         "hold a whole number of rows per example, so adapters cannot train together; set "
+                         "runtime.lora_batch: 1")
+    sizes = [size * (len(x) // examples) for size in self._icmlora_sizes]
     parts = []
-    for name, rows, out in zip(self._icmlora_names, x.split(self._icmlora_sizes), result.split(self._icmlora_sizes)):
+    for name, rows, out in zip(self._icmlora_names, x.split(sizes), result.split(sizes)):
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         rows = self._cast_input_dtype(rows, lora_A.weight.dtype)
         parts.append((out + lora_B(lora_A(self.lora_dropout[name](rows))) * self.scaling[name]).to(out.dtype))
