@@ -67,8 +67,19 @@ def per_stage(total: float, starts: list[tuple[str, float]]) -> tuple[dict, dict
     return seconds, items
 
 
-GROUPS = ("prepare", "base_model", "train_lora", "collect_params", "task_vectors", "train_cvae", "generate", "evaluate",
-          "report")
+def stage_groups(*repos: Path) -> list[str]:
+    """The stages of these checkouts' dvc.yaml, in pipeline order, each once (a stage one revision
+    lacks, e.g. few_shot before it existed, is in the list and runs only where it is)."""
+    import yaml
+
+    groups: list[str] = []
+    for repo in repos:
+        stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+        for i, name in enumerate(stages):
+            if name not in groups:
+                later = [g for g in stages[i + 1:] if g in groups]  # before the first later stage already listed
+                groups.insert(groups.index(later[0]) if later else len(groups), name)
+    return groups
 
 
 def clone(rev: str, dest: Path) -> tuple[Path, dict, str]:
@@ -86,9 +97,12 @@ def compare(before_rev: str, after_rev: str, keep: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="repro-compare-"))
     repos = {"before": clone(before_rev, tmp / "before"), "after": clone(after_rev, tmp / "after")}
     seconds = {name: {} for name in repos}
-    for i, group in enumerate(GROUPS):
+    groups = stage_groups(repos["after"][0], repos["before"][0])
+    for i, group in enumerate(groups):
         for name in (("before", "after") if i % 2 == 0 else ("after", "before")):
             repo, env, _ = repos[name]
+            if group not in stage_groups(repo):
+                continue  # a stage this revision does not have
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "-s", group], cwd=repo, env=env, check=True,
                            stdout=subprocess.DEVNULL)
@@ -102,7 +116,8 @@ def compare(before_rev: str, after_rev: str, keep: bool) -> dict:
         record[name] = {"rev": rev, "total_seconds": round(total, 1), "total_minutes": round(total / 60, 1),
                         "stage_seconds": seconds[name], "noop_repro_seconds": round(time.perf_counter() - noop_start, 1)}
     record["ratio"] = round(record["after"]["total_seconds"] / record["before"]["total_seconds"], 3)
-    record["stage_ratio"] = {g: round(seconds["after"][g] / seconds["before"][g], 3) for g in GROUPS if seconds["before"][g]}
+    record["stage_ratio"] = {g: round(seconds["after"][g] / seconds["before"][g], 3) for g in groups
+                             if seconds["before"].get(g) and g in seconds["after"]}
     record["order"] = "stage groups in pipeline order, alternating which revision runs first"
     record["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     if keep:
