@@ -42,7 +42,7 @@ from scale import stage_env  # noqa: E402
 
 from icmlora.files import write_json  # noqa: E402
 
-TIMING = ("train_seconds", "eval_seconds", "pass_seconds")
+TIMING = ("train_seconds", "eval_seconds", "pass_seconds", "trained_with")  # seconds, and which pass (the setting)
 TRAIN_LORA = ["repro", "--force", "--single-item", "--glob", "train_lora@*"]
 
 

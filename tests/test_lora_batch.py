@@ -3,10 +3,12 @@
 Each adapter must train as it would alone: its loss from its own rows of the joined batch only, its
 gradient that of its loss alone, its own learning rate and clipping. Tolerance: the joined pass runs
 the base's layers over K times the rows, and a matrix product over more rows may block its sums
-otherwise, so the gradients agree to float rounding, not bit for bit. Measured as the largest
-difference over a gradient tensor's spread (std), ``bench/kernel_spread.py`` under six dispatch
-settings on a 2-core AMD EPYC (metrics/kernel_spread.json): see TOLERANCE. An adapter given another
-adapter's rows (a leak) differs by the order of its whole spread, which the tests check too.
+otherwise, so the gradients agree to float rounding, not bit for bit (when every adapter gets the
+same batch, as in train_lora, they came out bit for bit). Measured as the largest difference over a
+gradient tensor's spread (std) on a 2-core AMD EPYC (AVX-512), fast tests, four dispatch settings:
+3.6e-5 with the portable pin and with MKL and oneDNN capped at AVX2, 7.6e-5 with the native paths
+and with ATen capped at AVX2. TOLERANCE, 1e-3, is 13 times the largest; one row of an adapter's
+batch sent through another adapter gives 0.64, a rotated batch 1 to 12.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from params_helpers import micro_params
 from spread import within
 
 RANKS = [1, 2, 4]
-TOLERANCE = 1e-4  # of each gradient tensor's spread: the measured worst is in the module's docstring
+TOLERANCE = 1e-3  # of each gradient tensor's spread: the measured worst is in the module's docstring
 LEAK = 0.05  # a gradient from other rows differs from the adapter's own by more than this (measured ~1)
 
 
