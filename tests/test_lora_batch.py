@@ -153,6 +153,7 @@ def test_adapters_trained_together_must_agree_on_all_but_lr(parts):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # (about 45 s: in make test-long, so make test's time does not grow)
 def test_ranks_trained_together_train_as_each_would_alone(setting, tmp_path):
     """The stage end to end, LoRA dropout on: lora_batch 0 (every rank in one pass, each adapter's
     dropout from its own generator) against lora_batch 1 (one after the other, each alone, dropout

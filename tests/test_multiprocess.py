@@ -196,7 +196,8 @@ def test_a_killed_worker_fails_the_stage_and_a_rerun_resumes_in_two_processes(mi
     apply_profile(clone / "params.yaml", longer)
     assert load_params(clone / "params.yaml").lora.train.steps == 40
     cmd = [*TORCHRUN, "icmlora.stages.train_lora", "--task", "circle", "--seed", "0"]
-    state = clone / "state" / "lora" / "circle-r1-s0" / "train" / "state.json"
+    # the ranks train together (runtime.lora_batch: 0): one training state for both
+    state = clone / "state" / "lora" / "circle-r1+2-s0" / "train" / "state.json"
     log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(cmd, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
