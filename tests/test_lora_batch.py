@@ -231,22 +231,11 @@ def test_adapters_on_the_vision_tower_train_together_too(parts):
     its attention's qkv too, whose window attention sees each example's windows as rows of their
     own): split in proportion, each adapter's gradient is still that of its own examples alone
     (within TOLERANCE; a leak is far beyond)."""
-    from peft import get_peft_model
-
     cfg, lora, processor = parts
     lora = lora.model_copy(update={"target_modules": ["qkv", "fc2", "lm_head"]})
     names, ranks = ["r1", "r2"], [1, 2]
-    model = get_peft_model(build_tiny_model(cfg.base.tiny, processor, 64, seed=0), peft_config(lora, 1),
-                           adapter_name="r1")
-    model.add_adapter("r2", peft_config(lora, 2))
+    model = _model(cfg, lora, processor, ranks, names).train()
     assert any("window_attn.qkv.lora_A" in n for n, _ in model.named_parameters())
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in sorted(model.named_parameters()):
-            if "lora_" in n:
-                p.normal_(0, 0.2)
-    model.base_model.set_adapter(names)
-    model.train()
     batches = _batches(processor, seed=2, count=2, size=2)
     losses, _ = adapter_losses(model, batches, names, Collate(processor), model.get_base_model().model)
     torch.stack(losses).sum().backward()
