@@ -169,10 +169,10 @@ KILLED_STAGE = textwrap.dedent("""
     from icmlora.resume import TrainingState
     import icmlora.stages.train_lora as stage
     cfg = Params.model_validate(json.loads(Path(sys.argv[1]).read_text()))
-    real = TrainingState.save
-    def save_then_die(self, *args, **extra):  # a kill -9 right after rank 2 saved its step 4
+    real, folder = TrainingState.save, sys.argv[4]
+    def save_then_die(self, *args, **extra):  # a kill -9 right after the pass training rank 2 saved its step 4
         real(self, *args, **extra)
-        if extra.get("step") == 4 and "-r2-" in str(self.folder):
+        if extra.get("step") == 4 and folder in str(self.folder):
             os.kill(os.getpid(), signal.SIGKILL)
     TrainingState.save = save_then_die
     root, tmp = Path(sys.argv[2]), Path(sys.argv[3])
@@ -182,31 +182,43 @@ KILLED_STAGE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.long  # a stage killed and run again (about 40 s): `make test-long`
-def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes_it(setting, tmp_path):
-    """The stage itself, killed with SIGKILL (no handler runs) while training rank 2, then run again."""
+@pytest.mark.long  # a stage killed and run again (about 40 s each way): `make test-long`
+@pytest.mark.parametrize("lora_batch", [1, 0], ids=["one-rank-a-pass", "ranks-in-one-pass"])
+def test_a_train_lora_killed_mid_run_is_closed_and_named_by_the_run_that_resumes_it(setting, tmp_path, lora_batch):
+    """The stage itself, killed with SIGKILL (no handler runs) while training rank 2, then run again.
+    One rank a pass: rank 1 was done and is kept. Ranks 1 and 2 in one pass: both runs were cut
+    at step 4, and both are closed and resumed."""
     from icmlora.stages.train_lora import train_lora
 
     cfg, root, _ = setting
+    assert cfg.lora.ranks == [1, 2], cfg.lora.ranks  # the test's names below
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"lora_batch": lora_batch})})
+    killed = ["circle-r2-s0"] if lora_batch == 1 else ["circle-r1-s0", "circle-r2-s0"]
+    folder = "circle-r2-s0" if lora_batch == 1 else "circle-r1+2-s0"  # the pass's state folder
     (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
-    child = subprocess.run([sys.executable, "-c", KILLED_STAGE, tmp_path / "cfg.json", root, tmp_path],
+    child = subprocess.run([sys.executable, "-c", KILLED_STAGE, tmp_path / "cfg.json", root, tmp_path, folder],
                            capture_output=True, text=True, cwd=tmp_path, env=os.environ)
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     tracking.main(["sync"])  # what the killed process had not sent yet
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    (orphan,) = [r for r in runs_of("circle-r2-s0") if r.info.status == "RUNNING"]
-    assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]
+    orphans = {}
+    for name in killed:
+        (orphans[name],) = [r for r in runs_of(name) if r.info.status == "RUNNING"]
+    if lora_batch == 1:
+        assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]
 
     train_lora(cfg, "circle", 0, prepared=root / "prepared", base_dir=root / "base", out_root=tmp_path / "lora",
                state_root=tmp_path / "state", metrics_dir=tmp_path / "metrics")
     tracking.finish()
-    old, new = runs_of("circle-r2-s0")
-    assert old.info.run_id == orphan.info.run_id and mlflow.get_run(old.info.run_id).info.status == "KILLED"
-    assert new.info.status == "FINISHED" and new.data.tags["resumes_run_id"] == orphan.info.run_id
-    assert mlflow.get_run(old.info.run_id).data.tags["resumed_by_run_id"] == new.info.run_id
-    assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]  # rank 1 was kept, not run again
-    steps = mlflow.MlflowClient().get_metric_history(new.info.run_id, "train_loss")
-    assert [m.step for m in steps] == list(range(5, cfg.lora.train.steps + 1))  # resumed after step 4
+    for name, orphan in orphans.items():
+        old, new = runs_of(name)
+        assert old.info.run_id == orphan.info.run_id and mlflow.get_run(old.info.run_id).info.status == "KILLED"
+        assert new.info.status == "FINISHED" and new.data.tags["resumes_run_id"] == orphan.info.run_id
+        assert mlflow.get_run(old.info.run_id).data.tags["resumed_by_run_id"] == new.info.run_id
+        steps = mlflow.MlflowClient().get_metric_history(new.info.run_id, "train_loss")
+        assert [m.step for m in steps] == list(range(5, cfg.lora.train.steps + 1)), name  # resumed after step 4
+    if lora_batch == 1:
+        assert [r.info.status for r in runs_of("circle-r1-s0")] == ["FINISHED"]  # rank 1 was kept, not run again
 
 
 def test_an_experiment_created_by_another_process_at_the_same_moment_still_gets_the_run(monkeypatch):
