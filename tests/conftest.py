@@ -165,6 +165,35 @@ def setting(repo, tmp_path_factory):
     return cfg, root, processor
 
 
+@pytest.fixture(scope="session")
+def generators(setting, tmp_path_factory):
+    """The setting's LoRA matrices (collect_params), random task vectors and, per rank, a generator
+    written directly: a flow of random weights (its samples differ by z), so the stages downstream of
+    train_cvae can be tested without training one."""
+    from icmlora.artifacts.generators import write_generator
+    from icmlora.artifacts.lora_matrix import read_manifest
+    from icmlora.artifacts.task_vectors import write_task_vectors
+    from icmlora.cvae import Generator
+    from icmlora.generators.flow import Flow, FlowArchitecture
+    from icmlora.stages.collect_params import collect_params
+
+    cfg, root, _ = setting
+    cfg = cfg.model_copy(update={"cvae": cfg.cvae.model_copy(update={"kind": "flow"})})  # the kind written below
+    out = tmp_path_factory.mktemp("generators")
+    tasks, d = cfg.data.tasks, cfg.base.tiny.d_model
+    vectors = torch.randn(len(tasks), d, generator=torch.Generator().manual_seed(0))
+    write_task_vectors(tasks, vectors, {}, {"method": "icl", "pooling": "match"}, out / "tv.safetensors", out / "tv.json")
+    for rank in cfg.lora.ranks:
+        collect_params(cfg, rank, root / "lora", out / "matrix")
+        torch.manual_seed(rank)
+        model = Flow(FlowArchitecture(read_manifest(rank, out / "matrix").dim, d, 16, 1, 4))
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        meta = {"rank": rank, "kind": "flow", "model": model.config.to_json(), "tasks": tasks, "task_vector_method": "icl"}
+        write_generator(rank, Generator(model, *Generator.standardization(vectors), meta), out / "gen")
+    return cfg, root, out
+
+
 @dataclass
 class Boxer:
     """A tiny Florence-2 that writes boxes (a random one writes none that parse, so any comparison of

@@ -2,11 +2,14 @@
 sampled into a PEFT folder that loads, and blind to the held-out tasks."""
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
+from torch import nn
 
 from icmlora.artifacts.adapters import read_adapter
 from icmlora.artifacts.generators import read_generator
@@ -14,6 +17,7 @@ from icmlora.artifacts.lora_matrix import read_lora_matrix, write_lora_matrix
 from icmlora.artifacts.task_vectors import read_task_vectors, write_task_vectors
 from icmlora.florence.model import build_tiny_model
 from icmlora.generators import KINDS, TRAINED, build, model_from_json, noise_width, step_loss
+from icmlora.generators.flow import time_features
 from icmlora.generators.ridge import RidgeGenerator, fit_ridge
 from icmlora.stages.collect_params import collect_params
 from icmlora.stages.generate import generate_one
@@ -92,6 +96,127 @@ def test_the_ridge_kind_decodes_what_the_map_predicts():
     v = torch.randn(5)
     cond = ((v - fitted.cond_mean) / fitted.cond_scale)[None]
     assert torch.allclose(again.decode(torch.zeros(1, 1), cond)[0], fitted.predict(v), atol=1e-5)
+
+
+def _random(kind, input_dim=6, condition_dim=3):
+    """A module of ``kind`` whose every weight has a value (the flow's output layer starts at zero)."""
+    torch.manual_seed(0)
+    model = build(kind_params(micro_params(), kind).cvae, input_dim, condition_dim)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def test_flow_time_features_are_sines_and_cosines_of_t_at_frequencies_from_1_to_100():
+    t = torch.tensor([0.0, 0.3, 0.55, 1.0])
+    angles = t.double()[:, None] * torch.tensor([100.0 ** (k / 7) for k in range(8)], dtype=torch.float64) * math.pi
+    expected = torch.cat([angles.sin(), angles.cos()], dim=1)
+    got = time_features(t)
+    assert got.dtype == torch.float32 and got.shape == (4, 16)
+    assert torch.allclose(got.double(), expected, atol=1e-4)  # float32 angles up to 100 pi
+
+
+def test_flow_velocity_decode_and_loss_are_the_written_formulas():
+    """velocity: the three projections summed, residual blocks [LayerNorm, Linear, GELU, Linear], GELU,
+    the output layer; decode: ``steps`` Euler steps from z at t = k / steps; the loss: the velocity's
+    squared error on the straight path at t = Phi(the noise's last column)."""
+    flow = _random("flow")
+    c = flow.config
+    assert len(flow.blocks) == c.layers and c.steps > 1
+    g = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(4, 6, generator=g), torch.rand(4, generator=g), torch.randn(4, 3, generator=g)
+    h = flow.x_in(x) + flow.c_in(cond) + flow.t_in(time_features(t))
+    for block in flow.blocks:
+        norm, first, act, second = block
+        assert isinstance(norm, nn.LayerNorm) and isinstance(act, nn.GELU)
+        h = h + second(F.gelu(first(norm(h))))
+    with torch.no_grad():
+        assert torch.allclose(flow.velocity(x, t, cond), flow.out(F.gelu(h)), atol=1e-6)
+        assert torch.equal(flow.velocity(x, t, cond.double()), flow.velocity(x, t, cond))  # a float64 condition too
+        z = torch.randn(4, 6, generator=g)
+        step, dt = z.clone(), 1.0 / c.steps
+        for k in range(c.steps):
+            step = step + dt * flow.velocity(step, torch.full((4,), k * dt), cond)
+        assert torch.allclose(flow.decode(z, cond), step, atol=1e-6)
+        x1, noise = torch.randn(4, 6, generator=g), torch.randn(4, 7, generator=g)
+        x0, tt = noise[:, :6], torch.special.ndtr(noise[:, 6])
+        xt = (1 - tt[:, None]) * x0 + tt[:, None] * x1
+        expected = (flow.velocity(xt, tt, cond) - (x1 - x0)).pow(2).mean()
+        total, recon, kl = flow(x1, cond, noise=noise.double())
+        assert torch.allclose(total, expected, atol=1e-6) and torch.equal(recon, total) and kl.item() == 0.0
+        torch.manual_seed(5)  # noise not given: drawn as torch.randn(B, D + 1)
+        drawn = torch.randn(4, 7)
+        torch.manual_seed(5)
+        assert torch.equal(flow(x1, cond)[0], flow(x1, cond, noise=drawn)[0])
+
+
+def test_hypernet_decode_and_loss_are_the_written_formulas():
+    hyper = _random("hypernet")
+    assert [type(m) for m in hyper.body] == [nn.Linear, nn.GELU, nn.Dropout] * hyper.config.layers
+    assert hyper.body[2].p == hyper.config.dropout
+    g = torch.Generator().manual_seed(2)
+    cond, x = torch.randn(3, 3, generator=g), torch.randn(3, 6, generator=g)
+    h = cond
+    for layer in hyper.body[0::3]:
+        h = F.gelu(layer(h))
+    with torch.no_grad():
+        assert torch.allclose(hyper.decode(torch.zeros(3, 1), cond), hyper.out(h), atol=1e-6)
+        total, recon, kl = hyper(x.double(), cond)  # a float64 target is compared in the rows' float32
+        assert total.dtype == torch.float32 and torch.allclose(total, (hyper.out(h) - x).pow(2).mean(), atol=1e-6)
+        assert torch.equal(recon, total) and kl.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_names_a_wrong_shape_and_counts_its_numbers(kind):
+    if kind == "ridge":
+        model = RidgeGenerator.from_map(fit_ridge(torch.randn(4, 3), torch.randn(4, 6), 0.5))
+        assert model.num_parameters() == 4 * 3 + 4 * 6 + 6  # the dual form: conditions, dual, row mean
+    else:
+        model = _random(kind)
+        assert model.num_parameters() == sum(p.numel() for p in model.parameters()) > 0
+    latent = model.config.latent_dim
+    with pytest.raises(ValueError, match=rf"^z must have shape \[batch, {latent}\], got \[2, {latent + 1}\]$"):
+        model.decode(torch.zeros(2, latent + 1), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^cond must have shape \[batch, 3\], got \[2, 4\]$"):
+        model.decode(torch.zeros(2, latent), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"^z and cond batch sizes differ: 2 vs 4$"):
+        model.decode(torch.zeros(2, latent), torch.zeros(4, 3))
+    if kind in ("hypernet", "flow"):
+        with pytest.raises(ValueError, match=r"^x must have shape \[batch, 6\], got \[2, 5\]$"):
+            model(torch.zeros(2, 5), torch.zeros(2, 3))
+    if kind == "flow":
+        with pytest.raises(ValueError, match=r"^cond must have shape \[batch, 3\], got \[2, 2\]$"):
+            model(torch.zeros(2, 6), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["cvae", "flow"])
+def test_a_training_step_uses_the_noise_it_is_given(kind):
+    """step_loss passes the step's noise on (every process draws it alike): the same noise, the same
+    loss; other noise, another."""
+    model = _random(kind, 16, 3).train()
+    g = torch.Generator().manual_seed(3)
+    x, cond = torch.randn(2, 16, generator=g), torch.randn(2, 3, generator=g)
+    noise = torch.randn(2, noise_width(kind, model), generator=g)
+    with torch.no_grad():
+        first = step_loss(kind, model, model, x, cond, noise)[0]
+        torch.manual_seed(7)
+        again = step_loss(kind, model, model, x, cond, noise.clone())[0]
+        other = step_loss(kind, model, model, x, cond, noise + 1)[0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_the_kinds_refuse_what_they_do_not_know_naming_what_they_do():
+    with pytest.raises(ValueError, match=r"^cvae.kind 'ridge' is not trained by a loop \(kinds trained so: "
+                                         r"\['cvae', 'hypernet', 'flow'\]\)$"):
+        build(kind_params(micro_params(), "ridge").cvae, 6, 3)
+    with pytest.raises(ValueError, match=r"^unknown generator kind 'gan' \(known: \['cvae', 'ridge', 'hypernet', 'flow'\]\)$"):
+        model_from_json("gan", {})
+    config = _random("hypernet").config.to_json()
+    with pytest.raises(ValueError, match=r"^invalid HypernetArchitecture: unknown keys \['width'\], missing keys \[\] "
+                                         r"\(keys: \['condition_dim', 'dropout', 'hidden', 'input_dim', 'layers'\]\)$"):
+        model_from_json("hypernet", {**config, "width": 3})
+    with pytest.raises(ValueError, match=r"unknown keys \[\], missing keys \['steps'\]"):
+        model_from_json("flow", {k: v for k, v in _random("flow").config.to_json().items() if k != "steps"})
 
 
 @pytest.fixture(scope="module")

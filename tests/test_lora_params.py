@@ -178,26 +178,6 @@ def test_manifest_validation(tmp_path):
         read_manifest(1, tmp_path)
 
 
-@pytest.mark.slow
-def test_task_vectors_shapes_per_method(setting, tmp_path):
-    from icmlora.artifacts.task_vectors import read_task_vectors
-    from icmlora.stages.task_vectors import compute_task_vectors
-
-    cfg, root, processor = setting
-    metrics = compute_task_vectors(cfg, root / "prepared", root / "base", root / "lora", tmp_path / "tv.safetensors",
-                                   tmp_path / "tv.json", tmp_path / "tv-metrics.json", tmp_path / "plots")
-    assert set(metrics["silhouette"]) == {"icl_last", "icl_mean", "icl_label", "icl_match", "icl_object", "text"}  # no adapters: no reference
-    # The untrained tiny base writes no box that parses: not one labelled box of any task is matched.
-    assert metrics["match_fraction"] == {task: 0.0 for task in cfg.data.tasks}
-    vectors = read_task_vectors(tmp_path / "tv.safetensors")
-    assert list(vectors) == cfg.data.tasks and all(v.shape == (cfg.base.tiny.d_model,) for v in vectors.values())
-    ex = load_file(str(tmp_path / "tv.safetensors"))
-    for pooling in ("mean", "match", "object"):
-        assert ex[f"icl_{pooling}_examples"].shape == (len(cfg.data.tasks) * cfg.task_vectors.examples, cfg.base.tiny.d_model)
-    assert ex["text_examples"].shape[0] == len(cfg.data.tasks) * 4
-    assert (tmp_path / "plots" / "icl_mean.png").stat().st_size > 1000
-
-
 def test_match_pooling_finds_where_the_base_names_each_object(setting):
     from icmlora.florence.format import Box
     from icmlora.florence.hidden_states import named_objects
@@ -252,3 +232,107 @@ def test_a_folder_that_holds_adapters_is_named_in_the_error(tmp_path):
         read_adapter(tmp_path / "r4")
     with pytest.raises(InputError, match=r"not found \(an adapter folder holds [^)]*\)$"):
         read_adapter(tmp_path / "r4" / "checkpoints")  # nothing inside: no hint
+
+
+# Hand-made checkpoints for collect_params (no model): two tensors "a" [1, 2] and "b" [3, 1] at rank 1,
+# three checkpoints per task, each task's values around its own offset.
+def _hand_made(root, cfg, offsets=(2.0, -1.0, 5.0)):
+    from icmlora.artifacts import checkpoint_name
+    from icmlora.artifacts.adapters import write_adapter
+
+    g = torch.Generator().manual_seed(4)
+    raw = {}
+    for task, offset in zip(cfg.data.tasks, offsets):
+        for step in (2, 4, 6):
+            tensors = {"a": offset + torch.randn(1, 2, generator=g), "b": 3 * offset + 2 * torch.randn(3, 1, generator=g)}
+            write_adapter(checkpoints_dir(task, 1, 0, root) / checkpoint_name(step), tensors, {"r": 1})
+            raw[(task, step)] = torch.cat([tensors["a"].reshape(-1), tensors["b"].reshape(-1)]).double()
+    return raw
+
+
+@pytest.mark.parametrize("mode", ["centered", "train_tasks", "per_checkpoint"])
+def test_collect_params_statistics_are_the_written_formulas(tmp_path, mode):
+    """Rows in task, seed, step order; per-tensor statistics over the training tasks' values (the
+    held-out triangle's never), population standard deviations; per_checkpoint: each row's own."""
+    cfg = micro_params(**{"cvae.normalization": mode})
+    raw = _hand_made(tmp_path / "lora", cfg)
+    data = collect_params(cfg, 1, tmp_path / "lora", tmp_path / "out")
+    m = read_lora_matrix(1, tmp_path / "out")
+    order = [(t, s) for t in cfg.data.tasks for s in (2, 4, 6)]
+    assert m.task_index.tolist() == [cfg.data.tasks.index(t) for t, _ in order] and m.step.tolist() == [s for _, s in order]
+    assert m.seed.tolist() == [0] * 9 and m.rows.dtype == torch.float32
+    assert data["names"] == ["a", "b"] and data["shapes"] == [[1, 2], [3, 1]] and data["offsets"] == [0, 2]
+    assert data["dim"] == 5 and data["rows"] == 9 and data["holdout"] == ["triangle"] and data["adapter_config"] == {"r": 1}
+    rows = torch.stack([raw[k] for k in order])
+    train = rows[:6]  # circle and square
+    spans = [slice(0, 2), slice(2, 5)]
+    if mode == "per_checkpoint":
+        assert data["normalization"] == {"mode": "per_checkpoint",
+                                         "note": "row_mean/row_std in the tensor file; leaks the target's statistics"}
+        for i, row in enumerate(rows):
+            mean = torch.stack([row[s].mean() for s in spans])
+            std = torch.stack([row[s].std(unbiased=False) for s in spans])
+            assert torch.allclose(m.row_mean[i].double(), mean, atol=1e-5) and torch.allclose(m.row_std[i].double(), std, atol=1e-5)
+            expected = torch.cat([(row[s] - mean[j]) / std[j] for j, s in enumerate(spans)])
+            assert torch.allclose(m.rows[i].double(), expected, atol=1e-5)
+        return
+    center = train.mean(0) if mode == "centered" else torch.zeros(5, dtype=torch.float64)
+    assert (m.manifest.center is None) == (mode == "train_tasks")
+    if mode == "centered":
+        assert torch.allclose(m.manifest.center.double(), center, atol=1e-6)
+    shifted = train - center
+    mean = torch.stack([shifted[:, s].mean() for s in spans])
+    std = torch.stack([shifted[:, s].std(unbiased=False) for s in spans])
+    norm = data["normalization"]
+    assert norm["mode"] == mode
+    assert torch.allclose(torch.tensor(norm["mean"], dtype=torch.float64), mean, atol=1e-5)
+    assert torch.allclose(torch.tensor(norm["std"], dtype=torch.float64), std, rtol=1e-5)
+    expected = torch.cat([(rows[:, s] - center[s] - mean[j]) / std[j] for j, s in enumerate(spans)], dim=1)
+    assert torch.allclose(m.rows.double(), expected, atol=1e-5)
+
+
+def test_collect_params_names_every_bad_checkpoint_against_the_first(tmp_path):
+    from icmlora.artifacts import checkpoint_name
+    from icmlora.artifacts.adapters import write_adapter
+
+    cfg = micro_params()
+    _hand_made(tmp_path / "lora", cfg)
+    first = checkpoints_dir("circle", 1, 0, tmp_path / "lora") / checkpoint_name(2)
+    second = checkpoints_dir("circle", 1, 0, tmp_path / "lora") / checkpoint_name(4)
+    last = checkpoints_dir("triangle", 1, 0, tmp_path / "lora") / checkpoint_name(6)
+    write_adapter(second, {"a": torch.zeros(1, 3), "b": torch.zeros(3, 1)}, {"r": 1})
+    write_adapter(last, {"a": torch.zeros(1, 2), "b": torch.zeros(3, 1)}, {"r": 2})
+    with pytest.raises(InputError) as err:
+        collect_params(cfg, 1, tmp_path / "lora", tmp_path / "out")
+    assert str(err.value).splitlines() == [
+        "collect_params r1: inconsistent checkpoints (2 problems):",
+        f"  - {second}: tensor names or shapes differ from {first} (another target set?)",
+        f"  - {last}: adapter rank 2 is not 1",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_collect_params_main_writes_the_rank_and_says_what(tmp_path, capsys):
+    import yaml
+    from params_helpers import params_dict
+
+    from icmlora.stages.collect_params import main
+
+    cfg = micro_params()
+    _hand_made(tmp_path / "models" / "lora", cfg)  # the data contract's place, under the working directory
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_dict()))
+    data = main(["--params", str(tmp_path / "params.yaml"), "--rank", "1"])
+    assert data["rows"] == 9 and read_lora_matrix(1, tmp_path / "data" / "lora_matrix").rows.shape == (9, 5)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "collect_params: wrote data/lora_matrix/r1.safetensors (9 checkpoints x 5 values, centered normalization) "
+        "and its manifest r1.json")
+    with pytest.raises(SystemExit):
+        main(["--params", str(tmp_path / "params.yaml")])  # --rank is required
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: icmlora collect_params [-h] [--params PARAMS] --rank RANK")
+    assert "Stage `collect_params`: every LoRA checkpoint of one rank" in shown and "LoRA rank, from lora.ranks" in shown
+    with pytest.raises(InputError, match=r"^--rank 3 is not in lora.ranks \(1, 2\)"):
+        main(["--params", str(tmp_path / "params.yaml"), "--rank", "3"])

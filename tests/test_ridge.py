@@ -87,3 +87,34 @@ def test_a_held_out_task_never_reaches_the_map():
 def test_a_task_target_is_the_mean_of_its_rows():
     rows = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 10.0]])
     assert torch.equal(task_targets(rows, torch.tensor([0, 0, 1]), [1, 0]), torch.tensor([[10.0, 10.0], [2.0, 3.0]]))
+
+
+def test_lams_unit_is_the_mean_squared_norm_of_the_standardized_vectors_and_each_fold_takes_its_own():
+    vectors, rows = _tasks(n=5, d=4, noise=1.0)
+    mean = vectors.mean(0)
+    scale = (vectors - mean).std()  # one scale for every dimension, as the CVAE's condition
+    unit = float(((vectors - mean) / scale).double().pow(2).sum(1).mean())
+    assert _scale(vectors) == pytest.approx(unit, rel=1e-6) and unit > 1
+    assert _scale(vectors[:1]) == 1e-12  # one vector standardizes to 0: the floor, never a division by 0
+    # Each left-out fold's lam is c times the unit of the tasks it was fitted on, not of all of them.
+    c = 0.3
+    expected = 0.0
+    for out in range(5):
+        keep = [i for i in range(5) if i != out]
+        predicted = fit_ridge(vectors[keep], rows[keep], c * _scale(vectors[keep])).predict(vectors[out])
+        expected += float(torch.nn.functional.cosine_similarity(predicted.double(), rows[out].double(), dim=0)) / 5
+    assert loto_scores(vectors, rows, grid=(c,)) == {c: pytest.approx(expected, abs=1e-12)}
+    assert set(loto_scores(vectors[:2], rows[:2], grid=(c,))) == {c}  # two tasks are enough to leave one out
+    single, _ = fit_ridge_loto(vectors[:1], rows[:1])
+    assert single.lam == max(LAMBDA_GRID) * 1e-12
+
+
+def test_a_vector_without_its_row_is_refused_and_the_module_keeps_lam():
+    from icmlora.generators.ridge import RidgeGenerator
+
+    with pytest.raises(ValueError, match=r"^ridge needs one target row per task vector, got 3 vectors and 2 rows$"):
+        fit_ridge(torch.randn(3, 4), torch.randn(2, 5), 1.0)
+    with pytest.raises(ValueError, match="got 0 vectors and 0 rows"):
+        fit_ridge(torch.randn(0, 4), torch.randn(0, 5), 1.0)
+    fitted = fit_ridge(torch.randn(3, 4), torch.randn(3, 5), 0.7)
+    assert RidgeGenerator.from_map(fitted).config.lam == 0.7
