@@ -13,7 +13,7 @@ from icmlora.artifacts.generators import read_generator
 from icmlora.artifacts.task_vectors import read_task_vectors
 from icmlora.florence.model import build_tiny_model
 from icmlora.stages.collect_params import collect_params
-from icmlora.stages.evaluate import novelty
+from icmlora.stages.evaluate import novelty, retrieval_weights
 from icmlora.stages.generate import generate_all
 from icmlora.stages.report import summarize, timings
 from icmlora.stages.task_vectors import compute_task_vectors
@@ -89,6 +89,17 @@ def test_novelty_on_constructed_cases():
     assert far["nearest_index"] == 0 and far["nn_cosine"] == 0.0  # cosine with the zero row: 0, not nan
     near = novelty(torch.tensor([9.0, 0.0]), train, own)
     assert near["nearest_index"] == 1 and near["nn_cosine"] == pytest.approx(1.0)
+
+
+def test_retrieval_weights_are_a_softmax_of_the_k_nearest_similarities():
+    sims = torch.tensor([0.2, 0.9, -0.5, 0.7])
+    weights = retrieval_weights(sims, k=2, temperature=0.1)
+    assert list(weights) == [1, 3]  # the two most similar, nearest first
+    e = [math.exp(0.9 / 0.1), math.exp(0.7 / 0.1)]
+    assert weights[1] == pytest.approx(e[0] / sum(e), abs=1e-6) and weights[3] == pytest.approx(e[1] / sum(e), abs=1e-6)  # float32 similarities
+    assert list(retrieval_weights(sims, k=9, temperature=1.0)) == [1, 3, 0, 2]  # k beyond the tasks: all of them
+    even = retrieval_weights(sims, k=4, temperature=1e6)  # a large temperature: an even mean
+    assert all(w == pytest.approx(0.25, abs=1e-6) for w in even.values()) and sum(even.values()) == pytest.approx(1.0)
 
 
 def test_summary_keys_and_ratios(setting):
