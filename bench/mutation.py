@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/mutation.py                 # what `make mutation` runs
     .venv/bin/python bench/mutation.py --label before  # the same, kept under another name
+    .venv/bin/python bench/mutation.py --only src/icmlora/generators/ridge.py --label ridge
+                                                       # a fresh copy, only these modules' mutants tested
 
 Runs mutmut (pinned in constraints.txt) as pyproject.toml's [tool.mutmut] says: it copies the
 project into mutants/ (git-ignored), writes every mutant of the modules in ``only_mutate`` into
@@ -49,7 +51,7 @@ def modules() -> list[str]:
 def run_mutmut(max_children: int, mutant_names: list[str] | None = None) -> float:
     """One `mutmut run` in a fresh mutants/, or (``mutant_names``) in the last run's mutants/ on just
     these mutants; returns its wall time in seconds."""
-    if mutant_names is None:
+    if mutant_names is None or all("*" in name for name in mutant_names):  # a fresh copy
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     # mutmut puts mutants/src first on the test process's path; a test's subprocess (`python -m
     # icmlora...`) imports this checkout's unmutated src/ (not whichever one the venv's editable
@@ -64,6 +66,13 @@ def run_mutmut(max_children: int, mutant_names: list[str] | None = None) -> floa
     if proc.returncode != 0:
         raise SystemExit(f"`mutmut run` failed (exit {proc.returncode}); its output is above")
     return time.perf_counter() - begin
+
+
+def mutant_glob(module: str) -> str:
+    """mutmut's name pattern of a module's mutants: src/icmlora/generators/ridge.py -> icmlora.generators.ridge.x*
+    (functions x_name, methods xǁClassǁname; a package's __init__.py: the package's own name)"""
+    dotted = Path(module).with_suffix("").relative_to("src").as_posix().replace("/", ".")
+    return f"{dotted.removesuffix('.__init__')}.x*"
 
 
 def exit_codes(module: str) -> dict:
@@ -96,18 +105,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the last run's mutants/ and test again only its mutants that no test killed (of "
                              "these modules; none named: all), against today's tests: tests are only ever added, "
                              "so a mutant killed stays killed")
+    parser.add_argument("--only", nargs="+", metavar="MODULE",
+                        help="test only these modules' mutants (of only_mutate), in a fresh copy; scores for these alone")
     args = parser.parse_args(argv)
+    if args.only and args.retest is not None:
+        parser.error("--only and --retest do not go together")
+    unknown = sorted(set(args.only or []) - set(modules()))
+    if unknown:
+        parser.error(f"--only {unknown}: not in pyproject.toml's [tool.mutmut] only_mutate ({modules()})")
 
-    retest = None
+    retest = [mutant_glob(module) for module in args.only] if args.only else None
     if args.retest is not None:
         retest = [name for module in (args.retest or modules()) for name, code in exit_codes(module).items()
                   if STATUS_BY_EXIT_CODE.get(code) != KILLED]
         print(f"testing again {len(retest)} mutants no test killed")
     wall_s = run_mutmut(args.max_children, retest)
-    scores = {module: module_scores(module) for module in modules()}
+    scores = {module: module_scores(module) for module in (args.only or args.retest or modules())}
     out = json.loads(args.output.read_text()) if args.output.exists() else {}
     out[args.label] = {
-        "command": "make mutation" if retest is None else f"bench/mutation.py --retest {' '.join(args.retest)}".strip(),
+        "command": ("make mutation" if retest is None else f"bench/mutation.py --only {' '.join(args.only)}" if args.only
+                    else f"bench/mutation.py --retest {' '.join(args.retest)}".strip()),
         "wall_s": round(wall_s, 1),
         "max_children": args.max_children,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
