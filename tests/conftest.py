@@ -194,6 +194,28 @@ def generators(setting, tmp_path_factory):
     return cfg, root, out
 
 
+@pytest.fixture(scope="session")
+def final_adapters(setting):
+    """A factory: ``make(dest, ranks, missing=())`` copies the setting's LoRAs to ``dest`` with each task's
+    last checkpoint standing in for its final adapter at ``ranks`` (the setting has trajectories only),
+    except the tasks in ``missing``; returns ``dest``."""
+    import shutil
+
+    from icmlora.artifacts import final_adapter_dir
+
+    _, root, _ = setting
+
+    def make(dest: Path, ranks, missing=()) -> Path:
+        shutil.copytree(root / "lora", dest)
+        for task in TASKS:
+            for rank in ranks:
+                if task not in missing:
+                    shutil.copytree(checkpoints_dir(task, rank, 0, dest) / checkpoint_name(6), final_adapter_dir(task, rank, 0, dest))
+        return dest
+
+    return make
+
+
 @dataclass
 class Boxer:
     """A tiny Florence-2 that writes boxes (a random one writes none that parse, so any comparison of

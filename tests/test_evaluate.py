@@ -32,14 +32,10 @@ HELD = "triangle"  # micro's held-out task
 FEW_SHOT = {"lr": 0.005, "steps": 4}
 
 
-def _inputs(cfg, root, out, work):
+def _inputs(cfg, out, work, final_adapters):
     """Final adapters (each task's last checkpoint), generated samples and few-shot adapters (the
     held-out task's first checkpoint) beside the generators' outputs."""
-    lora = work / "lora"
-    shutil.copytree(root / "lora", lora)
-    for task in cfg.data.tasks:
-        for rank in cfg.lora.ranks:
-            shutil.copytree(checkpoints_dir(task, rank, 0, lora) / checkpoint_name(6), final_adapter_dir(task, rank, 0, lora))
+    lora = final_adapters(work / "lora", cfg.lora.ranks)
     generate_all(cfg, out / "gen", out / "matrix", out / "tv.safetensors", work / "generated", work / "g.json", work / "gt.json")
     for rank in cfg.lora.ranks:
         shutil.copytree(checkpoints_dir(HELD, rank, 0, lora) / checkpoint_name(2), few_shot_dir(HELD, rank, work / "few_shot"))
@@ -56,10 +52,10 @@ def _evaluate(cfg, root, out, work, lora, **changes):
 
 
 @pytest.fixture(scope="module")
-def evaluated(generators, tmp_path_factory):
+def evaluated(generators, final_adapters, tmp_path_factory):
     cfg, root, out = generators
     work = tmp_path_factory.mktemp("evaluate")
-    lora = _inputs(cfg, root, out, work)
+    lora = _inputs(cfg, out, work, final_adapters)
     scored = []  # (task, the flattened adapter weights loaded for the score or None, disable_adapter)
     real = Scorer.predictions
 
@@ -204,13 +200,13 @@ def test_evaluate_writes_its_files_and_one_mlflow_run_per_row(evaluated):
     assert one.info.run_name == f"{one.data.tags['task']}-r{one.data.tags['rank']}-generated-{one.data.tags['sample']}"
 
 
-def test_evaluate_refuses_a_task_without_its_z0_sample_or_its_few_shot_adapter(generators, tmp_path):
+def test_evaluate_refuses_a_task_without_its_z0_sample_or_its_few_shot_adapter(generators, final_adapters, tmp_path):
     """The baselines are built around each task's z = 0 sample: without it evaluate stops and says which
     folder lacks it (not reusing the previous task's sample); a held-out task needs its few-shot adapter."""
     cfg, root, out = generators
     cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"ranks": [1]}),
                                  "evaluate": cfg.evaluate.model_copy(update={"cross_task_ranks": []})})
-    lora = _inputs(cfg, root, out, tmp_path)
+    lora = _inputs(cfg, out, tmp_path, final_adapters)
     shutil.move(tmp_path / "few_shot.json", tmp_path / "kept.json")
     with pytest.raises(InputError, match=rf"^{few_shot_dir(HELD, 1, tmp_path / 'few_shot')}: no few_shot_lora adapter of "
                                          rf"held-out task {HELD} at rank 1 \(or none in {tmp_path / 'few_shot.json'}\); "

@@ -4,7 +4,6 @@ the projection plots and the reference method's adapters; each figure checked ag
 definition, computed again here from the stage's own outputs."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from icmlora.artifacts import checkpoint_name, checkpoints_dir, final_adapter_dir
+from icmlora.artifacts import final_adapter_dir
 from icmlora.artifacts.task_vectors import read_task_vectors
 from icmlora.errors import InputError
 from icmlora.florence.hidden_states import TEXT_TEMPLATES
@@ -93,21 +92,10 @@ def test_task_vectors_are_their_examples_mean_and_the_metrics_are_computed_from_
     assert all(torch.allclose(vectors[t], mean[t].mean(0), atol=1e-7) for t in tasks)
 
 
-def _with_final_adapters(cfg, root, tmp_path, missing=()):
-    """A copy of the setting's LoRAs, each task's last checkpoint at reference_rank standing in for
-    its final adapter (the reference method reads final adapters)."""
-    lora = tmp_path / "lora"
-    shutil.copytree(root / "lora", lora)
-    rank = cfg.task_vectors.reference_rank
-    for task in cfg.data.tasks:
-        if task not in missing:
-            shutil.copytree(checkpoints_dir(task, rank, 0, lora) / checkpoint_name(6), final_adapter_dir(task, rank, 0, lora))
-    return lora
-
-
-def test_the_reference_method_reads_each_tasks_trained_adapter_and_is_computed_only_when_asked(setting, tmp_path):
+def test_the_reference_method_reads_each_tasks_trained_adapter_and_is_computed_only_when_asked(setting, final_adapters,
+                                                                                              tmp_path):
     cfg, root, _ = setting
-    lora = _with_final_adapters(cfg, root, tmp_path)
+    lora = final_adapters(tmp_path / "lora", [cfg.task_vectors.reference_rank])
     tasks = cfg.data.tasks
     metrics = _run(_with(cfg, method="reference"), root, tmp_path / "ref", lora)
     assert set(metrics["silhouette"]) == ICL | {"text", "reference"} and metrics["method"] == "reference"
@@ -133,9 +121,9 @@ def test_the_reference_method_reads_each_tasks_trained_adapter_and_is_computed_o
     assert set(without["silhouette"]) == ICL | {"text"}
 
 
-def test_the_reference_method_without_a_tasks_adapter_names_it_and_the_stage_to_run(setting, tmp_path):
+def test_the_reference_method_without_a_tasks_adapter_names_it_and_the_stage_to_run(setting, final_adapters, tmp_path):
     cfg, root, _ = setting
-    lora = _with_final_adapters(cfg, root, tmp_path, missing=("square",))
+    lora = final_adapters(tmp_path / "lora", [cfg.task_vectors.reference_rank], missing=("square",))
     adapter = final_adapter_dir("square", cfg.task_vectors.reference_rank, 0, lora)
     with pytest.raises(InputError, match=rf"^{adapter}: task_vectors.method 'reference' needs the trained adapter of every "
                                          r"task \(run `dvc repro train_lora` first, or use method icl\)$"):
