@@ -172,7 +172,7 @@ def evaluated(generators, final_adapters, tmp_path):
     for rank in cfg.lora.ranks:
         collect_params(cfg, rank, root / "lora", out.matrix)
     lora = _inputs(cfg, out, work, final_adapters)
-    # Rank 1's samples tie on the support examples (the first-drawn rule decides), rank 2's differ.
+    # Rank 1's samples tie on the support examples (the tie rule decides); rank 2's are scored by their weights.
     detector = Detector(root / "prepared", cfg.data.tasks, tie_sizes=[read_lora_matrix(1, out.matrix).manifest.dim])
     ticks = iter(100 + TICK * n for n in range(1000))  # a clock that does not start at 0, as perf_counter's
     bars, logged, vectors_read = [], [], []

@@ -279,7 +279,7 @@ def test_generate_help_names_every_option(capsys, monkeypatch):
                  "generate.samples)", "base model folder (for --examples; default models/base)",
                  "with --examples: sample N adapters, score each on those examples only, keep the best (and "
                  "selection.json)"):
-        assert text in shown, text
+        assert f"  {text}\n" in shown, text  # the whole help text of its option, nothing added around it
 
 
 @pytest.mark.parametrize("args, message", [

@@ -333,6 +333,6 @@ def test_collect_params_main_writes_the_rank_and_says_what(tmp_path, capsys):
         main(["--help"])
     shown = capsys.readouterr().out
     assert shown.startswith("usage: icmlora collect_params [-h] [--params PARAMS] --rank RANK")
-    assert "Stage `collect_params`: every LoRA checkpoint of one rank" in shown and "LoRA rank, from lora.ranks" in shown
+    assert "Stage `collect_params`: every LoRA checkpoint of one rank" in shown and "  LoRA rank, from lora.ranks\n" in shown
     with pytest.raises(InputError, match=r"^--rank 3 is not in lora.ranks \(1, 2\)"):
         main(["--params", str(tmp_path / "params.yaml"), "--rank", "3"])
