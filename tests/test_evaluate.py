@@ -101,9 +101,10 @@ class Detector:
             for split in ("train", "valid"):
                 examples, folder = read_split(task, split, prepared)
                 for example, image in zip(examples, load_images([folder / e.image for e in examples])):
-                    self.truth[_digest(image)] = example.boxes
+                    key = _digest(image)
+                    self.truth[key] = example.boxes
                     if split == "train":
-                        self.train.add(_digest(image))
+                        self.train.add(key)
         self.calls = []
 
     def __call__(self, model, processor, images, params, *, desc="predict", prompt=None, encoded=None):
@@ -117,7 +118,7 @@ class Detector:
         keys = tuple(_digest(image) for image in images)
         tie = not off and len(weights) in self.tie_sizes and set(keys) <= self.train
         seed = 0 if off else 1 if tie else zlib.crc32(weights.numpy().tobytes()) + 2
-        if not off and any(w.shape == weights.shape and torch.allclose(w, weights, atol=1e-5) for w in self.perfect):
+        if not off and any(_same(w, weights) for w in self.perfect):
             preds = [[Box(b.label, b.x1, b.y1, b.x2, b.y2, 1.0) for b in self.truth[key]] for key in keys]
         else:
             preds = [self._boxes(np.random.default_rng([seed, key]), self.truth[key]) for key in keys]
@@ -143,11 +144,15 @@ def _split(root, task, split="valid", count=None):
     return examples, tuple(_digest(image) for image in load_images([folder / e.image for e in examples]))
 
 
+def _same(a, b) -> bool:
+    """The same adapter weights up to float32 rounding (a de-normalized row and the checkpoint it came from
+    are equal up to rounding, not bit for bit)."""
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
 def _candidates(detector, keys, vector):
-    """Every prediction list the model wrote for these images while holding these weights (a de-normalized
-    row and the checkpoint it came from are equal up to rounding, not bit for bit)."""
-    found = [p for k, w, p in detector.calls
-             if k == keys and w is not None and w.shape == vector.shape and torch.allclose(w, vector, atol=1e-5)]
+    """Every prediction list the model wrote for these images while holding these weights (``_same``)."""
+    found = [p for k, w, p in detector.calls if k == keys and w is not None and _same(w, vector)]
     assert found, "the model never wrote boxes for these images with these weights"
     return found
 
@@ -209,6 +214,7 @@ def evaluated(generators, final_adapters, tmp_path):
     ev = SimpleNamespace(cfg=cfg, root=root, out=out, work=work, lora=lora, frame=frame, detector=detector, bars=bars,
                          logged=logged, vectors_read=vectors_read)
     ev.expected = _expected_weights(ev)
+    ev.splits = {t: _split(root, t, count=cfg.evaluate.eval_images) for t in cfg.data.tasks}  # (examples, digests) scored
     return ev
 
 
@@ -266,7 +272,7 @@ def _every_row_is_the_score_of_the_adapter_its_source_names(evaluated):
     cfg, frame, detector = ev.cfg, ev.frame, ev.detector
     tasks = cfg.data.tasks
     expected = ev.expected
-    splits = {t: _split(ev.root, t, count=cfg.evaluate.eval_images) for t in tasks}
+    splits = ev.splits
     assert all(len(examples) == cfg.evaluate.eval_images for examples, _ in splits.values())
     # The base: scored once per task (its predictions serve every rank), with its adapter disabled.
     assert [k for k, w, _ in detector.calls if w is None and k in {s[1] for s in splits.values()}] == [splits[t][1] for t in tasks]
@@ -328,7 +334,7 @@ def _novelty_and_error_overlap_of_each_sample(evaluated):
         raw = torch.stack([matrix.raw(i) for i in range(len(matrix.rows))])
         train = torch.tensor([tasks[int(i)] != HELD for i in matrix.task_index])
         for ti, task in enumerate(tasks):
-            examples, keys = _split(ev.root, task, count=cfg.evaluate.eval_images)
+            examples, keys = ev.splits[task]
             truth = [e.boxes for e in examples]
             own_index = (matrix.task_index == ti).nonzero()[:, 0]
             own = raw[own_index]
@@ -359,7 +365,7 @@ def _bootstrap_rows_are_paired_over_the_same_resamples(evaluated):
     cfg, frame, detector = ev.cfg, ev.frame, ev.detector
     tasks = cfg.data.tasks
     expected = ev.expected
-    splits = {t: _split(ev.root, t, count=cfg.evaluate.eval_images) for t in tasks}
+    splits = ev.splits
     counts = {t: bootstrap_counts(cfg.evaluate.eval_images, cfg.evaluate.bootstrap_resamples,
                                   np.random.default_rng([cfg.seed, cfg.evaluate.noise_seed, ti])) for ti, t in enumerate(tasks)}
     rows = []
@@ -399,7 +405,7 @@ def _cross_task_scores_each_tasks_z0_adapter_on_every_other_task(evaluated):
     assert cfg.evaluate.cross_task_ranks == [2] and (cross["rank"] == 2).all()
     assert list(zip(cross["adapter_task"], cross["eval_task"])) == [(a, b) for a in tasks for b in tasks if a != b]
     for r in cross.to_dict("records"):
-        examples, keys = _split(ev.root, r["eval_task"], count=cfg.evaluate.eval_images)
+        examples, keys = ev.splits[r["eval_task"]]
         scores = [_metrics(examples, p)["map50"] for p in _candidates(detector, keys, expected[(2, r["adapter_task"], "generated", "z0")])]
         assert any(r["map50"] == pytest.approx(s, rel=1e-5, abs=1e-9) for s in scores), (r, scores)
 
