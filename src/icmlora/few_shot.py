@@ -8,7 +8,8 @@ validation over them (train on the other folds, score the held-back fold), never
 split every baseline is scored on:
 
 - every learning rate of ``few_shot.lrs`` trains one run per fold, ``few_shot.steps`` steps (warm-up,
-  then cosine decay over them), snapshotted every ``few_shot.select_every`` steps;
+  then cosine decay over them), snapshotted every ``few_shot.select_every`` steps; a fold's runs train
+  together, one forward and backward pass a step, each as it would alone (``fit``);
 - each (lr, step) is scored by its mean mAP50 over the folds; the best wins (ties: fewer steps, then
   the smaller lr);
 - the chosen lr trains on all k examples on the same schedule, and its weights at the chosen step are
@@ -69,28 +70,42 @@ class Fit:
     seconds: dict[int, float]  # step -> seconds from the start of training (model wrapping included)
 
 
-def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams, rank: int, lr: float,
-        params: FewShotParams, runtime: RuntimeParams, seed: int, accelerator) -> tuple[Fit, object]:
-    """Train one LoRA of ``rank`` on ``examples`` and snapshot it at every candidate step; returns the
-    fit and the base model, unwrapped again."""
+def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams, rank: int, lrs: list[float],
+        params: FewShotParams, runtime: RuntimeParams, seed: int, accelerator) -> tuple[dict[float, Fit], object]:
+    """Train one LoRA of ``rank`` per learning rate of ``lrs`` on ``examples`` and snapshot each at every
+    candidate step; returns {lr: fit} and the base model, unwrapped again. Several lrs train together,
+    one forward and backward pass a step (``icmlora.training.train``'s ``adapters``): each from the
+    initial A it gets alone, with its own lr, clipping and dropout generator, as it would train alone."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     start = time.perf_counter()
     torch.manual_seed(seed)  # the LoRA's initial A: seeded like the pipeline's (before the model is wrapped)
-    model = get_peft_model(base, peft_config(lora, rank))
-    optim = lora.train.model_copy(update={"lr": lr, "steps": params.steps})
+    names = ["default"] if len(lrs) == 1 else [f"lr{i}" for i in range(len(lrs))]
+    initial = torch.get_rng_state()
+    model = None
+    for name in names:
+        torch.set_rng_state(initial)  # every adapter's A drawn as it is alone
+        if model is None:
+            model = get_peft_model(base, peft_config(lora, rank), adapter_name=name)
+        else:
+            model.add_adapter(name, peft_config(lora, rank))
+    if len(names) > 1:
+        model.base_model.set_adapter(names)  # every adapter trainable
+    optims = [lora.train.model_copy(update={"lr": lr, "steps": params.steps}) for lr in lrs]
     dataset = DetectionDataset(examples, folder, processor, runtime.image_cache_mb)
     wanted = set(stops(params))
-    result = Fit({}, {})
+    result = {lr: Fit({}, {}) for lr in lrs}
 
     def on_checkpoint(step: int) -> None:
         if step in wanted:
-            state = get_peft_model_state_dict(accelerator.unwrap_model(model))
-            result.snapshots[step] = {k: v.detach().clone() for k, v in state.items()}
-            result.seconds[step] = time.perf_counter() - start
+            for name, lr in zip(names, lrs):
+                state = get_peft_model_state_dict(accelerator.unwrap_model(model), adapter_name=name)
+                result[lr].snapshots[step] = {k: v.detach().clone() for k, v in state.items()}
+                result[lr].seconds[step] = time.perf_counter() - start
 
-    train(model, processor, dataset, optim, runtime, seed, accelerator=accelerator, desc=f"few_shot r{rank} lr={lr:g}",
-          on_checkpoint=on_checkpoint, checkpoint_every=params.select_every)
+    train(model, processor, dataset, optims[0], runtime, seed, accelerator=accelerator,
+          desc=f"few_shot r{rank} lr={','.join(f'{lr:g}' for lr in lrs)}", on_checkpoint=on_checkpoint,
+          checkpoint_every=params.select_every, adapters=list(zip(names, optims)) if len(names) > 1 else None)
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     return result, model.unload()
@@ -122,20 +137,22 @@ def select_and_fit(base, processor, task: str, rank: int, lora: LoraParams, para
     images = load_images([folder / e.image for e in examples])
     start = time.perf_counter()
     scores: dict[tuple[float, int], list[float]] = {}
-    for lr in params.lrs:
-        for f, held in enumerate(fold_indices(len(examples), params.folds)):
-            kept = [e for i, e in enumerate(examples) if i not in held]
-            run, base = fit(base, processor, kept, folder, lora, rank, lr, params, runtime, seed + f, accelerator)
-            model = get_peft_model(base, peft_config(lora, rank))
+    for f, held in enumerate(fold_indices(len(examples), params.folds)):
+        kept = [e for i, e in enumerate(examples) if i not in held]
+        runs, base = fit(base, processor, kept, folder, lora, rank, list(params.lrs), params, runtime, seed + f,
+                         accelerator)  # every lr on this fold in one pass
+        model = get_peft_model(base, peft_config(lora, rank))
+        for lr, run in runs.items():
             for step, weights in run.snapshots.items():
                 set_peft_model_state_dict(model, weights)
                 value = map50(model, processor, [examples[i] for i in held], [images[i] for i in held], predict_params)
                 scores.setdefault((lr, step), []).append(value)
-            base = model.unload()
+        base = model.unload()
     mean = {key: sum(v) / len(v) for key, v in scores.items()}
     lr, step = choose(mean)
     choosing = time.perf_counter() - start
-    final, base = fit(base, processor, examples, folder, lora, rank, lr, params, runtime, seed, accelerator)
+    finals, base = fit(base, processor, examples, folder, lora, rank, [lr], params, runtime, seed, accelerator)
+    final = finals[lr]
     record = {"support": [e.image for e in examples], "lr": lr, "steps": step,
               "cv_map50": {candidate(*k): round(v, 6) for k, v in sorted(mean.items())}}
     seconds = {"select_seconds": round(choosing, 2), "train_seconds": round(final.seconds[step], 2)}
