@@ -43,7 +43,7 @@ TESTS = [
     "tests/test_florence.py::test_lora_training_on_cached_image_features_equals_training_on_pixels",
     "tests/test_resume.py::test_killed_cvae_run_resumes_with_only_the_remaining_epochs",
     "tests/test_lora_batch.py",
-    "tests/test_few_shot.py::test_a_folds_learning_rates_trained_in_one_pass_train_as_each_would_alone",
+    "tests/test_few_shot.py::test_a_folds_runs_trained_in_one_pass_train_as_each_would_alone",
 ]
 LONG_TESTS = ["tests/test_multiprocess.py::test_two_processes_train_what_one_process_trains"]
 

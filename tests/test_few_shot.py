@@ -72,14 +72,12 @@ def test_few_shot_trains_and_chooses_on_the_support_examples_only(setting, tmp_p
     out = tmp_path / "few_shot"
     records = few_shot(cfg, root / "prepared", root / "base", out, tmp_path / "fs.json", tmp_path / "timing.json")
 
-    runs_per_rank = cfg.few_shot.folds + 1  # a fold's lrs train in one pass
-    assert len(trained_on) == runs_per_rank * len(cfg.lora.ranks)
-    for r in range(len(cfg.lora.ranks)):
-        runs = trained_on[r * runs_per_rank:(r + 1) * runs_per_rank]
-        for i, kept in enumerate(runs[:-1]):  # fold i held back
-            held = [support[j] for j in fs.fold_indices(k, cfg.few_shot.folds)[i]]
-            assert sorted(kept + held) == sorted(support) and not set(kept) & set(held)
-        assert runs[-1] == support  # the chosen setting trains on all k
+    folds = cfg.few_shot.folds  # a fold's runs, every rank with every lr, in one pass; then each rank's final
+    assert len(trained_on) == folds + len(cfg.lora.ranks)
+    for i, kept in enumerate(trained_on[:folds]):  # fold i held back
+        held = [support[j] for j in fs.fold_indices(k, folds)[i]]
+        assert sorted(kept + held) == sorted(support) and not set(kept) & set(held)
+    assert trained_on[folds:] == [support] * len(cfg.lora.ranks)  # the chosen settings train on all k
     assert scored_on and all(set(s) <= set(support) for s in scored_on)
     written = json.loads((tmp_path / "fs.json").read_text())
     assert written["tasks"] == records and set(records) == {task}
@@ -97,28 +95,31 @@ def test_few_shot_trains_and_chooses_on_the_support_examples_only(setting, tmp_p
     assert set(timing["adapters"][task]) == {f"r{r}" for r in cfg.lora.ranks}
 
 
-def test_a_folds_learning_rates_trained_in_one_pass_train_as_each_would_alone(setting):
-    """``fit`` trains every candidate lr of a fold in one pass: each lr's snapshots are the ones it gets
-    trained alone (the same initial A, its own lr and dropout generator), LoRA dropout on, every tensor
-    within test_lora_batch's TOLERANCE of its spread (measured here: 0, bit for bit); and each adapter
-    really got its own lr (the lrs' snapshots differ)."""
+def test_a_folds_runs_trained_in_one_pass_train_as_each_would_alone(setting):
+    """``fit`` trains a fold's runs, every rank with every candidate lr, in one pass: each run's
+    snapshots are the ones it gets trained alone (the same initial A, its own lr and dropout
+    generator), LoRA dropout on, every tensor within test_lora_batch's TOLERANCE of its spread
+    (measured here: 0, bit for bit); and each adapter really got its own lr (the lrs' snapshots differ)."""
     cfg, root, _ = setting
-    lrs = list(cfg.few_shot.lrs)
-    assert len(lrs) > 1 and cfg.lora.dropout > 0
+    lrs, ranks = list(cfg.few_shot.lrs), list(cfg.lora.ranks)
+    assert len(lrs) > 1 and len(ranks) > 1 and cfg.lora.dropout > 0
     base, processor = read_base_model(root / "base")
     examples, folder = fs.support_examples(cfg.heldout_tasks[0], cfg.task_vectors.examples, root / "prepared")
     accelerator = make_accelerator(cfg.runtime)
-    common = (examples[1:], folder, cfg.lora, cfg.lora.ranks[-1])
-    joint, base = fs.fit(base, processor, *common, lrs, cfg.few_shot, cfg.runtime, 11, accelerator)
-    for lr in lrs:
-        alone, base = fs.fit(base, processor, *common, [lr], cfg.few_shot, cfg.runtime, 11, accelerator)
-        assert joint[lr].snapshots.keys() == alone[lr].snapshots.keys() == set(fs.stops(cfg.few_shot))
-        for step, weights in alone[lr].snapshots.items():
-            assert weights.keys() == joint[lr].snapshots[step].keys() and weights
+    common = (examples[1:], folder, cfg.lora)
+    runs = [(rank, lr) for rank in ranks for lr in lrs]
+    joint, base = fs.fit(base, processor, *common, runs, cfg.few_shot, cfg.runtime, 11, accelerator)
+    assert set(joint) == set(runs)
+    for run in runs:
+        alone, base = fs.fit(base, processor, *common, [run], cfg.few_shot, cfg.runtime, 11, accelerator)
+        assert joint[run].snapshots.keys() == alone[run].snapshots.keys() == set(fs.stops(cfg.few_shot))
+        for step, weights in alone[run].snapshots.items():
+            assert weights.keys() == joint[run].snapshots[step].keys() and weights
             for key, t in weights.items():
-                worst = ((t - joint[lr].snapshots[step][key]).abs().max() / t.std()).item()
-                assert within("few_shot: lrs in one pass vs alone (of the tensor's spread)", worst, TOLERANCE), \
-                    (lr, step, key, worst)
+                assert t.shape == joint[run].snapshots[step][key].shape
+                worst = ((t - joint[run].snapshots[step][key]).abs().max() / t.std()).item()
+                assert within("few_shot: runs in one pass vs alone (of the tensor's spread)", worst, TOLERANCE), \
+                    (run, step, key, worst)
     last = max(fs.stops(cfg.few_shot))
-    first, second = (joint[lr].snapshots[last] for lr in lrs[:2])
+    first, second = (joint[(ranks[0], lr)].snapshots[last] for lr in lrs[:2])
     assert all(not torch.equal(first[k], second[k]) for k in first if "lora_B" in k)

@@ -8,8 +8,9 @@ validation over them (train on the other folds, score the held-back fold), never
 split every baseline is scored on:
 
 - every learning rate of ``few_shot.lrs`` trains one run per fold, ``few_shot.steps`` steps (warm-up,
-  then cosine decay over them), snapshotted every ``few_shot.select_every`` steps; a fold's runs train
-  together, one forward and backward pass a step, each as it would alone (``fit``);
+  then cosine decay over them), snapshotted every ``few_shot.select_every`` steps; a fold's runs, every
+  rank of ``lora.ranks`` with every lr, train together, one forward and backward pass a step, each as it
+  would alone (``fit``);
 - each (lr, step) is scored by its mean mAP50 over the folds; the best wins (ties: fewer steps, then
   the smaller lr);
 - the chosen lr trains on all k examples on the same schedule, and its weights at the chosen step are
@@ -17,8 +18,8 @@ split every baseline is scored on:
 
 The stage records per task and rank the support examples' names, the choice and every candidate's
 cross-validated mAP50 (metrics/few_shot.json), and the seconds (metrics/timing/few_shot.json): of
-choosing, and of the chosen adapter's own training up to its step (what a user who knew the settings
-would pay).
+choosing (each rank's share of its task's), and of the chosen adapter's own training, alone, up to its
+step (what a user who knew the settings would pay).
 """
 
 from __future__ import annotations
@@ -70,20 +71,20 @@ class Fit:
     seconds: dict[int, float]  # step -> seconds from the start of training (model wrapping included)
 
 
-def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams, rank: int, lrs: list[float],
-        params: FewShotParams, runtime: RuntimeParams, seed: int, accelerator) -> tuple[dict[float, Fit], object]:
-    """Train one LoRA of ``rank`` per learning rate of ``lrs`` on ``examples`` and snapshot each at every
-    candidate step; returns {lr: fit} and the base model, unwrapped again. Several lrs train together,
-    one forward and backward pass a step (``icmlora.training.train``'s ``adapters``): each from the
-    initial A it gets alone, with its own lr, clipping and dropout generator, as it would train alone."""
+def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams, runs: list[tuple[int, float]],
+        params: FewShotParams, runtime: RuntimeParams, seed: int, accelerator) -> tuple[dict[tuple[int, float], Fit], object]:
+    """Train one LoRA per (rank, lr) of ``runs`` on ``examples`` and snapshot each at every candidate
+    step; returns {(rank, lr): fit} and the base model, unwrapped again. Several train together, one
+    forward and backward pass a step (``icmlora.training.train``'s ``adapters``), each from the initial
+    A it gets alone, with its own lr, clipping and dropout generator: each as it would train alone."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     start = time.perf_counter()
     torch.manual_seed(seed)  # the LoRA's initial A: seeded like the pipeline's (before the model is wrapped)
-    names = ["default"] if len(lrs) == 1 else [f"lr{i}" for i in range(len(lrs))]
+    names = ["default"] if len(runs) == 1 else [f"r{rank}-lr{i}" for i, (rank, _) in enumerate(runs)]
     initial = torch.get_rng_state()
     model = None
-    for name in names:
+    for name, (rank, _) in zip(names, runs):
         torch.set_rng_state(initial)  # every adapter's A drawn as it is alone
         if model is None:
             model = get_peft_model(base, peft_config(lora, rank), adapter_name=name)
@@ -91,21 +92,22 @@ def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams
             model.add_adapter(name, peft_config(lora, rank))
     if len(names) > 1:
         model.base_model.set_adapter(names)  # every adapter trainable
-    optims = [lora.train.model_copy(update={"lr": lr, "steps": params.steps}) for lr in lrs]
+    optims = [lora.train.model_copy(update={"lr": lr, "steps": params.steps}) for _, lr in runs]
     dataset = DetectionDataset(examples, folder, processor, runtime.image_cache_mb)
     wanted = set(stops(params))
-    result = {lr: Fit({}, {}) for lr in lrs}
+    result = {run: Fit({}, {}) for run in runs}
 
     def on_checkpoint(step: int) -> None:
         if step in wanted:
-            for name, lr in zip(names, lrs):
+            for name, run in zip(names, runs):
                 state = get_peft_model_state_dict(accelerator.unwrap_model(model), adapter_name=name)
-                result[lr].snapshots[step] = {k: v.detach().clone() for k, v in state.items()}
-                result[lr].seconds[step] = time.perf_counter() - start
+                result[run].snapshots[step] = {k: v.detach().clone() for k, v in state.items()}
+                result[run].seconds[step] = time.perf_counter() - start
 
     train(model, processor, dataset, optims[0], runtime, seed, accelerator=accelerator,
-          desc=f"few_shot r{rank} lr={','.join(f'{lr:g}' for lr in lrs)}", on_checkpoint=on_checkpoint,
-          checkpoint_every=params.select_every, adapters=list(zip(names, optims)) if len(names) > 1 else None)
+          desc=f"few_shot {' '.join(f'r{rank} lr={lr:g}' for rank, lr in runs)}" if len(runs) < 3
+          else f"few_shot {len(runs)} LoRAs", on_checkpoint=on_checkpoint, checkpoint_every=params.select_every,
+          adapters=list(zip(names, optims)) if len(names) > 1 else None)
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     return result, model.unload()
@@ -127,33 +129,42 @@ def choose(scores: dict[tuple[float, int], float]) -> tuple[float, int]:
     return max(scores, key=lambda key: (scores[key], -key[1], -key[0]))
 
 
-def select_and_fit(base, processor, task: str, rank: int, lora: LoraParams, params: FewShotParams, runtime: RuntimeParams,
-                   predict_params: PredictParams, support: int, seed: int, accelerator, prepared: Path = PREPARED_DIR):
-    """Choose (lr, step) by k-fold over the support examples, then train on all of them. Returns
-    (weights, record, seconds, base): what was chosen and why (the same on any run), and the wall clock."""
+def select_and_fit(base, processor, task: str, ranks: list[int], lora: LoraParams, params: FewShotParams,
+                   runtime: RuntimeParams, predict_params: PredictParams, support: int, seed: int, accelerator,
+                   prepared: Path = PREPARED_DIR):
+    """For each rank, choose (lr, step) by k-fold over the support examples, then train on all of them.
+    A fold's runs, every rank with every lr, train in one pass (``fit``). Returns ({rank: (weights,
+    record, seconds)}, base): what was chosen and why (the same on any run), and the wall clock: the
+    seconds of choosing are each rank's share of the task's (its ranks are chosen together), those of
+    training the chosen adapter its own (trained alone, as a user who knew the settings would)."""
     from peft import get_peft_model, set_peft_model_state_dict
 
     examples, folder = support_examples(task, support, prepared)
     images = load_images([folder / e.image for e in examples])
     start = time.perf_counter()
-    scores: dict[tuple[float, int], list[float]] = {}
+    scores: dict[int, dict[tuple[float, int], list[float]]] = {rank: {} for rank in ranks}
     for f, held in enumerate(fold_indices(len(examples), params.folds)):
         kept = [e for i, e in enumerate(examples) if i not in held]
-        runs, base = fit(base, processor, kept, folder, lora, rank, list(params.lrs), params, runtime, seed + f,
-                         accelerator)  # every lr on this fold in one pass
-        model = get_peft_model(base, peft_config(lora, rank))
-        for lr, run in runs.items():
-            for step, weights in run.snapshots.items():
-                set_peft_model_state_dict(model, weights)
-                value = map50(model, processor, [examples[i] for i in held], [images[i] for i in held], predict_params)
-                scores.setdefault((lr, step), []).append(value)
-        base = model.unload()
-    mean = {key: sum(v) / len(v) for key, v in scores.items()}
-    lr, step = choose(mean)
-    choosing = time.perf_counter() - start
-    finals, base = fit(base, processor, examples, folder, lora, rank, [lr], params, runtime, seed, accelerator)
-    final = finals[lr]
-    record = {"support": [e.image for e in examples], "lr": lr, "steps": step,
-              "cv_map50": {candidate(*k): round(v, 6) for k, v in sorted(mean.items())}}
-    seconds = {"select_seconds": round(choosing, 2), "train_seconds": round(final.seconds[step], 2)}
-    return final.snapshots[step], record, seconds, base
+        runs, base = fit(base, processor, kept, folder, lora, [(rank, lr) for rank in ranks for lr in params.lrs],
+                         params, runtime, seed + f, accelerator)
+        for rank in ranks:
+            model = get_peft_model(base, peft_config(lora, rank))
+            for lr in params.lrs:
+                for step, weights in runs[(rank, lr)].snapshots.items():
+                    set_peft_model_state_dict(model, weights)
+                    value = map50(model, processor, [examples[i] for i in held], [images[i] for i in held],
+                                  predict_params)
+                    scores[rank].setdefault((lr, step), []).append(value)
+            base = model.unload()
+    choosing = (time.perf_counter() - start) / len(ranks)
+    chosen = {}
+    for rank in ranks:
+        mean = {key: sum(v) / len(v) for key, v in scores[rank].items()}
+        lr, step = choose(mean)
+        finals, base = fit(base, processor, examples, folder, lora, [(rank, lr)], params, runtime, seed, accelerator)
+        final = finals[(rank, lr)]
+        record = {"support": [e.image for e in examples], "lr": lr, "steps": step,
+                  "cv_map50": {candidate(*k): round(v, 6) for k, v in sorted(mean.items())}}
+        seconds = {"select_seconds": round(choosing, 2), "train_seconds": round(final.seconds[step], 2)}
+        chosen[rank] = (final.snapshots[step], record, seconds)
+    return chosen, base

@@ -12,8 +12,8 @@ one): the runs are seconds each.
 
 Writes models/few_shot/<task>-r<rank>/ (PEFT folders), metrics/few_shot.json (per task and rank:
 the support examples, the chosen lr and steps, every candidate's cross-validated mAP50) and
-metrics/timing/few_shot.json (the stage's seconds; per adapter the seconds of choosing and of
-training the chosen one). One MLflow run per
+metrics/timing/few_shot.json (the stage's seconds; per adapter the seconds of choosing, its share of
+its task's, whose ranks are chosen together, and of training the chosen one alone). One MLflow run per
 adapter, tagged task, rank and source ``few_shot_lora``.
 """
 
@@ -54,12 +54,13 @@ def few_shot(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
     seconds: dict = {}
     with atomic_dir(out_root) as tmp:  # replaced whole: no adapter of a task no longer held out
         for task in cfg.heldout_tasks:
+            chosen, base = select_and_fit(base, processor, task, list(cfg.lora.ranks), cfg.lora, cfg.few_shot,
+                                          cfg.runtime, cfg.predict, cfg.task_vectors.examples, seed, accelerator,
+                                          prepared)
             for rank in cfg.lora.ranks:
+                weights, record, secs = chosen[rank]
                 with start_run("few_shot", f"{task}-r{rank}-few_shot", params=stage_params(cfg, "few_shot"),
                                task=task, rank=rank, source="few_shot_lora") as run:
-                    weights, record, secs, base = select_and_fit(
-                        base, processor, task, rank, cfg.lora, cfg.few_shot, cfg.runtime, cfg.predict,
-                        cfg.task_vectors.examples, seed, accelerator, prepared)
                     model = get_peft_model(base, peft_config(cfg.lora, rank))
                     set_peft_model_state_dict(model, weights)
                     save_adapter(model, few_shot_dir(task, rank, tmp))
@@ -71,7 +72,7 @@ def few_shot(cfg: Params, prepared: Path = PREPARED_DIR, base_dir: Path = BASE_M
                 seconds.setdefault(task, {})[f"r{rank}"] = secs
                 print(f"few_shot: {task} r{rank}: lr {record['lr']:g}, {record['steps']} steps (cross-validated mAP50 "
                       f"{cv:.3f}; chosen in "
-                      f"{secs['select_seconds']:.0f} s, trained in {secs['train_seconds']:.1f} s)")
+                      f"{secs['select_seconds']:.0f} s, its share of the task's, trained in {secs['train_seconds']:.1f} s)")
     write_json(out_json, {"support_examples": cfg.task_vectors.examples, "folds": cfg.few_shot.folds, "tasks": records})
     write_json(timing, {"seconds": round(time.perf_counter() - start, 2), "adapters": seconds})
     return records
