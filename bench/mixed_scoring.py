@@ -7,7 +7,8 @@
 Reads a reproduced pipeline's outputs (``--repo``: models/base, models/lora, data/prepared, params.yaml),
 with this checkout's code. For one task (``--task``, default the first of data.tasks) and one rank
 (``--rank``, default 4), and for each K of ``--adapters``: the final adapters of the first K tasks (seed
-``lora.seeds[0]``), scored on the task's valid images (``evaluate.eval_images``) three ways:
+``lora.seeds[0]``), scored on the task's valid images (the first ``--images``, default
+``evaluate.eval_images``; 16 is what ``generate --select`` scores its N samples on) three ways:
 
 - **one at a time**: ``Scorer.predictions`` per adapter, what ``evaluate`` does (the image features
   encoded once and kept, ``predict.batch_size`` images a ``generate`` call);
@@ -74,7 +75,8 @@ def mixed_predictions(model, processor, encoded, images, names: list[str], batch
     return out
 
 
-def measure(repo: Path, task: str | None, rank: int, counts: list[int], batch_sizes: list[int], repeats: int) -> dict:
+def measure(repo: Path, task: str | None, rank: int, counts: list[int], batch_sizes: list[int], repeats: int,
+            images_scored: int | None = None) -> dict:
     from peft import get_peft_model, set_peft_model_state_dict
 
     from icmlora.artifacts import final_adapter_dir
@@ -102,12 +104,13 @@ def measure(repo: Path, task: str | None, rank: int, counts: list[int], batch_si
         if k:
             model.add_adapter(names[k], peft_config(cfg.lora, rank))
         set_peft_model_state_dict(model, w, adapter_name=names[k])
-    scorer = Scorer(model, processor, cfg.predict, cfg.evaluate.eval_images)
+    scorer = Scorer(model, processor, cfg.predict, images_scored or cfg.evaluate.eval_images)
     examples, images = scorer.valid_split(task)
     encoded = scorer.encoded(task)
     if encoded is None:
         raise SystemExit("the Scorer keeps no image features here (an adapter in the image path, or "
-                         "predict.image_cache_mb too small): mixed batches would not be compared with what evaluate does")
+                         "predict.image_cache_mb too small): mixed batches would not be compared with what "
+                         "evaluate does")
     results = []
     for count in counts:
         chosen = names[:count]
@@ -142,9 +145,10 @@ def measure(repo: Path, task: str | None, rank: int, counts: list[int], batch_si
                 raise SystemExit(f"one adapter in batches of predict.batch_size ({b}): the mixed path gave other boxes "
                                  f"than the Scorer on {len(images) - same} of {len(images)} images; it does not score "
                                  f"what evaluate scores, so its times mean nothing")
+        speedup = row["speedup_over_one_at_a_time"]
         print(f"K={count}: one at a time {best['one_at_a_time']:.2f} s; "
-              + "; ".join(f"B={b}: mixed {best[f'mixed_{b}']:.2f} s ({row['speedup_over_one_at_a_time'][f'mixed_{b}']:.2f}x), "
-                          f"ceiling {best[f'ceiling_{b}']:.2f} s ({row['speedup_over_one_at_a_time'][f'ceiling_{b}']:.2f}x)"
+              + "; ".join(f"B={b}: mixed {best[f'mixed_{b}']:.2f} s ({speedup[f'mixed_{b}']:.2f}x), "
+                          f"ceiling {best[f'ceiling_{b}']:.2f} s ({speedup[f'ceiling_{b}']:.2f}x)"
                           for b in batch_sizes), flush=True)
         results.append(row)
     import torch
@@ -156,13 +160,16 @@ def measure(repo: Path, task: str | None, rank: int, counts: list[int], batch_si
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", type=Path, default=ROOT, help="a checkout reproduced up to train_lora (default: this one)")
+    parser.add_argument("--repo", type=Path, default=ROOT,
+                        help="a checkout reproduced up to train_lora (default: this one)")
     parser.add_argument("--task", help="the task whose valid images are scored (default: the first of data.tasks)")
     parser.add_argument("--rank", type=int, default=4, help="the adapters' rank (default 4)")
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 9], help="values of K (default 1 4 9)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256],
                         help="rows a generate call for mixed and ceiling (default 64 128 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, best kept (default 5)")
+    parser.add_argument("--images", type=int, help="score the first N valid images (default evaluate.eval_images; "
+                                                   "16 = what generate --select scores, the task's k examples)")
     parser.add_argument("--label", default="default", help="name of this run in the output file")
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "mixed_scoring.json")
     args = parser.parse_args(argv)
@@ -171,8 +178,9 @@ def main(argv=None) -> dict:
         if not (repo / needed).exists():
             raise SystemExit(f"{repo / needed}: missing; run `dvc repro train_lora` there first (or pass --repo)")
     out = args.out.resolve()
-    record = measure(repo, args.task, args.rank, args.adapters, args.batch_sizes, args.repeats)
-    record["rev"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = measure(repo, args.task, args.rank, args.adapters, args.batch_sizes, args.repeats, args.images)
+    record["rev"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip()
     existing = json.loads(out.read_text()) if out.is_file() else {}
     write_json(out, {**existing, args.label: record})
     print(f"wrote {out} ({args.label})")
