@@ -8,10 +8,12 @@ reproduced outputs.
 ``--repo`` is a checkout whose pipeline has been reproduced (its inputs to the stage are in place).
 Each revision's ``src/`` is checked out into a temporary git worktree of this repository, and the stage
 runs in ``--repo`` as ``python -m icmlora.stages.<stage> <args>`` with that ``src/`` first on the path,
-the revisions alternating for ``--rounds`` rounds (before, after, before, after, ...), so a machine that
-speeds up or slows down weighs on both alike. Wall clock per run, process start-up included. After
-each run the stage's outputs that ``--outputs`` names (default: its ``outs`` in ``--repo``'s dvc.yaml,
-timing files left out) are hashed: every run must write the same bytes, or the record says which differ.
+for ``--rounds`` rounds, each running both revisions, the first round before first, the next after
+first, and so on, so a machine that speeds up or slows down (or a cold cache) weighs on both alike.
+Wall clock per run, process start-up included; each side's best is kept. After each run the stage's
+outputs that ``--outputs`` names (default: its ``outs``, ``metrics`` and ``plots`` in ``--repo``'s
+dvc.yaml, timing files left out) are hashed: every run must write the same bytes, or the record says
+which differ.
 Writes ``--out`` (metrics/stage_time.json) under ``--label`` (default the stage), other labels kept.
 """
 
@@ -36,14 +38,21 @@ from icmlora.files import write_json  # noqa: E402
 
 
 def stage_outputs(repo: Path, stage: str) -> list[str]:
-    """The stage's ``outs`` in ``repo``'s dvc.yaml, timing files (metrics/timing/) left out."""
+    """The stage's ``outs``, ``metrics`` and ``plots`` in ``repo``'s dvc.yaml, timing files
+    (metrics/timing/) left out; a matrix or foreach stage's templated paths are refused (name them
+    with --outputs)."""
     import yaml
 
     entry = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].get(stage)
     if entry is None:
         raise SystemExit(f"{repo / 'dvc.yaml'}: no stage {stage!r}")
-    paths = [next(iter(o)) if isinstance(o, dict) else o for o in entry.get("outs", [])]
-    return [p for p in paths if "${" not in p and not p.startswith("metrics/timing/")]
+    entry = entry.get("do", entry)
+    paths = [next(iter(o)) if isinstance(o, dict) else o
+             for key in ("outs", "metrics", "plots") for o in entry.get(key, [])]
+    if any("${" in p for p in paths):
+        raise SystemExit(f"stage {stage!r} names its outputs per item ({', '.join(p for p in paths if '${' in p)}): "
+                         f"pass the item's paths with --outputs")
+    return [p for p in paths if not p.startswith("metrics/timing/")]
 
 
 def digest(repo: Path, paths: list[str]) -> dict[str, str]:
@@ -84,7 +93,7 @@ def main(argv=None) -> dict:
                            check=True)
         try:
             for round_ in range(args.rounds):
-                for side in ("before", "after"):
+                for side in ("before", "after") if round_ % 2 == 0 else ("after", "before"):
                     env = {**os.environ, "PYTHONPATH": str(trees[side] / "src")}
                     cmd = [sys.executable, "-m", f"icmlora.stages.{args.stage}", *shlex.split(args.args)]
                     start = time.perf_counter()
@@ -101,6 +110,8 @@ def main(argv=None) -> dict:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     first = next(iter(hashes.values()))
+    if not first:
+        raise SystemExit(f"no file under {outputs} in {repo}: nothing to compare the runs' outputs by")
     differing = sorted({f for h in hashes.values() for f in set(h) | set(first) if h.get(f) != first.get(f)})
     best = {side: min(values) for side, values in seconds.items()}
     import torch
@@ -108,7 +119,7 @@ def main(argv=None) -> dict:
     record = {"stage": args.stage, "args": args.args, "revs": shas, "seconds": seconds,
               "ratio": round(best["after"] / best["before"], 3), "outputs_hashed": len(first),
               "outputs_identical": not differing, "outputs_differing": differing,
-              "order": "before, after alternating; best of each side's runs",
+              "order": "rounds alternate which side runs first (before first in the first); best of each side's runs",
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "platform": platform.platform(), "python": platform.python_version()}}
     out = args.out.resolve()

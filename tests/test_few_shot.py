@@ -123,3 +123,39 @@ def test_a_folds_runs_trained_in_one_pass_train_as_each_would_alone(setting):
     last = max(fs.stops(cfg.few_shot))
     first, second = (joint[(ranks[0], lr)].snapshots[last] for lr in lrs[:2])
     assert all(not torch.equal(first[k], second[k]) for k in first if "lora_B" in k)
+
+
+def test_runtime_lora_batch_sets_how_many_runs_train_a_pass_and_changes_no_choice(setting, monkeypatch):
+    """``runtime.lora_batch`` runs a pass (3 of a fold's 4 here: passes of 3 and 1; 1: each alone, the
+    code before runs trained together), against 0 (all in one pass): the same choices and cross-validated
+    mAP50s, and the same final adapters within TOLERANCE of each tensor's spread."""
+    cfg, root, _ = setting
+    ranks = list(cfg.lora.ranks)
+    runs_a_fold = len(ranks) * len(cfg.few_shot.lrs)
+    assert runs_a_fold == 4
+    passes: list[int] = []
+    real_fit = fs.fit
+
+    def fit(base, processor, examples, folder, lora, runs, *args):
+        passes.append(len(runs))
+        return real_fit(base, processor, examples, folder, lora, runs, *args)
+
+    monkeypatch.setattr(fs, "fit", fit)
+    base, processor = read_base_model(root / "base")
+    out = {}
+    for batch in (0, 3, 1):
+        runtime = cfg.runtime.model_copy(update={"lora_batch": batch})
+        passes.clear()
+        out[batch], base = fs.select_and_fit(base, processor, cfg.heldout_tasks[0], ranks, cfg.lora, cfg.few_shot,
+                                             runtime, cfg.predict, cfg.task_vectors.examples, 11,
+                                             make_accelerator(runtime), root / "prepared")
+        finals = [1] * len(ranks)  # each rank's chosen setting, alone
+        assert passes == {0: [4], 3: [3, 1], 1: [1] * 4}[batch] * cfg.few_shot.folds + finals
+    for batch in (3, 1):
+        for rank in ranks:
+            weights, record, _ = out[batch][rank]
+            reference, expected, _ = out[0][rank]
+            assert record == expected
+            for key, t in reference.items():
+                worst = ((t - weights[key]).abs().max() / t.std()).item()
+                assert within("few_shot: runs in one pass vs alone (of the tensor's spread)", worst, TOLERANCE), key

@@ -10,7 +10,8 @@ split every baseline is scored on:
 - every learning rate of ``few_shot.lrs`` trains one run per fold, ``few_shot.steps`` steps (warm-up,
   then cosine decay over them), snapshotted every ``few_shot.select_every`` steps; a fold's runs, every
   rank of ``lora.ranks`` with every lr, train together, one forward and backward pass a step, each as it
-  would alone (``fit``);
+  would alone (``fit``; on a CPU bit for bit), ``runtime.lora_batch`` of them a pass (0 = all, 1 = one
+  after the other, as train_lora's ranks);
 - each (lr, step) is scored by its mean mAP50 over the folds; the best wins (ties: fewer steps, then
   the smaller lr);
 - the chosen lr trains on all k examples on the same schedule, and its weights at the chosen step are
@@ -68,7 +69,8 @@ def stops(params: FewShotParams) -> list[int]:
 @dataclass
 class Fit:
     snapshots: dict[int, dict[str, torch.Tensor]]  # step -> the LoRA's weights then
-    seconds: dict[int, float]  # step -> seconds from the start of training (model wrapping included)
+    seconds: dict[int, float]  # step -> seconds from the start of training (model wrapping included; of the whole
+    # pass when several trained together)
 
 
 def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams, runs: list[tuple[int, float]],
@@ -76,7 +78,8 @@ def fit(base, processor, examples: list[Example], folder: Path, lora: LoraParams
     """Train one LoRA per (rank, lr) of ``runs`` on ``examples`` and snapshot each at every candidate
     step; returns {(rank, lr): fit} and the base model, unwrapped again. Several train together, one
     forward and backward pass a step (``icmlora.training.train``'s ``adapters``), each from the initial
-    A it gets alone, with its own lr, clipping and dropout generator: each as it would train alone."""
+    A it gets alone, with its own lr, clipping and dropout generator: each as it would train alone (on a
+    CPU bit for bit, tests/test_few_shot.py; on a GPU within float rounding)."""
     from peft import get_peft_model, get_peft_model_state_dict
 
     start = time.perf_counter()
@@ -133,7 +136,7 @@ def select_and_fit(base, processor, task: str, ranks: list[int], lora: LoraParam
                    runtime: RuntimeParams, predict_params: PredictParams, support: int, seed: int, accelerator,
                    prepared: Path = PREPARED_DIR):
     """For each rank, choose (lr, step) by k-fold over the support examples, then train on all of them.
-    A fold's runs, every rank with every lr, train in one pass (``fit``). Returns ({rank: (weights,
+    A fold's runs, every rank with every lr, train ``runtime.lora_batch`` a pass (0: all; ``fit``). Returns ({rank: (weights,
     record, seconds)}, base): what was chosen and why (the same on any run), and the wall clock: the
     seconds of choosing are each rank's share of the task's (its ranks are chosen together), those of
     training the chosen adapter its own (trained alone, as a user who knew the settings would)."""
@@ -145,8 +148,13 @@ def select_and_fit(base, processor, task: str, ranks: list[int], lora: LoraParam
     scores: dict[int, dict[tuple[float, int], list[float]]] = {rank: {} for rank in ranks}
     for f, held in enumerate(fold_indices(len(examples), params.folds)):
         kept = [e for i, e in enumerate(examples) if i not in held]
-        runs, base = fit(base, processor, kept, folder, lora, [(rank, lr) for rank in ranks for lr in params.lrs],
-                         params, runtime, seed + f, accelerator)
+        wanted = [(rank, lr) for rank in ranks for lr in params.lrs]
+        size = runtime.lora_batch or len(wanted)  # as train_lora's ranks: 0 = all in one pass, 1 = each alone
+        runs: dict[tuple[int, float], Fit] = {}
+        for i in range(0, len(wanted), size):
+            part, base = fit(base, processor, kept, folder, lora, wanted[i:i + size], params, runtime, seed + f,
+                             accelerator)
+            runs.update(part)
         for rank in ranks:
             model = get_peft_model(base, peft_config(lora, rank))
             for lr in params.lrs:
